@@ -1,0 +1,373 @@
+"""MVG, the Medical Vision Generalist: a ViT that paints the target of a query in context.
+
+A sample is a pair of canvases of the same shape (896x448 for the paper's ViT-L):
+    imgs: context image on top, query image below        (N, 3, H, W)
+    tgts: context target on top, query target below      (N, 3, H, W)
+Both are embedded by one patch embedding into (H/16, W/16) token grids. Target tokens under the mask
+are replaced by a learned mask token; each stream gets its segment token and the absolute position
+embedding. The first `merge_idx + 1` blocks see the two streams as one batch of 2N; after that they
+are averaged into one stream. Four block outputs, normed by the same LayerNorm, are concatenated and
+decoded by a per-token linear layer and a small convolutional head into a full-resolution target.
+
+The state-dict keys and shapes of `mvg_vit_large_patch16` are those of the authors' ViT-L (and of
+Painter's), so their checkpoints load with strict=True.
+"""
+from functools import partial
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm2d, PatchEmbed, resample_abs_pos_embed_nhwc, trunc_normal_
+from timm.models.vision_transformer_sam import Block
+from torch.utils.checkpoint import checkpoint
+
+# The authors' rule drops a sample whose visible, un-normalised target sums to less than 300 on the
+# 896x448 canvas with the query target masked (3 x 448 x 448 visible values). As a mean per visible
+# value this is the threshold below; it is the value to pass as `min_visible_target` to reproduce it.
+AUTHORS_MIN_VISIBLE_TARGET = 300.0 / (3 * 448 * 448)
+
+
+def default_out_indices(depth: int) -> Tuple[int, ...]:
+    """The last block of each quarter of the depth: (5, 11, 17, 23) at depth 24."""
+    if depth < 4:
+        raise ValueError(f"depth must be at least 4 to take four feature levels, got {depth}")
+    return tuple(depth * (q + 1) // 4 - 1 for q in range(4))
+
+
+class MVG(nn.Module):
+    """In-context image-to-image ViT with decomposed relative position bias (see module docstring)."""
+
+    def __init__(
+        self,
+        img_size=(896, 448),
+        patch_size=16,
+        in_chans=3,
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        act_layer=nn.GELU,
+        use_abs_pos=True,
+        use_rel_pos=True,
+        rel_pos_zero_init=True,
+        window_size=0,
+        window_block_indexes=(),
+        use_act_checkpoint=False,
+        pretrain_img_size=224,
+        pretrain_use_cls_token=True,
+        decoder_embed_dim=64,
+        out_indices: Optional[Sequence[int]] = None,
+        merge_idx=2,
+        loss_beta=0.01,
+        min_visible_target=0.0,
+    ):
+        super().__init__()
+        img_size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+        if img_size[0] % patch_size or img_size[1] % patch_size:
+            raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
+        if (img_size[0] // patch_size) % 2:
+            raise ValueError(f"img_size height {img_size[0]} must hold an even number of patch rows "
+                             "(context pair on top, query pair below)")
+        out_indices = tuple(default_out_indices(depth) if out_indices is None else out_indices)
+        if len(out_indices) != 4:
+            raise ValueError(f"out_indices must name 4 blocks (the decoder takes 4 levels), got {out_indices}")
+        if not 0 <= merge_idx < depth:
+            raise ValueError(f"merge_idx {merge_idx} must be a block index in [0, {depth})")
+        if any(not 0 <= i < depth for i in out_indices):
+            raise ValueError(f"out_indices {out_indices} must be block indices in [0, {depth})")
+
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.embed_dim = embed_dim
+        self.decoder_embed_dim = decoder_embed_dim
+        self.out_indices = out_indices
+        self.merge_idx = merge_idx
+        self.pretrain_use_cls_token = pretrain_use_cls_token
+        self.use_act_checkpoint = use_act_checkpoint
+        self.loss_beta = loss_beta
+        self.min_visible_target = min_visible_target
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            output_fmt='NHWC', strict_img_size=False,
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
+        self.segment_token_x = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
+        self.segment_token_y = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
+        if use_abs_pos:
+            # Kept at the MAE pretraining size so MAE checkpoints load unchanged; resized every forward.
+            num_positions = (pretrain_img_size // patch_size) ** 2 + int(pretrain_use_cls_token)
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim))
+        else:
+            self.pos_embed = None
+
+        drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList([
+            Block(
+                dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                drop_path=drop_path_rates[i], norm_layer=norm_layer, act_layer=act_layer,
+                use_rel_pos=use_rel_pos, input_size=self.grid_size,
+                window_size=window_size if i in window_block_indexes else 0,
+            )
+            for i in range(depth)
+        ])
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(4 * embed_dim, patch_size ** 2 * decoder_embed_dim)
+        self.decoder_pred = nn.Sequential(
+            nn.Conv2d(decoder_embed_dim, decoder_embed_dim, kernel_size=3, padding=1),
+            LayerNorm2d(decoder_embed_dim, eps=1e-6),
+            nn.GELU(),
+            nn.Conv2d(decoder_embed_dim, in_chans, kernel_size=1),
+        )
+        self._init_weights(use_rel_pos and not rel_pos_zero_init)
+        self.set_fused_attn(True)
+
+    def _init_weights(self, random_rel_pos: bool):
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=0.02)
+        for token in (self.mask_token, self.segment_token_x, self.segment_token_y):
+            nn.init.normal_(token, std=0.02)
+        # Patch projection initialised like a linear layer, as in MAE.
+        proj_weight = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(proj_weight.view(proj_weight.shape[0], -1))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if random_rel_pos:
+            for blk in self.blocks:
+                trunc_normal_(blk.attn.rel_pos_h, std=0.02)
+                trunc_normal_(blk.attn.rel_pos_w, std=0.02)
+
+    # ----------------------------------------------------------------------------------------------
+    # switches and optimiser hooks
+
+    def set_fused_attn(self, enabled: bool = True):
+        """Fused: scaled_dot_product_attention with the rel-pos bias as additive mask. Eager: the
+        explicit softmax(q k^T * scale + bias) v, kept to check the fused path."""
+        for blk in self.blocks:
+            blk.attn.fused_attn = enabled
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.use_act_checkpoint = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'pos_embed', 'mask_token', 'segment_token_x', 'segment_token_y'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """Layer groups for layer-wise lr decay: embeddings first, one group per block, then the
+        final norm and the decoder together at the top (full learning rate)."""
+        return dict(
+            stem=r'^pos_embed|^patch_embed|^mask_token|^segment_token',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm|^decoder', (99999,))],
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # tensor layout helpers
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), tokens in raster order, pixels (row, col, channel)."""
+        n, c, h, w = imgs.shape
+        p = self.patch_size
+        x = imgs.reshape(n, c, h // p, p, w // p, p)
+        return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """(N, L, p*p*C) -> (N, C, H, W); grid_size (H/p, W/p) defaults to the model's canvas."""
+        gh, gw = grid_size or self.grid_size
+        n, length, dim = x.shape
+        p = self.patch_size
+        if length != gh * gw or dim % (p * p):
+            raise ValueError(f"cannot unpatchify {tuple(x.shape)} onto a {gh}x{gw} grid of {p}x{p} patches")
+        c = dim // (p * p)
+        x = x.reshape(n, gh, gw, p, p, c)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(n, c, gh * p, gw * p)
+
+    def abs_pos_embed(self, grid_size: Tuple[int, int]) -> torch.Tensor:
+        """The pretraining position embedding resized to the token grid: (1, Hp, Wp, D)."""
+        pos = self.pos_embed[:, 1:] if self.pretrain_use_cls_token else self.pos_embed
+        side = int(round(pos.shape[1] ** 0.5))
+        pos = pos.reshape(1, side, side, -1)
+        return resample_abs_pos_embed_nhwc(pos, list(grid_size), interpolation='bicubic', antialias=False)
+
+    def ar_mask(self, batch_size: int, grid_size: Optional[Tuple[int, int]] = None,
+                device=None) -> torch.Tensor:
+        """Every query-target token (bottom half) masked: (N, Hp*Wp) bool."""
+        gh, gw = grid_size or self.grid_size
+        mask = torch.zeros(gh, gw, dtype=torch.bool, device=device)
+        mask[gh // 2:] = True
+        return mask.flatten().expand(batch_size, -1)
+
+    def _check_inputs(self, imgs, tgts, bool_masked_pos):
+        if imgs.shape != tgts.shape:
+            raise ValueError(f"imgs {tuple(imgs.shape)} and tgts {tuple(tgts.shape)} must have the same shape")
+        if imgs.ndim != 4 or imgs.shape[2] % self.patch_size or imgs.shape[3] % self.patch_size:
+            raise ValueError(f"expected canvases (N, C, H, W) with H and W divisible by {self.patch_size}, "
+                             f"got {tuple(imgs.shape)}")
+        n, _, h, w = imgs.shape
+        num_tokens = (h // self.patch_size) * (w // self.patch_size)
+        if bool_masked_pos is None:
+            return torch.zeros(n, num_tokens, dtype=torch.bool, device=imgs.device)
+        mask = bool_masked_pos.flatten(1).to(device=imgs.device, dtype=torch.bool)
+        if mask.shape != (n, num_tokens):
+            raise ValueError(f"bool_masked_pos {tuple(bool_masked_pos.shape)} does not cover the "
+                             f"{h // self.patch_size}x{w // self.patch_size} token grid of {n} canvases")
+        return mask
+
+    # ----------------------------------------------------------------------------------------------
+    # the model
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.use_act_checkpoint and torch.is_grad_enabled():
+            # Non-reentrant checkpointing replays the saved RNG state, so drop path matches.
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def forward_encoder(self, imgs: torch.Tensor, tgts: torch.Tensor,
+                        bool_masked_pos: torch.Tensor) -> list:
+        n = imgs.shape[0]
+        xy = self.patch_embed(torch.cat((imgs, tgts)))  # (2N, Hp, Wp, D), one conv for both streams
+        x, y = xy[:n], xy[n:]
+        _, gh, gw, _ = x.shape
+        masked = bool_masked_pos.reshape(n, gh, gw, 1).type_as(y)
+        y = y * (1 - masked) + self.mask_token.type_as(y) * masked
+
+        x = x + self.segment_token_x
+        y = y + self.segment_token_y
+        if self.pos_embed is not None:
+            pos = self.abs_pos_embed((gh, gw))
+            x = x + pos
+            y = y + pos
+
+        x = torch.cat((x, y))  # (2N, Hp, Wp, D): image stream then target stream
+        features = []
+        for idx, blk in enumerate(self.blocks):
+            x = self._run_block(blk, x)
+            if idx == self.merge_idx:
+                x = 0.5 * (x[:n] + x[n:])  # (N, Hp, Wp, D)
+            if idx in self.out_indices:
+                # A level taken before the merge (only in shallow models) is merged the same way.
+                level = x if idx >= self.merge_idx else 0.5 * (x[:n] + x[n:])
+                features.append(self.norm(level))
+        return features  # 4 x (N, Hp, Wp, D)
+
+    def forward_decoder(self, features: list) -> torch.Tensor:
+        x = self.decoder_embed(torch.cat(features, dim=-1))  # (N, Hp, Wp, p*p*Cd)
+        n, gh, gw, _ = x.shape
+        p, cd = self.patch_size, self.decoder_embed_dim
+        x = x.reshape(n, gh, gw, p, p, cd).permute(0, 5, 1, 3, 2, 4).reshape(n, cd, gh * p, gw * p)
+        return self.decoder_pred(x)  # (N, 3, H, W)
+
+    def pixel_mask(self, bool_masked_pos: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+        """Token mask (N, L) -> pixel mask (N, 1, H, W) as float."""
+        n = bool_masked_pos.shape[0]
+        mask = bool_masked_pos.reshape(n, 1, *grid_size).float()
+        return mask.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
+
+    def forward_loss(self, pred: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: torch.Tensor,
+                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Smooth-L1 over masked pixels, weighted by `valid` (N, C, H, W) or (N, 1, H, W).
+
+        With `min_visible_target` > 0, a sample whose visible (unmasked) target has a mean
+        un-normalised intensity (0..1, over visible pixels and channels) below it is left out of the
+        loss. Defined per pixel, it means the same at every canvas size; the authors' sum-based rule
+        is AUTHORS_MIN_VISIBLE_TARGET at 896x448 with the query target masked.
+        """
+        grid_size = (pred.shape[2] // self.patch_size, pred.shape[3] // self.patch_size)
+        mask = self.pixel_mask(bool_masked_pos, grid_size)  # (N, 1, H, W)
+        weight = mask.expand_as(pred)
+        if valid is not None:
+            weight = weight * valid.float()
+        if self.min_visible_target > 0:
+            keep = self.visible_target_mean(tgts, mask) >= self.min_visible_target
+            weight = weight * keep.float().view(-1, 1, 1, 1)
+        loss = F.smooth_l1_loss(pred.float(), tgts.float(), reduction='none', beta=self.loss_beta)
+        return (loss * weight).sum() / (weight.sum() + 1e-2)
+
+    @staticmethod
+    def visible_target_mean(tgts: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+        """Mean un-normalised target value over unmasked pixels, per sample: (N,)."""
+        mean = tgts.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, -1, 1, 1)
+        std = tgts.new_tensor(IMAGENET_DEFAULT_STD).view(1, -1, 1, 1)
+        raw = tgts.float() * std + mean
+        visible = 1 - pixel_mask
+        total = (raw * visible).sum(dim=(1, 2, 3))
+        count = visible.sum(dim=(1, 2, 3)) * tgts.shape[1]
+        return total / count.clamp(min=1)
+
+    def forward(self, imgs: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None,
+                valid: Optional[torch.Tensor] = None):
+        """Returns (loss, pred patchified (N, L, p*p*3), mask (N, L) bool)."""
+        mask = self._check_inputs(imgs, tgts, bool_masked_pos)
+        pred = self.forward_decoder(self.forward_encoder(imgs, tgts, mask))
+        loss = self.forward_loss(pred, tgts, mask, valid)
+        return loss, self.patchify(pred), mask
+
+    @torch.no_grad()
+    def predict(self, imgs: torch.Tensor, tgts: torch.Tensor,
+                bool_masked_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inference: the predicted target canvas (N, 3, H, W) in normalised units.
+
+        By default the whole query target (bottom half) is masked, so `tgts` only needs the context
+        target on top; the query half of the output is the prediction for the query image.
+        """
+        n, _, h, w = imgs.shape
+        if bool_masked_pos is None:
+            grid = (h // self.patch_size, w // self.patch_size)
+            bool_masked_pos = self.ar_mask(n, grid, device=imgs.device)
+        mask = self._check_inputs(imgs, tgts, bool_masked_pos)
+        return self.forward_decoder(self.forward_encoder(imgs, tgts, mask))
+
+
+def _mvg(input_size, **kwargs) -> MVG:
+    return MVG(img_size=tuple(input_size), **kwargs)
+
+
+def mvg_vit_large_patch16(input_size=(896, 448), **kwargs) -> MVG:
+    """The paper's model: ViT-L/16, 370,721,155 parameters at 896x448."""
+    defaults = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4, qkv_bias=True,
+                    drop_path_rate=0.1, decoder_embed_dim=64)
+    return _mvg(input_size, **{**defaults, **kwargs})
+
+
+def mvg_vit_base_patch16(input_size=(896, 448), **kwargs) -> MVG:
+    defaults = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, qkv_bias=True,
+                    drop_path_rate=0.1, decoder_embed_dim=64)
+    return _mvg(input_size, **{**defaults, **kwargs})
+
+
+def mvg_vit_small_patch16(input_size=(896, 448), **kwargs) -> MVG:
+    defaults = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True,
+                    drop_path_rate=0.05, decoder_embed_dim=32)
+    return _mvg(input_size, **{**defaults, **kwargs})
+
+
+def mvg_vit_tiny_patch16(input_size=(896, 448), **kwargs) -> MVG:
+    """For CPU demos and tests: ViT-Ti/16 with a slimmer pixel decoder."""
+    defaults = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True,
+                    drop_path_rate=0.0, decoder_embed_dim=16)
+    return _mvg(input_size, **{**defaults, **kwargs})
+
+
+MODELS = {fn.__name__: fn for fn in (
+    mvg_vit_large_patch16, mvg_vit_base_patch16, mvg_vit_small_patch16, mvg_vit_tiny_patch16)}
+
+
+def create_model(name: str, **kwargs) -> MVG:
+    """Builds a model by factory name, with a clear error for an unknown one."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    return MODELS[name](**kwargs)
