@@ -1,0 +1,354 @@
+"""The training dataset: prepared slice datasets -> 896x448 in-context canvases.
+
+Each item is a query pair and a context pair of the same dataset and task, each randomly cropped to
+half the canvas (448x448 by default) on its own, stacked context on top:
+
+    imgs  (3, H, W)   context image over query image, ImageNet-normalised, grey replicated to 3 channels
+    tgts  (3, H, W)   context target over query target, rendered and normalised the same way
+    mask  (L,)        bool, True where a target token is hidden (masking_generator.MaskPolicy)
+    valid (1, H, W)   loss weight per pixel: 0.1 on segmentation background, 1 elsewhere
+    task, dataset     int ids into TASKS and into the dataset's `names`, for per-task logging
+
+Which datasets take part, and how often, is a mixture (`load_mixture` reads a JSON file, `Mixture.of`
+builds one from prepared roots). Every random choice of an item (dataset, slices, crops, colours,
+mask) comes from one numpy Generator seeded by (seed, epoch, index), so an item is the same whichever
+worker or rank builds it, and weighted sampling needs no sampler of its own: any index sharding
+(DistributedSampler, a plain range) sees the mixture's weights.
+
+Label encodings of segmentation targets:
+    random_colors  every class present gets a random colour, the same in both pairs of the sample
+                   (the paper's best); background stays black
+    grey           class k drawn as grey level 10k (of 255), the authors' code; at most 25 classes
+    binary         one class present in the query, drawn white, against everything else in black
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from masking_generator import TASKS, MaskPolicy, sample_rng
+
+from .manifest import PreparedDataset, find_datasets, read_png
+
+LABEL_ENCODINGS = ("random_colors", "grey", "binary")
+CONTEXT_POLICIES = ("same_case", "other_case")
+BACKGROUND_WEIGHT = 0.1
+MAX_GREY_CLASS = 25  # 10 * 25 = 250 is the last grey level that fits in 8 bits
+
+
+# ---------------------------------------------------------------------------------------------------
+# the mixture
+
+
+@dataclass
+class MixtureEntry:
+    """One prepared dataset in the mixture.
+
+    weight          relative share; with balance "datasets" the share of the dataset itself, with
+                    "slices" a multiplier of its number of slices (the authors' list repetition)
+    case_fraction   use only this fraction of the training cases (the first ones in sorted order)
+    case_stride     use every n-th training case
+    swap_prob       synthesis: probability that input and target swap roles (both directions)
+    """
+    path: str
+    weight: float = 1.0
+    case_fraction: float = 1.0
+    case_stride: int = 1
+    swap_prob: Optional[float] = None
+
+
+@dataclass
+class Mixture:
+    entries: List[MixtureEntry]
+    balance: str = "datasets"  # "datasets": equal share per unit weight; "slices": share by slice count
+
+    @classmethod
+    def of(cls, roots: Sequence[str], names: Optional[Sequence[str]] = None, balance: str = "datasets"):
+        """Every prepared dataset under the roots (or only `names`), weight 1 each."""
+        found = {os.path.basename(p): p for root in roots for p in find_datasets(root)}
+        if not found:
+            raise ValueError(f"no prepared dataset (a folder with manifest.json) under {list(roots)}; "
+                             "prepare data with `python -m datasets.prepare`")
+        missing = sorted(set(names or ()) - set(found))
+        if missing:
+            raise ValueError(f"datasets {missing} not found under {list(roots)}; found {sorted(found)}")
+        chosen = names or sorted(found)
+        return cls([MixtureEntry(found[name]) for name in chosen], balance)
+
+
+def load_mixture(path: str) -> Mixture:
+    """Reads a mixture file:
+
+        {"balance": "slices",
+         "datasets": [{"path": "data/ACDC", "weight": 2},
+                      {"path": "data/BraTS_Local", "case_fraction": 0.5},
+                      {"path": "data/BraTS_GLI", "case_stride": 4}]}
+
+    Relative paths are taken from the file's folder.
+    """
+    with open(path) as handle:
+        spec = json.load(handle)
+    known = set(MixtureEntry.__dataclass_fields__)
+    entries = []
+    for i, item in enumerate(spec.get("datasets", [])):
+        unknown = set(item) - known
+        if unknown or "path" not in item:
+            raise ValueError(f"{path}: datasets[{i}] needs 'path' and takes only {sorted(known)}; "
+                             f"got {sorted(item)}")
+        item = dict(item, path=os.path.join(os.path.dirname(os.path.abspath(path)), item["path"]))
+        entries.append(MixtureEntry(**item))
+    if not entries:
+        raise ValueError(f"{path}: the mixture lists no datasets")
+    return Mixture(entries, spec.get("balance", "datasets"))
+
+
+@dataclass
+class _Source:
+    """A dataset of the mixture, ready to sample from."""
+    name: str
+    task: str
+    input_folder: str
+    target_folder: str
+    label_folders: Tuple[str, ...]
+    swap_prob: float
+    cases: List[str]
+    slice_paths: dict = field(default_factory=dict)  # case -> [(input path, target path), ...]
+
+
+def _build_source(entry: MixtureEntry, split: str) -> _Source:
+    dataset = PreparedDataset(entry.path)
+    if dataset.task not in TASKS:
+        raise ValueError(f"{entry.path}: unknown task '{dataset.task}' in manifest; expected one of {TASKS}")
+    cases = dataset.case_ids(split)
+    if not 0 < entry.case_fraction <= 1 or entry.case_stride < 1:
+        raise ValueError(f"{entry.path}: case_fraction must be in (0, 1] and case_stride >= 1")
+    cases = cases[::entry.case_stride]
+    cases = cases[:max(1, int(round(len(cases) * entry.case_fraction)))] if cases else cases
+    slice_paths = {}
+    for case in cases:
+        pairs = [(dataset.slice_path(dataset.input_folder, case, i), dataset.slice_path(dataset.target_folder, case, i))
+                 for i in dataset.slice_indices(case)]
+        if pairs:
+            slice_paths[case] = pairs
+    if not slice_paths:
+        raise ValueError(f"{entry.path}: no {split} slices (cases: {len(cases)}); check the manifest's splits")
+    # Checked up front, cheaply: the first pair of every case exists (`python -m datasets.verify` checks all).
+    missing = [p for pairs in slice_paths.values() for p in pairs[0] if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{entry.path}: {len(missing)} slice files listed in the manifest are missing, "
+                                f"e.g. {missing[0]}; run `python -m datasets.verify {os.path.dirname(entry.path)}`")
+    label_folders = tuple(f for f, kind in dataset.folders.items() if kind == "label")
+    swap = entry.swap_prob if entry.swap_prob is not None else (0.5 if dataset.task == "synthesis" else 0.0)
+    return _Source(dataset.name, dataset.task, dataset.input_folder, dataset.target_folder, label_folders,
+                   swap, sorted(slice_paths), slice_paths)
+
+
+# ---------------------------------------------------------------------------------------------------
+# pixels
+
+
+def _resize(array: np.ndarray, size: Tuple[int, int], is_label: bool) -> np.ndarray:
+    """(rows, cols) -> size; nearest neighbour for labels, bilinear for images."""
+    if array.shape[:2] == tuple(size):
+        return array
+    resample = Image.NEAREST if is_label else Image.BILINEAR
+    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), resample=resample))
+
+
+@dataclass
+class Augment:
+    """Geometric augmentation, the same for the image and target of a pair.
+
+    crop_size: each pair is randomly cropped to it (resized up first when a side is smaller);
+    scale_jitter s: the pair is first scaled by a factor in [1 - s, 1 + s]; hflip/vflip: probabilities.
+    """
+    crop_size: Tuple[int, int] = (448, 448)
+    scale_jitter: float = 0.0
+    hflip: float = 0.0
+    vflip: float = 0.0
+
+    def __call__(self, image: np.ndarray, target: np.ndarray, target_is_label: bool, rng: np.random.Generator):
+        rows, cols = image.shape[:2]
+        scale = 1.0 + rng.uniform(-self.scale_jitter, self.scale_jitter) if self.scale_jitter else 1.0
+        # At least the crop size on both sides, so a crop always fits.
+        scale = max(scale, self.crop_size[0] / rows, self.crop_size[1] / cols)
+        if scale != 1.0:
+            size = (max(self.crop_size[0], int(round(rows * scale))), max(self.crop_size[1], int(round(cols * scale))))
+            image = _resize(image, size, is_label=False)
+            target = _resize(target, size, is_label=target_is_label)
+        top = int(rng.integers(0, image.shape[0] - self.crop_size[0] + 1))
+        left = int(rng.integers(0, image.shape[1] - self.crop_size[1] + 1))
+        window = (slice(top, top + self.crop_size[0]), slice(left, left + self.crop_size[1]))
+        image, target = image[window], target[window]
+        if self.hflip and rng.random() < self.hflip:
+            image, target = image[:, ::-1], target[:, ::-1]
+        if self.vflip and rng.random() < self.vflip:
+            image, target = image[::-1], target[::-1]
+        return image, target
+
+
+def random_palette(num_colors: int, rng: np.random.Generator, tries: int = 8) -> np.ndarray:
+    """(num_colors, 3) uint8 colours, none black, spread apart: the best of a few random draws by the
+    smallest distance between two colours or to black, so nearest-colour decoding stays easy."""
+    best, best_gap = None, -1.0
+    for _ in range(tries if num_colors <= 64 else 1):
+        colors = rng.integers(0, 256, size=(num_colors, 3))
+        points = np.concatenate([np.zeros((1, 3)), colors])
+        gaps = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.eye(len(points)) * 1e9
+        gap = gaps.min()
+        if gap > best_gap and gap > 0:
+            best, best_gap = colors, gap
+    if best is None:  # only possible for thousands of classes: accept a duplicate-free draw instead
+        codes = rng.choice(2 ** 24 - 1, size=num_colors, replace=False) + 1
+        best = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1)
+    return best.astype(np.uint8)
+
+
+def render_labels(labels: Sequence[np.ndarray], encoding: str, rng: np.random.Generator) -> List[np.ndarray]:
+    """Class-id maps -> (3, rows, cols) uint8 pictures, one colour per class shared by all maps."""
+    size = int(max(label.max() for label in labels)) + 1
+    present = np.flatnonzero(sum(np.bincount(label.ravel(), minlength=size) for label in labels))
+    foreground = present[present != 0]
+    lut = np.zeros((size, 3), dtype=np.uint8)
+    if encoding == "random_colors":
+        if len(foreground):
+            lut[foreground] = random_palette(len(foreground), rng)
+    elif encoding == "grey":
+        if len(foreground) and foreground.max() > MAX_GREY_CLASS:
+            raise ValueError(f"label encoding 'grey' draws class k as 10k/255 and stops at class "
+                             f"{MAX_GREY_CLASS}; found class {foreground.max()}: use random_colors or binary")
+        lut[foreground] = (10 * foreground)[:, None]
+    elif encoding == "binary":
+        in_query = np.flatnonzero(np.bincount(labels[-1].ravel()))
+        candidates = in_query[in_query != 0]
+        if not len(candidates):
+            candidates = foreground
+        if len(candidates):
+            lut[rng.choice(candidates)] = 255
+    else:
+        raise ValueError(f"unknown label encoding '{encoding}'; choose one of {LABEL_ENCODINGS}")
+    channels = [np.ascontiguousarray(lut[:, c]) for c in range(3)]
+    return [np.stack([channel.take(label) for channel in channels]) for label in labels]
+
+
+_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1) * 255
+_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) * 255
+
+
+def to_normalised_tensor(pictures: Sequence[np.ndarray]) -> torch.Tensor:
+    """Pictures (rows, cols) grey or (3, rows, cols) colour, stacked top to bottom -> (3, H, W) float,
+    ImageNet-normalised; grey is replicated to 3 channels."""
+    parts = [torch.from_numpy(np.ascontiguousarray(p)) for p in pictures]
+    parts = [p.expand(3, *p.shape) if p.ndim == 2 else p for p in parts]
+    return torch.cat(parts, dim=1).float().sub_(_MEAN).div_(_STD)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the dataset
+
+
+class InContextDataset(torch.utils.data.Dataset):
+    """Canvases drawn from a mixture of prepared datasets (see module docstring)."""
+
+    def __init__(self, mixture: Mixture, mask_policy: MaskPolicy, split: str = "train",
+                 input_size: Tuple[int, int] = (896, 448), label_encoding: str = "random_colors",
+                 context: str = "same_case", augment: Optional[Augment] = None, seed: int = 0,
+                 samples_per_epoch: Optional[int] = None, patch_size: int = 16):
+        if label_encoding not in LABEL_ENCODINGS:
+            raise ValueError(f"label_encoding must be one of {LABEL_ENCODINGS}, got '{label_encoding}'")
+        if context not in CONTEXT_POLICIES:
+            raise ValueError(f"context must be one of {CONTEXT_POLICIES}, got '{context}'")
+        if input_size[0] % 2 or input_size[0] // 2 % patch_size or input_size[1] % patch_size:
+            raise ValueError(f"input_size {tuple(input_size)} must stack two pairs of whole {patch_size}-pixel patches")
+        grid = (input_size[0] // patch_size, input_size[1] // patch_size)
+        if tuple(mask_policy.input_size) != grid:
+            raise ValueError(f"mask_policy grid {mask_policy.input_size} does not match input_size "
+                             f"{tuple(input_size)} / patch {patch_size} = {grid}")
+        if mixture.balance not in ("datasets", "slices"):
+            raise ValueError(f"mixture balance must be 'datasets' or 'slices', got '{mixture.balance}'")
+        self.sources = [_build_source(entry, split) for entry in mixture.entries]
+        self.names = [source.name for source in self.sources]
+        counts = np.array([sum(map(len, s.slice_paths.values())) for s in self.sources], dtype=np.float64)
+        weights = np.array([entry.weight for entry in mixture.entries], dtype=np.float64)
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights.tolist()}")
+        shares = weights * counts if mixture.balance == "slices" else weights
+        self.probabilities = shares / shares.sum()
+        self.num_slices = int(counts.sum())
+        self.mask_policy = mask_policy
+        self.input_size = tuple(input_size)
+        self.label_encoding = label_encoding
+        self.context = context
+        self.augment = augment or Augment(crop_size=(input_size[0] // 2, input_size[1]))
+        if tuple(self.augment.crop_size) != (input_size[0] // 2, input_size[1]):
+            raise ValueError(f"augment crop_size {self.augment.crop_size} must be half the canvas "
+                             f"{(input_size[0] // 2, input_size[1])}")
+        self.seed = seed
+        self.epoch = 0
+        self.samples_per_epoch = samples_per_epoch or self.num_slices
+
+    def set_epoch(self, epoch: int):
+        """Items depend on the epoch; call before each epoch (DataLoader workers must not persist)."""
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.samples_per_epoch
+
+    def describe(self) -> str:
+        lines = [f"{len(self.sources)} datasets, {self.num_slices} slices, {len(self)} canvases per epoch, "
+                 f"labels '{self.label_encoding}', context '{self.context}', {self.mask_policy}"]
+        for source, p in zip(self.sources, self.probabilities):
+            lines.append(f"  {source.name:<24} {source.task:<13} cases {len(source.cases):>5}  "
+                         f"slices {sum(map(len, source.slice_paths.values())):>7}  share {p:.3f}")
+        return "\n".join(lines)
+
+    def _pick_pairs(self, source: _Source, rng: np.random.Generator):
+        """(query pair paths, context pair paths)."""
+        query_case = source.cases[rng.integers(len(source.cases))]
+        query_slices = source.slice_paths[query_case]
+        query_index = int(rng.integers(len(query_slices)))
+        if self.context == "other_case" and len(source.cases) > 1:
+            others = [c for c in source.cases if c != query_case]
+            context_slices = source.slice_paths[others[rng.integers(len(others))]]
+            return query_slices[query_index], context_slices[rng.integers(len(context_slices))]
+        if len(query_slices) == 1:  # a one-slice case is its own context, cropped independently
+            return query_slices[0], query_slices[0]
+        context_index = int(rng.integers(len(query_slices) - 1))
+        context_index += context_index >= query_index  # any other slice of the case
+        return query_slices[query_index], query_slices[context_index]
+
+    def __getitem__(self, index: int) -> dict:
+        rng = sample_rng(self.seed, self.epoch, index)
+        source_id = int(rng.choice(len(self.sources), p=self.probabilities))
+        source = self.sources[source_id]
+        query_paths, context_paths = self._pick_pairs(source, rng)
+        swap = rng.random() < source.swap_prob  # always drawn: the rest of the item must not depend on it
+        target_is_label = source.task == "segmentation"
+        images, targets = [], []
+        for input_path, target_path in (context_paths, query_paths):
+            if swap:
+                input_path, target_path = target_path, input_path
+            image, target = self.augment(read_png(input_path), read_png(target_path), target_is_label, rng)
+            images.append(image)
+            targets.append(target)
+        if target_is_label:
+            targets = render_labels(targets, self.label_encoding, rng)
+            # Background is what stays black (with "binary" also the classes not drawn).
+            drawn = np.concatenate([t.any(axis=0) for t in targets])
+            valid = np.where(drawn, np.float32(1.0), np.float32(BACKGROUND_WEIGHT))
+        else:
+            valid = np.ones(self.input_size, dtype=np.float32)
+        mask, _ = self.mask_policy(source.task, rng)
+        return {
+            "imgs": to_normalised_tensor(images),
+            "tgts": to_normalised_tensor(targets),
+            "mask": torch.from_numpy(mask.reshape(-1)),
+            "valid": torch.from_numpy(valid)[None],
+            "task": TASKS.index(source.task),
+            "dataset": source_id,
+        }

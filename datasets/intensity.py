@@ -1,0 +1,63 @@
+"""Intensity normalisation of whole volumes to [0, 1], later written as 8-bit grey.
+
+    window      CT: clip to [low, high] Hounsfield units (default [-100, 200], the paper's window).
+    percentile  MR: clip to the [0.5, 99.5] percentiles of the volume. Computed over the body by
+                default, i.e. the voxels above the volume's minimum, so zero background (skull-stripped
+                BraTS, padding) does not pull the low percentile down; --percentile_region volume
+                uses every voxel instead.
+    minmax      everything else (ultrasound, X-ray, ...): the volume's own [min, max].
+
+NaN and infinite voxels (seen in some converted MR volumes) are replaced by the volume's smallest
+finite value before any statistic is taken, i.e. they become background.
+"""
+import numpy as np
+
+MR_MODALITIES = {"MRI", "MR"}
+
+
+def default_method(modality):
+    if modality.upper() == "CT":
+        return "window"
+    if modality.upper() in MR_MODALITIES:
+        return "percentile"
+    return "minmax"
+
+
+def replace_non_finite(volume):
+    """Returns (float32 volume with NaN/inf replaced by its finite minimum, number replaced)."""
+    volume = volume.astype(np.float32, copy=False)
+    finite = np.isfinite(volume)
+    count = int(volume.size - finite.sum())
+    if count == 0:
+        return volume, 0
+    fill = float(volume[finite].min()) if finite.any() else 0.0
+    return np.where(finite, volume, fill).astype(np.float32), count
+
+
+def fit_parameters(volume, method, window=(-100.0, 200.0), percentiles=(0.5, 99.5), region="body"):
+    """The [low, high] that maps to [0, 1], with the method's settings, as a JSON-ready dict."""
+    if method == "window":
+        low, high = window
+        return {"method": "window", "low": float(low), "high": float(high)}
+    if method == "percentile":
+        values = volume
+        if region == "body":
+            body = volume[volume > volume.min()]
+            values = body if body.size else volume
+        low, high = np.percentile(values, percentiles)
+        return {"method": "percentile", "percentiles": [float(p) for p in percentiles],
+                "region": region, "low": float(low), "high": float(high)}
+    if method == "minmax":
+        return {"method": "minmax", "low": float(volume.min()), "high": float(volume.max())}
+    raise ValueError(f"unknown intensity method '{method}'")
+
+
+def normalise(volume, parameters):
+    low, high = parameters["low"], parameters["high"]
+    if high <= low:  # a constant volume: everything maps to black rather than dividing by zero
+        return np.zeros_like(volume, dtype=np.float32)
+    return np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def to_uint8(picture):
+    return np.round(np.clip(picture, 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -1,0 +1,645 @@
+"""Tests of datasets.prepare / verify / manifest on small synthetic volumes in every layout, plus the
+real MNI152 template packaged with nilearn."""
+import json
+import os
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from datasets import geometry, intensity, prepare, readers
+from datasets.layouts import glob_by_case
+from datasets.manifest import PreparedDataset, find_datasets, read_png
+from datasets.verify import verify_root
+
+
+# ---------------------------------------------------------------- helpers
+
+def save_nifti(path, data, affine=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def labelled_volume(shape=(8, 8, 6), ids_on_slices=None, seed=0):
+    """A float image and an int label volume; ids_on_slices: {axial index: class id} painted as a
+    small block in that slice."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100.0, 20.0, size=shape).astype(np.float32)
+    label = np.zeros(shape, dtype=np.int16)
+    for z, class_id in (ids_on_slices or {}).items():
+        label[2:5, 3:6, z] = class_id
+    return image, label
+
+
+def run(*argv):
+    return prepare.main([str(a) for a in argv])
+
+
+def common(out, dataset, size=8, *extra):
+    return ["--out", out, "--dataset", dataset, "--size", size, *extra]
+
+
+def dataset_at(out, name):
+    return PreparedDataset(os.path.join(out, name))
+
+
+def png(dataset, folder, case_id, index):
+    return read_png(dataset.slice_path(folder, case_id, index))
+
+
+def write_msd(root, cases, description=None, images="imagesTr", labels="labelsTr", suffix=""):
+    """cases: {case id: (image, label[, affine])}."""
+    for case_id, (image, label, *affine) in cases.items():
+        save_nifti(os.path.join(root, images, f"{case_id}{suffix}.nii.gz"), image, *affine)
+        save_nifti(os.path.join(root, labels, f"{case_id}.nii.gz"), label, *affine)
+    if description is not None:
+        with open(os.path.join(root, "dataset.json"), "w") as handle:
+            json.dump(description, handle)
+
+
+# ---------------------------------------------------------------- segmentation layouts
+
+def test_msd_with_dataset_json_keeps_exactly_the_labelled_slices(tmp_path, capsys):
+    cases = {f"liver_{i}": labelled_volume(ids_on_slices={1: 1, 3: 2, 4: 1}, seed=i) for i in range(5)}
+    description = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "tumour"}}
+    write_msd(tmp_path / "src", cases, description)
+    save_nifti(tmp_path / "src" / "imagesTs" / "liver_99.nii.gz", cases["liver_0"][0])  # MSD: no labelsTs
+    (tmp_path / "src" / "imagesTr" / "._liver_0.nii.gz").write_bytes(b"macOS metadata")
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "Liver"), "--test_fraction", 0.4) == 0
+    assert "imagesTs has no labelsTs" in capsys.readouterr().out
+
+    dataset = dataset_at(tmp_path / "out", "Liver")
+    assert dataset.task == "segmentation" and dataset.modality == "CT"
+    assert dataset.classes == {0: "background", 1: "liver", 2: "tumour"}
+    assert len(dataset.case_ids("test")) == 2 and len(dataset.case_ids("train")) == 3
+    record = dataset.case("liver_0")
+    assert record["slices"] == [1, 3, 4]
+    assert record["intensity"]["image"] == {"method": "window", "low": -100.0, "high": 200.0}
+    assert np.unique(png(dataset, "label", "liver_0", 3)).tolist() == [0, 2]
+    assert sorted(os.listdir(tmp_path / "out" / "Liver" / "image" / "liver_0")) == ["0001.png", "0003.png", "0004.png"]
+    assert len(dataset.pairs()) == 15
+    assert verify_root(tmp_path / "out")[1] == []
+
+
+def test_nnunet_v2_channel_suffix_source_splits_and_label_style(tmp_path):
+    src = tmp_path / "src"
+    for split, names in (("Tr", ["a", "b"]), ("Ts", ["c"])):
+        for name in names:
+            image, label = labelled_volume(ids_on_slices={2: 1})
+            save_nifti(src / f"images{split}" / f"{name}_0000.nii.gz", image)
+            save_nifti(src / f"images{split}" / f"{name}_0001.nii.gz", np.full(image.shape, 7.0, np.float32))
+            save_nifti(src / f"labels{split}" / f"{name}.nii.gz", label)
+    with open(src / "dataset.json", "w") as handle:
+        json.dump({"channel_names": {"0": "T2", "1": "ADC"}, "labels": {"background": 0, "organ": 1,
+                                                                         "region": [1]}}, handle)
+    assert run("msd", "--root", src, *common(tmp_path / "out", "V2"), "--channel", 1) == 0
+    dataset = dataset_at(tmp_path / "out", "V2")
+    assert dataset.classes == {0: "background", 1: "organ"}
+    assert dataset.manifest["splits"] == {"test": ["c"], "train": ["a", "b"]}
+    assert dataset.case("a")["sources"]["image"].endswith("a_0001.nii.gz")
+    # The _0001 files are constant, so they come out black (a constant volume has no range).
+    assert dataset.modality == "MRI" and png(dataset, "image", "a", 2).max() == 0
+
+
+def test_msd_without_dataset_json_needs_the_modality(tmp_path, capsys):
+    write_msd(tmp_path / "src", {"case_1": labelled_volume(ids_on_slices={0: 1})})
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "X")) == 2
+    assert "--modality" in capsys.readouterr().err
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "X"), "--modality", "US") == 0
+    record = dataset_at(tmp_path / "out", "X").case("case_1")
+    assert record["intensity"]["image"]["method"] == "minmax"
+    assert dataset_at(tmp_path / "out", "X").classes == {0: "background", 1: "class_1"}
+
+
+def test_glob_mode_case_ids_and_16_bit_labels(tmp_path):
+    src = tmp_path / "BTCV"
+    for number in ("0001", "0002"):
+        image, label = labelled_volume(ids_on_slices={1: 300, 2: 5})
+        save_nifti(src / "img" / f"img{number}.nii.gz", image)
+        save_nifti(src / "label" / f"label{number}.nii.gz", label)
+    assert run("glob", "--root", src, "--images", "img/img*.nii.gz", "--labels", "label/label*.nii.gz",
+               "--modality", "CT", *common(tmp_path / "out", "BTCV"), "--test_fraction", 0) == 0
+    dataset = dataset_at(tmp_path / "out", "BTCV")
+    assert dataset.case_ids() == ["0001", "0002"]
+    assert dataset.case("0001")["label_bits"] == 16
+    with Image.open(dataset.slice_path("label", "0001", 1)) as picture:
+        assert picture.mode.startswith("I")
+    assert np.unique(png(dataset, "label", "0001", 1)).tolist() == [0, 300]
+    assert np.unique(png(dataset, "label", "0001", 2)).tolist() == [0, 5]
+    assert png(dataset, "label", "0001", 2).dtype == np.uint16
+    assert set(dataset.classes) == {0, 5, 300}
+    assert verify_root(tmp_path / "out")[1] == []
+
+
+def test_glob_mode_reports_unmatched_files(tmp_path, capsys):
+    image, label = labelled_volume(ids_on_slices={1: 1})
+    save_nifti(tmp_path / "img" / "img01.nii.gz", image)
+    save_nifti(tmp_path / "img" / "img02.nii.gz", image)
+    save_nifti(tmp_path / "lab" / "lab01.nii.gz", label)
+    assert run("glob", "--root", tmp_path, "--images", "img/img*.nii.gz", "--labels", "lab/lab*.nii.gz",
+               "--modality", "CT", *common(tmp_path / "out", "G")) == 2
+    assert "case '02': no label file" in capsys.readouterr().err
+
+
+def test_splits_from_test_globs_or_a_test_case_list(tmp_path, capsys):
+    for folder, name in (("train", "a"), ("train", "b"), ("test", "c"), ("test", "a")):
+        image, label = labelled_volume(ids_on_slices={1: 1})
+        save_nifti(tmp_path / folder / f"{name}.nii.gz", image)
+        save_nifti(tmp_path / folder / f"{name}_seg.nii.gz", label)
+    args = ["glob", "--root", tmp_path, "--images", "train/?.nii.gz", "--labels", "train/?_seg.nii.gz",
+            "--modality", "CT", *common(tmp_path / "out", "Sp")]
+    assert run(*args, "--test_images", "test/?.nii.gz", "--test_labels", "test/?_seg.nii.gz") == 2
+    assert "case id 'a' occurs twice" in capsys.readouterr().err
+    assert run(*args, "--test_images", "test/[c].nii.gz", "--test_labels", "test/[c]_seg.nii.gz") == 0
+    assert dataset_at(tmp_path / "out", "Sp").manifest["splits"] == {"test": ["c"], "train": ["a", "b"]}
+    (tmp_path / "test_ids.txt").write_text("b\n")
+    assert run(*args, "--test_cases", tmp_path / "test_ids.txt", "--overwrite") == 0
+    assert dataset_at(tmp_path / "out", "Sp").manifest["splits"] == {"test": ["b"], "train": ["a"]}
+
+
+def test_glob_wildcards_give_case_ids(tmp_path):
+    for relative in ("Case00.mhd", "Case00_segmentation.mhd", "p1/mri_norm2.h5", "sub/x_a_b.nii"):
+        os.makedirs(os.path.dirname(tmp_path / relative), exist_ok=True)
+        (tmp_path / relative).write_text("")
+    assert list(glob_by_case(str(tmp_path), "Case??.mhd", "images")) == ["00"]
+    assert list(glob_by_case(str(tmp_path), "Case??_segmentation.mhd", "labels")) == ["00"]
+    assert list(glob_by_case(str(tmp_path), "*/mri_norm2.h5", "images")) == ["p1"]
+    assert list(glob_by_case(str(tmp_path), "**/x_*_*.nii", "images")) == ["a_b"]
+
+
+def test_acdc_frames_splits_and_class_names(tmp_path):
+    for split, patient in (("training", "patient001"), ("training", "patient002"), ("testing", "patient101")):
+        for frame in ("01", "12"):
+            image, label = labelled_volume(ids_on_slices={0: 1, 2: 3})
+            save_nifti(tmp_path / split / patient / f"{patient}_frame{frame}.nii.gz", image)
+            save_nifti(tmp_path / split / patient / f"{patient}_frame{frame}_gt.nii.gz", label)
+        save_nifti(tmp_path / split / patient / f"{patient}_4d.nii.gz", np.zeros((8, 8, 6, 3), np.float32))
+    assert run("acdc", "--root", tmp_path, *common(tmp_path / "out", "ACDC")) == 0
+    dataset = dataset_at(tmp_path / "out", "ACDC")
+    assert dataset.case_ids("test") == ["patient101_frame01", "patient101_frame12"]
+    assert len(dataset.case_ids("train")) == 4
+    assert dataset.classes[3] == "left ventricle"
+    assert dataset.case("patient001_frame01")["slices"] == [0, 2]
+
+
+def test_label_map_merges_and_drops_classes(tmp_path):
+    write_msd(tmp_path / "src", {"c": labelled_volume(ids_on_slices={0: 1, 1: 2, 2: 3})},
+              {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "kidney", "2": "cyst", "3": "x"}})
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "K"), "--label_map", "2:1,3:0") == 0
+    dataset = dataset_at(tmp_path / "out", "K")
+    assert dataset.case("c")["slices"] == [0, 1]
+    assert np.unique(png(dataset, "label", "c", 1)).tolist() == [0, 1]
+    assert dataset.classes == {0: "background", 1: "kidney"}
+
+
+# ---------------------------------------------------------------- geometry
+
+def test_flipped_and_permuted_affine_is_reoriented_to_ras(tmp_path):
+    # Stored voxel axes: i -> inferior (2 mm), j -> left (1.5 mm), k -> anterior (1.5 mm).
+    affine = np.array([[0, -1.5, 0, 10], [0, 0, 1.5, -20], [-2.0, 0, 0, 30], [0, 0, 0, 1]])
+    shape = (4, 6, 6)
+    image = np.full(shape, 100.0, np.float32)
+    label = np.zeros(shape, np.uint8)
+    marker = (1, 2, 4)
+    label[marker] = 9
+    write_msd(tmp_path / "src", {"m": (image, label, affine)})
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "M", 6), "--modality", "CT") == 0
+
+    # Independently: canonical voxel = (world - lowest world corner of the grid) / spacing.
+    corners = np.array(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).reshape(3, -1)
+    world = affine[:3, :3] @ corners + affine[:3, 3:]
+    marker_world = affine[:3, :3] @ np.array(marker) + affine[:3, 3]
+    x, y, z = np.rint((marker_world - world.min(axis=1)) / np.array([1.5, 1.5, 2.0])).astype(int)
+
+    record = dataset_at(tmp_path / "out", "M").case("m")
+    assert record["original"]["axcodes"] == "ILA" and record["canonical"]["axcodes"] == "RAS"
+    assert record["canonical"]["shape"] == [6, 6, 4] and record["slices"] == [z]
+    assert np.allclose(np.asarray(record["canonical"]["affine"])[:3, 3], world.min(axis=1))
+    picture = png(dataset_at(tmp_path / "out", "M"), "label", "m", z)
+    assert np.argwhere(picture == 9).tolist() == [[6 - 1 - y, x]]
+
+
+def test_oblique_affine_matches_nibabel_closest_canonical(tmp_path):
+    angle = np.deg2rad(12)
+    rotation = np.array([[np.cos(angle), 0, np.sin(angle)], [0, -1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([1.0, 1.0, 3.0])
+    label = np.zeros((6, 6, 5), np.uint8)
+    label[1, 4, 3] = 1
+    path = save_nifti(tmp_path / "src" / "labelsTr" / "o.nii.gz", label, affine)
+    save_nifti(tmp_path / "src" / "imagesTr" / "o.nii.gz", np.ones((6, 6, 5), np.float32), affine)
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "O", 6), "--modality", "CT") == 0
+    reference = nib.as_closest_canonical(nib.load(path))
+    x, y, z = np.argwhere(np.asarray(reference.dataobj) == 1)[0]
+    record = dataset_at(tmp_path / "out", "O").case("o")
+    assert record["slices"] == [z]
+    assert np.allclose(record["canonical"]["affine"], reference.affine)
+    assert np.argwhere(png(dataset_at(tmp_path / "out", "O"), "label", "o", z) == 1).tolist() == [[5 - y, x]]
+
+
+@pytest.mark.parametrize("fit", ["stretch", "pad"])
+def test_predictions_go_back_onto_the_original_grid(tmp_path, fit):
+    affine = np.diag([-0.8, 1.0, 2.5, 1.0])
+    image, label = labelled_volume(shape=(10, 7, 5), ids_on_slices={1: 2, 3: 1})
+    write_msd(tmp_path / "src", {"r": (image, label, affine)})
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "R", 32), "--modality", "MRI",
+               "--fit", fit) == 0
+    dataset = dataset_at(tmp_path / "out", "R")
+    record = dataset.case("r")
+    assert record["resize"]["fit"] == fit and record["resize"]["slice_shape"] == [7, 10]
+    assert np.allclose(record["original"]["affine"], affine) and record["original"]["axcodes"] == "LAS"
+    pictures = {i: png(dataset, "label", "r", i) for i in record["slices"]}
+    restored = dataset.restore_volume("r", pictures)
+    assert restored.shape == label.shape
+    assert np.array_equal(restored, label)
+
+
+def test_mismatched_grids_are_refused_naming_the_case(tmp_path, capsys):
+    image, label = labelled_volume(ids_on_slices={1: 1})
+    save_nifti(tmp_path / "imagesTr" / "good.nii.gz", image)
+    save_nifti(tmp_path / "labelsTr" / "good.nii.gz", label)
+    save_nifti(tmp_path / "imagesTr" / "shifted.nii.gz", image)
+    shifted = np.eye(4)
+    shifted[0, 3] = 0.5
+    save_nifti(tmp_path / "labelsTr" / "shifted.nii.gz", label, shifted)
+    save_nifti(tmp_path / "imagesTr" / "small.nii.gz", image)
+    save_nifti(tmp_path / "labelsTr" / "small.nii.gz", label[:, :, :4])
+    assert run("msd", "--root", tmp_path, *common(tmp_path / "out", "B"), "--modality", "CT") == 2
+    error = capsys.readouterr().err
+    assert "case 'shifted'" in error and "case 'small'" in error and "case 'good'" not in error
+    assert not os.path.exists(tmp_path / "out" / "B")
+    assert run("msd", "--root", tmp_path, *common(tmp_path / "out", "B"), "--modality", "CT",
+               "--affine_tolerance", 1, "--source_splits", "Tr:train") == 2
+
+
+def test_four_dimensional_images_need_a_channel(tmp_path, capsys):
+    image, label = labelled_volume(ids_on_slices={2: 1})
+    volume = np.stack([image, image * 0 + 5.0, image], axis=-1)
+    volume[..., 1][label > 0] = 50.0
+    write_msd(tmp_path / "src", {"four": (volume, label)})
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "F"), "--modality", "US") == 2
+    error = capsys.readouterr().err
+    assert "case 'four'" in error and "is 4D" in error and "--channel" in error
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "F"), "--modality", "US",
+               "--channel", 1) == 0
+    picture = png(dataset_at(tmp_path / "out", "F"), "image", "four", 2)
+    assert set(np.unique(picture).tolist()) == {0, 255}
+
+
+def test_nans_become_background_before_normalisation(tmp_path):
+    image, label = labelled_volume(ids_on_slices={1: 1})
+    image[0, 0, :] = np.nan
+    image[1, 0, 1] = np.inf
+    write_msd(tmp_path / "src", {"n": (image, label)})
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "N"), "--modality", "MRI") == 0
+    record = dataset_at(tmp_path / "out", "N").case("n")
+    assert record["non_finite_voxels"] == {"image": 7}
+    assert np.isfinite(record["intensity"]["image"]["low"])
+    assert png(dataset_at(tmp_path / "out", "N"), "image", "n", 1)[-1, 0] == 0
+
+
+def test_empty_label_case_is_skipped_with_a_warning(tmp_path):
+    write_msd(tmp_path / "src", {"full": labelled_volume(ids_on_slices={1: 1}),
+                                 "empty": labelled_volume(ids_on_slices={})})
+    with pytest.warns(UserWarning, match="case 'empty' skipped: no foreground"):
+        assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "E"), "--modality", "CT") == 0
+    dataset = dataset_at(tmp_path / "out", "E")
+    assert dataset.case_ids() == ["full"] and list(dataset.manifest["skipped"]) == ["empty"]
+    assert not os.path.exists(tmp_path / "out" / "E" / "image" / "empty")
+    assert verify_root(tmp_path / "out")[1] == []
+
+
+def test_one_slice_case(tmp_path):
+    image, label = labelled_volume(shape=(8, 8, 1), ids_on_slices={0: 4})
+    write_msd(tmp_path / "src", {"one": (image, label)})
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "S"), "--modality", "CT") == 0
+    assert dataset_at(tmp_path / "out", "S").case("one")["slices"] == [0]
+
+
+def test_corrupt_file_is_named(tmp_path, capsys):
+    write_msd(tmp_path / "src", {"ok": labelled_volume(ids_on_slices={1: 1})})
+    (tmp_path / "src" / "imagesTr" / "bad.nii.gz").write_bytes(b"not a nifti file at all")
+    save_nifti(tmp_path / "src" / "labelsTr" / "bad.nii.gz", labelled_volume()[1])
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "C"), "--modality", "CT") == 2
+    assert "bad.nii.gz: cannot read" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- resume, interruption, verify
+
+def test_resume_skips_finished_cases_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    write_msd(tmp_path / "src", {f"c{i}": labelled_volume(ids_on_slices={1: 1}, seed=i) for i in range(3)})
+    args = ["msd", "--root", tmp_path / "src", *common(tmp_path / "out", "R"), "--modality", "CT"]
+    assert run(*args) == 0
+    prepared = []
+    original = prepare.prepare_case
+    monkeypatch.setattr(prepare, "prepare_case", lambda case, *a: prepared.append(case.case_id) or original(case, *a))
+    os.remove(tmp_path / "out" / "R" / "meta" / "c1.json")
+    assert run(*args, "--workers", 1) == 0
+    assert prepared == ["c1"]
+    assert run(*args, "--test_fraction", 0.5) == 0  # splits may change on a rerun; nothing is redone
+    assert prepared == ["c1"] and len(dataset_at(tmp_path / "out", "R").case_ids("test")) == 2
+    assert run(*args[:-2], "--modality", "CT", "--size", 16) == 2
+    assert "other settings (size)" in capsys.readouterr().err
+    assert run(*args[:-2], "--modality", "CT", "--size", 16, "--overwrite") == 0
+
+
+def test_interrupted_case_leaves_nothing_behind(tmp_path, monkeypatch):
+    write_msd(tmp_path / "src", {"i": labelled_volume(ids_on_slices={1: 1, 2: 1, 3: 1})})
+    args = ["msd", "--root", tmp_path / "src", *common(tmp_path / "out", "I"), "--modality", "CT"]
+    writes = []
+    real_write = prepare.write_png
+
+    def failing_write(path, picture):
+        writes.append(path)
+        if len(writes) == 4:
+            raise KeyboardInterrupt
+        real_write(path, picture)
+
+    monkeypatch.setattr(prepare, "write_png", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(*args)
+    dataset_dir = tmp_path / "out" / "I"
+    assert not os.path.exists(dataset_dir / "image" / "i") and not os.path.exists(dataset_dir / "label" / "i")
+    assert not os.listdir(dataset_dir / ".partial") and not os.listdir(dataset_dir / "meta")
+    monkeypatch.setattr(prepare, "write_png", real_write)
+    # A run killed between moving the folders into place: a case folder without its record.
+    os.makedirs(dataset_dir / "image" / "i")
+    (dataset_dir / "image" / "i" / "0009.png").write_bytes(b"stale")
+    assert run(*args) == 0
+    assert sorted(os.listdir(dataset_dir / "image" / "i")) == ["0001.png", "0002.png", "0003.png"]
+    assert verify_root(tmp_path / "out")[1] == []
+
+
+def test_verify_passes_on_good_output_and_fails_on_tampering(tmp_path, capsys):
+    write_msd(tmp_path / "src", {f"v{i}": labelled_volume(ids_on_slices={1: 1, 2: 2}, seed=i) for i in range(2)},
+              {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "a", "2": "b"}})
+    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "T")) == 0
+    assert run("verify", tmp_path / "out") == 0
+    assert "T: segmentation, CT, 2 cases" in capsys.readouterr().out
+    dataset_dir = tmp_path / "out" / "T"
+    os.remove(dataset_dir / "image" / "v0" / "0001.png")
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(dataset_dir / "label" / "v1" / "0002.png")
+    Image.fromarray(np.zeros((5, 8), np.uint8)).save(dataset_dir / "image" / "v1" / "0001.png")
+    os.makedirs(dataset_dir / "label" / "stray")
+    assert run("verify", tmp_path / "out") == 1
+    error = capsys.readouterr().err
+    assert "v0/0001.png: missing" in error and "label ids [7]" in error
+    assert "size [5, 8]" in error and "stray: case folder not in the manifest" in error
+
+
+def test_parallel_workers_match_a_single_worker(tmp_path):
+    write_msd(tmp_path / "src", {f"p{i}": labelled_volume(ids_on_slices={i % 4: 1}, seed=i) for i in range(4)})
+    for workers, name in ((1, "one"), (2, "two")):
+        assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", name), "--modality", "CT",
+                   "--workers", workers) == 0
+    one, two = dataset_at(tmp_path / "out", "one"), dataset_at(tmp_path / "out", "two")
+    assert one.manifest["cases"] == two.manifest["cases"]
+    for pair_one, pair_two in zip(one.pairs(), two.pairs()):
+        assert np.array_equal(read_png(pair_one.input_path), read_png(pair_two.input_path))
+
+
+# ---------------------------------------------------------------- image-to-image tasks
+
+def brats_case(root, case_id, suffixes, shape=(8, 8, 5)):
+    rng = np.random.default_rng(len(case_id))
+    volumes = {}
+    for suffix in suffixes:
+        volume = np.zeros(shape, np.float32)
+        volume[1:7, 1:7, 1:4] = rng.uniform(50, 500, size=(6, 6, 3))
+        volumes[suffix] = volume
+        save_nifti(root / case_id / f"{case_id}-{suffix}.nii.gz", volume)
+    return volumes
+
+
+def test_brats_synthesis_writes_one_folder_per_contrast(tmp_path):
+    for case_id in ("BraTS-GLI-00000-000", "BraTS-GLI-00001-000"):
+        brats_case(tmp_path / "src", case_id, ["t1c", "t1n", "t2f", "t2w", "seg"])
+    assert run("brats-synthesis", "--root", tmp_path / "src", "--source", "t1c", "--target", "t2w",
+               *common(tmp_path / "out", "GLI")) == 0
+    dataset = dataset_at(tmp_path / "out", "GLI")
+    assert (dataset.task, dataset.input_folder, dataset.target_folder) == ("synthesis", "t1c", "t2w")
+    record = dataset.case("BraTS-GLI-00000-000")
+    assert record["slices"] == [1, 2, 3]
+    assert record["intensity"]["t1c"]["low"] != record["intensity"]["t2w"]["low"]
+    assert os.path.isdir(tmp_path / "out" / "GLI" / "t2w" / "BraTS-GLI-00000-000")
+    assert dataset.classes == {} and verify_root(tmp_path / "out")[1] == []
+
+
+def test_brats_inpainting_with_mask_fallback(tmp_path):
+    case_id = "BraTS-GLI-00002-000"
+    volumes = brats_case(tmp_path / "src", case_id, ["t1n"])
+    mask = np.zeros((8, 8, 5), np.uint8)
+    mask[3:5, 3:5, 2] = 1
+    save_nifti(tmp_path / "src" / case_id / f"{case_id}-mask-healthy.nii.gz", mask)
+    save_nifti(tmp_path / "src" / case_id / f"{case_id}-t1n-voided.nii.gz", volumes["t1n"] * (1 - mask))
+    assert run("brats-inpainting", "--root", tmp_path / "src", *common(tmp_path / "out", "Local"),
+               "--min_mask_pixels", 1) == 0
+    dataset = dataset_at(tmp_path / "out", "Local")
+    record = dataset.case(case_id)
+    assert record["sources"]["mask"].endswith("-mask-healthy.nii.gz") and record["slices"] == [2]
+    assert record["intensity"]["image"] == record["intensity"]["target"]
+    hole = png(dataset, "mask", case_id, 2) == 255
+    assert hole.sum() == 4 and (png(dataset, "image", case_id, 2)[hole] == 0).all()
+    # One intensity scale for the pair: outside the hole, input and target are the same picture.
+    assert np.array_equal(png(dataset, "target", case_id, 2)[~hole], png(dataset, "image", case_id, 2)[~hole])
+    assert verify_root(tmp_path / "out")[1] == []
+
+
+def test_brats_inpainting_missing_file_names_the_case(tmp_path, capsys):
+    brats_case(tmp_path / "src", "BraTS-GLI-00003-000", ["t1n-voided", "t1n"])
+    assert run("brats-inpainting", "--root", tmp_path / "src", *common(tmp_path / "out", "L")) == 2
+    assert "case 'BraTS-GLI-00003-000': no BraTS-GLI-00003-000-mask.nii.gz or" in capsys.readouterr().err
+
+
+def test_denoising_pairs_share_the_ct_window(tmp_path):
+    for case_id in ("L067", "L096"):
+        normal = np.full((8, 8, 4), -1000.0, np.float32)
+        normal[2:6, 2:6, :] = 50.0
+        low = normal + np.random.default_rng(0).normal(0, 30, normal.shape).astype(np.float32)
+        save_nifti(tmp_path / "src" / case_id / "quarter.nii.gz", low)
+        save_nifti(tmp_path / "src" / case_id / "full.nii.gz", normal)
+    assert run("denoising", "--root", tmp_path / "src", "--low_dose", "*/quarter.nii.gz",
+               "--normal_dose", "*/full.nii.gz", *common(tmp_path / "out", "LDCT")) == 0
+    dataset = dataset_at(tmp_path / "out", "LDCT")
+    assert dataset.case_ids() == ["L067", "L096"] and dataset.modality == "CT"
+    assert dataset.case("L067")["intensity"]["target"] == {"method": "window", "low": -100.0, "high": 200.0}
+    target = png(dataset, "target", "L067", 0)
+    assert target[4, 4] == round(150 / 300 * 255) and target[0, 0] == 0
+
+
+# ---------------------------------------------------------------- intensities and resizing
+
+def test_percentile_clipping_uses_the_body():
+    volume = np.zeros((10, 10, 10), np.float32)
+    volume[2:8, 2:8, 2:8] = np.linspace(1, 100, 216).reshape(6, 6, 6)
+    body = intensity.fit_parameters(volume, "percentile", region="body")
+    whole = intensity.fit_parameters(volume, "percentile", region="volume")
+    assert body["low"] > 1 and whole["low"] == 0
+    assert intensity.normalise(volume, body).max() == 1.0
+
+
+def test_resizing_uses_area_down_and_bilinear_up():
+    checker = np.indices((8, 8)).sum(axis=0) % 2
+    plan = geometry.fit_plan(8, 8, 4, "stretch")
+    assert np.allclose(geometry.resize_intensity(checker.astype(np.float32), plan), 0.5)
+    ramp = geometry.resize_intensity(np.array([[0.0, 1.0]], np.float32), geometry.fit_plan(1, 2, 4, "stretch"))
+    assert ramp.shape == (4, 4) and np.all(np.diff(ramp[0]) >= 0) and 0 < ramp[0, 1] < 1
+    labels = geometry.resize_nearest(np.array([[0, 3], [300, 4]]), geometry.fit_plan(2, 2, 4, "stretch"))
+    assert set(np.unique(labels).tolist()) == {0, 3, 4, 300}
+
+
+# ---------------------------------------------------------------- the real MNI152 template
+
+def test_mni152_tissue_case_prepares_with_matching_geometry(tmp_path):
+    from datasets.mni_demo import write_mni152_tissue_case
+    image_path, label_path = write_mni152_tissue_case(str(tmp_path / "mni"))
+    labels = np.asarray(nib.load(label_path).dataobj)
+    assert set(np.unique(labels).tolist()) == {0, 1, 2} and (labels == 2).sum() > (labels == 1).sum() / 3
+    assert run("msd", "--root", tmp_path / "mni", *common(tmp_path / "out", "MNI152", 64)) == 0
+    dataset = dataset_at(tmp_path / "out", "MNI152")
+    record = dataset.case("mni152")
+    image = nib.load(image_path)
+    assert dataset.modality == "MRI" and dataset.classes == {0: "background", 1: "grey matter", 2: "white matter"}
+    assert record["original"]["shape"] == list(image.shape) == [197, 233, 189]
+    assert np.allclose(record["original"]["affine"], image.affine)
+    assert np.allclose(record["canonical"]["affine"], nib.as_closest_canonical(image).affine)
+    with_foreground = np.flatnonzero((labels > 0).any(axis=(0, 1))).tolist()
+    assert record["slices"] == with_foreground
+    middle = png(dataset, "label", "mni152", with_foreground[len(with_foreground) // 2])
+    assert middle.shape == (64, 64) and set(np.unique(middle).tolist()) == {0, 1, 2}
+    assert verify_root(tmp_path / "out")[1] == []
+    assert [os.path.basename(d) for d in find_datasets(tmp_path / "out")] == ["MNI152"]
+
+
+# ---------------------------------------------------------------- optional readers
+
+def write_metaimage(path, data, spacing, origin, direction, element_type="MET_SHORT"):
+    """An .mhd header and .raw file by hand (axis 0 fastest, as MetaIO stores it)."""
+    raw_name = os.path.basename(path).replace(".mhd", ".raw")
+    header = [
+        "ObjectType = Image", "NDims = 3", "BinaryData = True", "BinaryDataByteOrderMSB = False",
+        "CompressedData = False", f"TransformMatrix = {' '.join(str(v) for v in np.asarray(direction).T.ravel())}",
+        f"Offset = {' '.join(str(v) for v in origin)}", f"ElementSpacing = {' '.join(str(v) for v in spacing)}",
+        f"DimSize = {' '.join(str(v) for v in data.shape)}", f"ElementType = {element_type}",
+        f"ElementDataFile = {raw_name}",
+    ]
+    with open(path, "w") as handle:
+        handle.write("\n".join(header) + "\n")
+    np.ascontiguousarray(data.transpose(2, 1, 0)).tofile(os.path.join(os.path.dirname(path), raw_name))
+
+
+def test_metaimage_reader_and_promise12_layout(tmp_path):
+    direction = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    image, label = labelled_volume(ids_on_slices={1: 1, 3: 1})
+    write_metaimage(str(tmp_path / "Case00.mhd"), image.astype(np.int16), (0.6, 0.7, 3.0), (5, -6, 7), direction)
+    write_metaimage(str(tmp_path / "Case00_segmentation.mhd"), label.astype(np.uint8), (0.6, 0.7, 3.0),
+                    (5, -6, 7), direction, "MET_UCHAR")
+    data, affine = readers.read_volume(readers.Source(str(tmp_path / "Case00.mhd")))
+    assert np.array_equal(data, image.astype(np.int16))
+    expected = np.eye(4)
+    expected[:3, :3] = direction * np.array([0.6, 0.7, 3.0])
+    expected[:3, 3] = (5, -6, 7)
+    assert np.allclose(affine, readers.LPS_TO_RAS @ expected)
+    assert run("glob", "--root", tmp_path, "--images", "Case??.mhd", "--labels", "Case??_segmentation.mhd",
+               "--modality", "MRI", *common(tmp_path / "out", "PROMISE12")) == 0
+    assert dataset_at(tmp_path / "out", "PROMISE12").case("00")["original"]["axcodes"] == "PLS"
+
+
+def test_metaimage_reader_agrees_with_simpleitk(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    image = sitk.GetImageFromArray(data.transpose(2, 1, 0))
+    image.SetSpacing((0.5, 0.75, 2.0))
+    image.SetOrigin((1.0, 2.0, 3.0))
+    theta = np.deg2rad(20)
+    image.SetDirection(tuple(np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0],
+                                       [0, 0, 1]]).ravel()))
+    for name, compress in (("plain.mhd", False), ("packed.mha", True)):
+        sitk.WriteImage(image, str(tmp_path / name), useCompression=compress)
+        read, affine = readers.read_volume(readers.Source(str(tmp_path / name)))
+        assert np.array_equal(read, data)
+        world_lps = image.TransformIndexToPhysicalPoint((3, 1, 2))
+        world_ras = affine @ np.array([3, 1, 2, 1.0])
+        assert np.allclose(world_ras[:3], np.array(world_lps) * [-1, -1, 1])
+
+
+def test_hdf5_left_atrium_layout(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    for case_id in ("case_a", "case_b"):
+        image, label = labelled_volume(ids_on_slices={2: 1, 3: 1})
+        os.makedirs(tmp_path / case_id)
+        with h5py.File(tmp_path / case_id / "mri_norm2.h5", "w") as handle:
+            handle["image"], handle["label"] = image, label.astype(np.uint8)
+    assert run("glob", "--root", tmp_path, "--images", "*/mri_norm2.h5", "--labels", "*/mri_norm2.h5",
+               "--modality", "MRI", *common(tmp_path / "out", "LA")) == 0
+    dataset = dataset_at(tmp_path / "out", "LA")
+    assert dataset.case_ids() == ["case_a", "case_b"] and dataset.case("case_a")["slices"] == [2, 3]
+    assert dataset.case("case_a")["sources"]["label"].endswith("mri_norm2.h5[label]")
+    with pytest.raises(readers.InputError, match="no dataset 'seg'"):
+        readers.read_header(readers.Source(str(tmp_path / "case_a" / "mri_norm2.h5"), "seg"))
+
+
+def write_dicom_series(folder, volume_hu, spacing=(0.7, 0.8), thickness=2.5, origin=(-10.0, -20.0, 30.0)):
+    """One CT slice per file, written in reverse order so the reader has to sort by position."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    os.makedirs(folder)
+    series = generate_uid()
+    for k in reversed(range(volume_hu.shape[2])):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID, series
+        ds.Modality, ds.Rows, ds.Columns = "CT", volume_hu.shape[1], volume_hu.shape[0]
+        ds.PixelSpacing = list(spacing)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * thickness]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = np.ascontiguousarray((volume_hu[:, :, k].T + 1024).astype(np.int16)).tobytes()
+        ds.save_as(os.path.join(folder, f"slice{k:03d}.dcm"), enforce_file_format=True)
+    return pydicom
+
+
+def test_dicom_series_denoising(tmp_path):
+    rng = np.random.default_rng(1)
+    normal = np.full((6, 7, 3), -1000.0)
+    normal[1:5, 1:6, :] = 40.0
+    for case_id in ("L001", "L002"):
+        write_dicom_series(tmp_path / case_id / "full", normal)
+        (tmp_path / case_id / "full" / "notes.txt").write_text("not a DICOM file")
+        write_dicom_series(tmp_path / case_id / "quarter", np.rint(normal + rng.normal(0, 20, normal.shape)))
+    data, affine = readers.read_volume(readers.Source(str(tmp_path / "L001" / "full")))
+    assert np.array_equal(data, normal)
+    assert np.allclose(affine, [[-0.8, 0, 0, 10], [0, -0.7, 0, 20], [0, 0, 2.5, 30], [0, 0, 0, 1]])
+    assert run("denoising", "--root", tmp_path, "--low_dose", "*/quarter", "--normal_dose", "*/full",
+               *common(tmp_path / "out", "LDCT", 8)) == 0
+    record = dataset_at(tmp_path / "out", "LDCT").case("L001")
+    assert record["original"]["axcodes"] == "LPS" and record["slices"] == [0, 1, 2]
+
+
+def test_missing_optional_package_is_named(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "series")
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(readers.MissingExtraError, match="pip install pydicom"):
+        readers.read_header(readers.Source(str(tmp_path / "series")))
+    (tmp_path / "x.h5").write_bytes(b"")
+    with pytest.raises(readers.MissingExtraError, match="pip install h5py"):
+        readers.read_header(readers.Source(str(tmp_path / "x.h5"), "image"))
+
+
+def test_help_is_available(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--help"])
+    assert exit_info.value.code == 0 and "brats-inpainting" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        prepare.main(["verify", "--help"])
+    assert "python -m datasets.verify" in capsys.readouterr().out
