@@ -18,7 +18,8 @@ stamp="$venv/.requirements.sha256"
 wanted="$(cat "$repo_root/requirements.txt" "$repo_root/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
   echo "[setup] installing requirements (first run takes a few minutes: torch is large)"
-  python -m pip install --quiet --upgrade pip
-  python -m pip install --quiet -r "$repo_root/requirements-dev.txt"
+  # Some pip configurations list local index folders that may be absent; their warnings are noise.
+  { python -m pip install --quiet -r "$repo_root/requirements-dev.txt" 2>&1; } \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   echo "$wanted" > "$stamp"
 fi

@@ -47,6 +47,12 @@ def prepare_all(root):
             save(case / f"B-{i}-{contrast}.nii.gz", volume)
         save(root / "ldct" / "low" / f"p{i}.nii.gz", base + np.random.default_rng(i).normal(0, 10, base.shape))
         save(root / "ldct" / "full" / f"p{i}.nii.gz", base)
+        hole = np.zeros(base.shape, np.uint8)
+        hole[10:30, 10:30, 1:3] = 1
+        local = root / "local" / f"L-{i}"
+        save(local / f"L-{i}-t1n.nii.gz", base)
+        save(local / f"L-{i}-t1n-voided.nii.gz", base * (1 - hole))
+        save(local / f"L-{i}-mask.nii.gz", hole)
     common = ["--out", str(out), "--size", str(SLICE), "--test_fraction", "0"]
     assert prepare.main(["msd", "--root", str(root / "seg"), "--dataset", "Seg", "--modality", "CT", *common]) == 0
     assert prepare.main(["brats-synthesis", "--root", str(root / "brats"), "--source", "t1c", "--target", "t2w",
@@ -54,6 +60,7 @@ def prepare_all(root):
     assert prepare.main(["denoising", "--root", str(root / "ldct"), "--low_dose", "low/*.nii.gz",
                          "--normal_dose", "full/*.nii.gz", "--modality", "CT", "--dataset", "Denoise",
                          *common]) == 0
+    assert prepare.main(["brats-inpainting", "--root", str(root / "local"), "--dataset", "Inpaint", *common]) == 0
     return out
 
 
@@ -101,14 +108,14 @@ def test_segmentation_canvas_shapes_mask_valid_and_shared_colours(prepared):
 
 
 def test_other_tasks_use_image_targets_and_mim_masks(prepared):
-    data = dataset(prepared, ["Synth", "Denoise"], mask_policy=policy(half_mask_ratio=0.0))
+    data = dataset(prepared, ["Synth", "Denoise", "Inpaint"], mask_policy=policy(half_mask_ratio=0.0))
     seen = set()
-    for index in range(30):
+    for index in range(40):
         item = data[index]
         seen.add(TASKS[item["task"]])
         assert item["mask"].sum() == 3  # MIM: exactly num_mask_patches
         assert torch.all(item["valid"] == 1)
-    assert seen == {"synthesis", "denoising"}
+    assert seen == {"synthesis", "denoising", "inpainting"}
 
 
 def test_grey_and_binary_encodings(prepared):
