@@ -237,7 +237,10 @@ class MVG(nn.Module):
         return blk(x)
 
     def forward_encoder(self, imgs: torch.Tensor, tgts: torch.Tensor,
-                        bool_masked_pos: torch.Tensor) -> list:
+                        bool_masked_pos: torch.Tensor, num_prompts: int = 1) -> list:
+        """With num_prompts K > 1 the batch holds K canvases per query (query-major: the K contexts of
+        query 0, then of query 1, ...) and, from the merge on, the query half of their features is
+        averaged across the K after every block, so all prompts inform one query representation."""
         n = imgs.shape[0]
         xy = self.patch_embed(torch.cat((imgs, tgts)))  # (2N, Hp, Wp, D), one conv for both streams
         x, y = xy[:n], xy[n:]
@@ -258,11 +261,21 @@ class MVG(nn.Module):
             x = self._run_block(blk, x)
             if idx == self.merge_idx:
                 x = 0.5 * (x[:n] + x[n:])  # (N, Hp, Wp, D)
+            if num_prompts > 1 and idx >= self.merge_idx:
+                x = self._share_query_half(x, num_prompts)
             if idx in self.out_indices:
                 # A level taken before the merge (only in shallow models) is merged the same way.
                 level = x if idx >= self.merge_idx else 0.5 * (x[:n] + x[n:])
                 features.append(self.norm(level))
         return features  # 4 x (N, Hp, Wp, D)
+
+    @staticmethod
+    def _share_query_half(x: torch.Tensor, num_prompts: int) -> torch.Tensor:
+        """(Q*K, Hp, Wp, D): the bottom-half tokens of each group of K replaced by their mean."""
+        half = x.shape[1] // 2
+        grouped = x.view(-1, num_prompts, *x.shape[1:])
+        query = grouped[:, :, half:].mean(dim=1, keepdim=True).expand_as(grouped[:, :, half:])
+        return torch.cat((grouped[:, :, :half], query), dim=2).view_as(x)
 
     def forward_decoder(self, features: list) -> torch.Tensor:
         x = self.decoder_embed(torch.cat(features, dim=-1))  # (N, Hp, Wp, p*p*Cd)
@@ -317,19 +330,29 @@ class MVG(nn.Module):
         return loss, self.patchify(pred), mask
 
     @torch.no_grad()
-    def predict(self, imgs: torch.Tensor, tgts: torch.Tensor,
-                bool_masked_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Inference: the predicted target canvas (N, 3, H, W) in normalised units.
+    def predict(self, imgs: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None,
+                num_prompts: int = 1, ensemble: str = 'features') -> torch.Tensor:
+        """Inference: the predicted target canvas in normalised units, (N / num_prompts, 3, H, W).
 
         By default the whole query target (bottom half) is masked, so `tgts` only needs the context
-        target on top; the query half of the output is the prediction for the query image.
+        target on top; the bottom half of the output is the prediction for the query image.
+        Several prompts per query (batch ordered query-major, K = num_prompts canvases per query):
+        ensemble 'features' averages the query-half features across prompts after the merge,
+        'outputs' averages the K predictions, 'both' does both. The top half of an ensembled output
+        mixes different contexts and carries no meaning.
         """
+        if ensemble not in ('features', 'outputs', 'both'):
+            raise ValueError(f"ensemble must be 'features', 'outputs' or 'both', got '{ensemble}'")
         n, _, h, w = imgs.shape
+        if num_prompts < 1 or n % num_prompts:
+            raise ValueError(f"a batch of {n} canvases does not split into groups of num_prompts={num_prompts}")
         if bool_masked_pos is None:
             grid = (h // self.patch_size, w // self.patch_size)
             bool_masked_pos = self.ar_mask(n, grid, device=imgs.device)
         mask = self._check_inputs(imgs, tgts, bool_masked_pos)
-        return self.forward_decoder(self.forward_encoder(imgs, tgts, mask))
+        share = num_prompts if ensemble in ('features', 'both') else 1
+        pred = self.forward_decoder(self.forward_encoder(imgs, tgts, mask, num_prompts=share))
+        return pred.view(n // num_prompts, num_prompts, *pred.shape[1:]).mean(dim=1)
 
 
 def _mvg(input_size, **kwargs) -> MVG:

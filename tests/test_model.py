@@ -314,3 +314,25 @@ def test_bf16_autocast_forward_backward():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_prompt_ensembles():
+    torch.manual_seed(0)
+    model = with_random_rel_pos(tiny()).eval()
+    imgs, tgts = random_batch(n=3)  # one query with three different context pairs
+    half = CANVAS[0] // 2
+    imgs[:, :, half:] = imgs[:1, :, half:]
+    singles = model.predict(imgs, tgts)
+    torch.testing.assert_close(model.predict(imgs, tgts, num_prompts=3, ensemble='outputs')[0], singles.mean(0))
+    features = model.predict(imgs, tgts, num_prompts=3)
+    assert features.shape == (1, 3, *CANVAS)
+    assert not torch.allclose(features[0, :, half:], singles[0, :, half:], atol=1e-4)
+    order = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(model.predict(imgs[order], tgts[order], num_prompts=3), features)
+    # The same context given three times is the single prediction.
+    same = model.predict(imgs[:1].repeat(3, 1, 1, 1), tgts[:1].repeat(3, 1, 1, 1), num_prompts=3, ensemble='both')
+    torch.testing.assert_close(same[0, :, half:], singles[0, :, half:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match='num_prompts'):
+        model.predict(imgs, tgts, num_prompts=2)
+    with pytest.raises(ValueError, match='ensemble'):
+        model.predict(imgs, tgts, num_prompts=3, ensemble='vote')
