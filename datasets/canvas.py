@@ -243,7 +243,7 @@ _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) * 255
 def to_normalised_tensor(pictures: Sequence[np.ndarray]) -> torch.Tensor:
     """Pictures (rows, cols) grey or (3, rows, cols) colour, stacked top to bottom -> (3, H, W) float,
     ImageNet-normalised; grey is replicated to 3 channels."""
-    parts = [torch.from_numpy(np.ascontiguousarray(p)) for p in pictures]
+    parts = [torch.tensor(p) for p in pictures]  # a copy: decoded PNG buffers are read-only
     parts = [p.expand(3, *p.shape) if p.ndim == 2 else p for p in parts]
     return torch.cat(parts, dim=1).float().sub_(_MEAN).div_(_STD)
 
