@@ -13,7 +13,8 @@ query half is resized back to the query's size and decoded:
                   and the class whose prediction is brightest above half wins
     image tasks   the mean of the three channels, as the 8-bit grey of the prepared slices
 """
-from typing import List, Sequence, Tuple, Union
+import argparse
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,9 +23,38 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from datasets.canvas import LABEL_ENCODINGS, MAX_GREY_CLASS, random_palette, to_normalised_tensor
+from models_mvg import MVG, create_model
 
 PairList = Sequence[Tuple[np.ndarray, np.ndarray]]
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def load_model(checkpoint: str, model_name: Optional[str] = None, input_size: Optional[Sequence[int]] = None,
+               **model_kwargs) -> MVG:
+    """An MVG model with the weights of a checkpoint: ours ({'model', 'args': dict}), the authors'
+    ({'model', 'args': argparse.Namespace}) or a bare state dict. The architecture comes from
+    model_name/input_size (and factory keywords such as depth) or, when not given, from the
+    checkpoint's args."""
+    # The authors' checkpoints pickle an argparse.Namespace; allowing that one plain container keeps
+    # the loader in weights-only mode for everything else.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    weights = state.get('model', state) if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise ValueError(f"{checkpoint}: expected a state dict or a dict with a 'model' entry")
+    saved = state.get('args') or {}
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    model_name = model_name or saved.get('model')
+    if not model_name:
+        raise ValueError(f"{checkpoint}: does not name its model; pass the model name (e.g. --model mvg_vit_large_patch16)")
+    input_size = tuple(input_size or saved.get('input_size') or (896, 448))
+    model = create_model(model_name, input_size=input_size, **model_kwargs)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: does not fit {model_name}: missing keys {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    return model
 
 
 def resize(picture: np.ndarray, size: Tuple[int, int], is_label: bool) -> np.ndarray:

@@ -145,3 +145,23 @@ def test_psnr_and_ssim():
     assert psnr(damaged, truth, mask) < psnr(damaged, truth)
     assert ssim(damaged, truth, mask) < ssim(damaged, truth)
     assert math.isnan(psnr(truth, truth, np.zeros_like(mask)))
+
+
+def test_load_model_reads_our_and_the_authors_checkpoints(tmp_path):
+    import argparse
+    from inference import load_model
+    torch.manual_seed(0)
+    model = mvg_vit_tiny_patch16(input_size=(64, 32), depth=4).eval()
+    imgs, tgts = torch.randn(1, 3, 64, 32), torch.randn(1, 3, 64, 32)
+    ours, authors, bare = tmp_path / 'ours.pth', tmp_path / 'authors.pth', tmp_path / 'bare.pth'
+    torch.save({'model': model.state_dict(), 'args': {'model': 'mvg_vit_tiny_patch16', 'input_size': [64, 32]}}, ours)
+    torch.save({'model': model.state_dict(), 'args': argparse.Namespace(model='mvg_vit_tiny_patch16')}, authors)
+    torch.save(model.state_dict(), bare)
+    expected = model.predict(imgs, tgts)
+    for path in (ours, authors, bare):
+        loaded = load_model(str(path), model_name='mvg_vit_tiny_patch16', input_size=(64, 32), depth=4).eval()
+        torch.testing.assert_close(loaded.predict(imgs, tgts), expected)
+    with pytest.raises(ValueError, match='missing keys'):
+        load_model(str(ours))  # the default depth 12 has blocks the checkpoint lacks
+    with pytest.raises(ValueError, match='does not name its model'):
+        load_model(str(bare))
