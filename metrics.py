@@ -14,12 +14,16 @@ Image tasks, per case on the 0..255 scale of the prepared slices:
            the mean of the SSIM map inside the mask.
 """
 import math
+import warnings
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.metrics.regression import compute_ssim_and_cs
+
+# MONAI's Hausdorff code passes a deprecated argument to itself; the warning tells users nothing.
+warnings.filterwarnings('ignore', message='.*always_return_as_numpy.*', category=FutureWarning)
 
 PSNR_CAP = 100.0
 SSIM_WINDOW = 11

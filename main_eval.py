@@ -1,0 +1,367 @@
+"""Evaluates an MVG checkpoint in context on the test split of prepared datasets.
+
+    python main_eval.py --checkpoint output_dir/checkpoint-last.pth --data_path data --output_dir eval
+
+For every test slice (query) of every dataset, context pairs come from training cases only, chosen by
+--context (seeded and recorded):
+    fixed      the same K slices for every query (middle slice of K training cases)
+    random     K random training slices per query
+    position   per query, K training cases, each giving its slice nearest in relative position within
+               the case's labelled range (the query's position in its own range)
+    retrieval  the K training slices whose 16x16 thumbnails are nearest to the query's (L2 after
+               standardising each thumbnail), at most one per case
+Predictions are decoded (segmentation: nearest context colour to class ids; image tasks: 8-bit grey)
+and scored per case in 3D, the case's slices stacked in order (metrics.py has the conventions):
+Dice and HD95 in mm for segmentation, PSNR and SSIM for image tasks (inpainting also inside the
+removed region). Distances use the case's voxel spacing scaled to the prepared slice size.
+
+Writes <output_dir>/results.json, <dataset>_cases.csv, results.md (the tables, beside the paper's
+numbers) and grids/<dataset>_*.png (context | context target | query | prediction | truth).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import zlib
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import metrics
+from datasets.canvas import LABEL_ENCODINGS
+from datasets.manifest import PreparedDataset, find_datasets, read_png
+from inference import Predictor, inference_palette, load_model
+
+CONTEXT_POLICIES = ('fixed', 'random', 'position', 'retrieval')
+THUMBNAIL = 16
+
+# Paper, Table 2 (segmentation score, 0-1) in its column order: name keys match prepared dataset
+# names case- and punctuation-insensitively.
+PAPER_SEGMENTATION = [
+    (('amosct', 'amos'), 'AMOS CT', 0.73, 0.52, 0.20, 0.87),
+    (('word',), 'WORD', 0.74, 0.48, 0.29, 0.90),
+    (('btcv',), 'BTCV', 0.73, 0.45, 0.37, 0.91),
+    (('amosmri', 'amosmr'), 'AMOS MRI', 0.74, 0.51, 0.25, 0.88),
+    (('microsegnet',), 'MicroSegNet', 0.91, 0.69, 0.71, 0.97),
+    (('promise12', 'promise'), 'PROMISE12', 0.85, 0.68, 0.55, 0.93),
+    (('chestdefect', 'chestxray', 'defect'), 'Chest defect', 0.79, 0.50, 0.55, 0.90),
+    (('acdc',), 'ACDC', 0.85, 0.52, 0.54, 0.90),
+    (('la', 'leftatrium'), 'LA', 0.81, 0.55, 0.57, 0.89),
+]
+# Read off the paper's chart, approximately (dB).
+PAPER_IMAGE_PSNR = {'denoising': 33.0, 'inpainting': 34.0, 'synthesis': 24.0}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoint', required=True, help='checkpoint file (ours, the authors\' or a bare state dict)')
+    p.add_argument('--model', default=None, help='factory name; default: the one the checkpoint records')
+    p.add_argument('--input_size', type=int, nargs=2, default=None, metavar=('H', 'W'),
+                   help='canvas size; default: the checkpoint\'s, else 896 448')
+    p.add_argument('--data_path', nargs='+', required=True, help='prepared roots (folders of datasets)')
+    p.add_argument('--datasets', nargs='*', default=None, help='only these dataset names')
+    p.add_argument('--output_dir', default='eval_output')
+    p.add_argument('--context', default='position', choices=CONTEXT_POLICIES)
+    p.add_argument('--num_prompts', type=int, default=1, help='context pairs per query')
+    p.add_argument('--ensemble', default='features', choices=['features', 'outputs', 'both'])
+    p.add_argument('--context_cases', type=int, default=0,
+                   help='draw contexts from only this many training cases (few-shot); 0: all')
+    p.add_argument('--label_encoding', default='random_colors', choices=LABEL_ENCODINGS)
+    p.add_argument('--max_cases', type=int, default=0, help='evaluate at most this many test cases per dataset')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--batch_size', type=int, default=8, help='queries per forward')
+    p.add_argument('--grids', type=int, default=4, help='visual grids saved per dataset')
+    p.add_argument('--save_predictions', action='store_true',
+                   help='also write predicted slices as PNG under <output_dir>/predictions/<dataset>/<case>/')
+    p.add_argument('--seed', type=int, default=0)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------
+# context choice
+
+
+def _key(*parts) -> int:
+    return zlib.crc32('/'.join(map(str, parts)).encode())
+
+
+def relative_position(slices, index) -> float:
+    first, last = min(slices), max(slices)
+    return 0.5 if last == first else (index - first) / (last - first)
+
+
+class ContextPicker:
+    """Chooses context slices (case id, slice index) from training cases; see the module docstring."""
+
+    def __init__(self, dataset: PreparedDataset, policy: str, k: int, seed: int, context_cases: int = 0):
+        self.dataset, self.policy, self.k, self.seed = dataset, policy, k, seed
+        cases = dataset.case_ids('train')
+        if context_cases:
+            rng = np.random.default_rng(seed)
+            cases = sorted(rng.choice(cases, size=min(context_cases, len(cases)), replace=False).tolist())
+        self.cases = [c for c in cases if dataset.slice_indices(c)]
+        if not self.cases:
+            raise ValueError(f"{dataset.name}: no training case with slices to take contexts from")
+        self.pool = [(c, i) for c in self.cases for i in dataset.slice_indices(c)]
+        self.fixed = [(c, self._middle(c)) for c in self._choose_cases(np.random.default_rng(seed))]
+        self.thumbnails = None
+        if policy == 'retrieval':
+            self.thumbnails = np.stack([self.thumbnail(read_png(dataset.slice_path(dataset.input_folder, c, i)))
+                                        for c, i in tqdm(self.pool, desc=f'{dataset.name}: context thumbnails',
+                                                         leave=False)])
+
+    def _middle(self, case):
+        slices = self.dataset.slice_indices(case)
+        return slices[len(slices) // 2]
+
+    def _choose_cases(self, rng):
+        """K cases, distinct while there are enough."""
+        return rng.choice(self.cases, size=self.k, replace=len(self.cases) < self.k).tolist()
+
+    @staticmethod
+    def thumbnail(image: np.ndarray) -> np.ndarray:
+        small = np.asarray(Image.fromarray(image).resize((THUMBNAIL, THUMBNAIL), Image.BOX), np.float32).ravel()
+        return (small - small.mean()) / (small.std() + 1e-6)
+
+    def pick(self, case_id: str, index: int, query_image: np.ndarray):
+        rng = np.random.default_rng([self.seed, _key(self.dataset.name, case_id, index)])
+        if self.policy == 'fixed':
+            return self.fixed
+        if self.policy == 'random':
+            chosen = rng.choice(len(self.pool), size=self.k, replace=len(self.pool) < self.k)
+            return [self.pool[i] for i in chosen]
+        if self.policy == 'position':
+            target = relative_position(self.dataset.slice_indices(case_id), index)
+            picks = []
+            for case in self._choose_cases(rng):
+                slices = self.dataset.slice_indices(case)
+                picks.append((case, min(slices, key=lambda s: abs(relative_position(slices, s) - target))))
+            return picks
+        distances = ((self.thumbnails - self.thumbnail(query_image)) ** 2).sum(axis=1)
+        picks, used = [], set()
+        for i in np.argsort(distances):
+            case = self.pool[i][0]
+            if case not in used or len(used) >= len(self.cases):
+                picks.append(self.pool[i])
+                used.add(case)
+            if len(picks) == self.k:
+                break
+        return picks
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation of one dataset
+
+
+def prepared_spacing(dataset: PreparedDataset, case_id: str):
+    """(slice, row, col) spacing in mm of a case's stack of prepared slices."""
+    record = dataset.case(case_id)
+    spacing = record['canonical']['spacing']
+    axis = record['slice_axis']
+    u, v = [a for a in range(3) if a != axis]
+    plan = record['resize']
+    # picture = flipud(slice.T): rows run along v, columns along u
+    return (spacing[axis], spacing[v] * plan['resized_from'][0] / plan['size'][0],
+            spacing[u] * plan['resized_from'][1] / plan['size'][1])
+
+
+def score_case(dataset: PreparedDataset, case_id: str, preds, truths, class_ids, masks=None) -> dict:
+    pred, truth = np.stack(preds), np.stack(truths)
+    if dataset.task == 'segmentation':
+        dice = metrics.dice_per_class(pred, truth, class_ids)
+        hd95 = metrics.hd95_per_class(pred, truth, class_ids, spacing=prepared_spacing(dataset, case_id))
+        return {'dice': dice, 'hd95': hd95, 'mean_dice': metrics.nanmean(dice.values())}
+    scores = {'psnr': metrics.psnr(pred, truth), 'ssim': metrics.ssim(pred, truth)}
+    if masks is not None:
+        region = np.stack(masks) > 0
+        scores.update(psnr_region=metrics.psnr(pred, truth, region), ssim_region=metrics.ssim(pred, truth, region))
+    return scores
+
+
+def grid_picture(dataset, context, query, prediction, truth, class_ids) -> Image.Image:
+    """context image | context target | query | prediction | truth, as one RGB strip; labels are
+    shown in fixed display colours whatever encoding the model used."""
+    lut = np.zeros((max([0, *class_ids]) + 1, 3), np.uint8)
+    if class_ids:
+        lut[class_ids] = inference_palette(class_ids, 'random_colors')
+
+    def rgb(picture, is_label):
+        return lut[np.minimum(picture, len(lut) - 1)] if is_label else np.repeat(picture[..., None], 3, axis=2)
+
+    def fit(picture, is_label):
+        resample = Image.NEAREST if is_label else Image.BILINEAR
+        return np.asarray(Image.fromarray(picture).resize(query.shape[::-1], resample))
+
+    is_label = dataset.task == 'segmentation'
+    tiles = [rgb(fit(context[0], False), False), rgb(fit(context[1], is_label), is_label),
+             rgb(query, False), rgb(prediction, is_label), rgb(truth, is_label)]
+    return Image.fromarray(np.concatenate(tiles, axis=1).astype(np.uint8))
+
+
+def evaluate_dataset(args, predictor: Predictor, dataset: PreparedDataset, out_dir: str) -> dict:
+    test_cases = dataset.case_ids('test')
+    if not test_cases:
+        raise ValueError(f"{dataset.name}: the manifest has no test cases (prepare it with a test split)")
+    if args.max_cases:
+        test_cases = test_cases[:args.max_cases]
+    picker = ContextPicker(dataset, args.context, args.num_prompts, args.seed, args.context_cases)
+    class_ids = sorted(c for c in dataset.classes if c != 0) if dataset.task == 'segmentation' else []
+    mask_folder = next((f for f, kind in dataset.folders.items() if kind == 'mask'), None)
+    read = lru_cache(maxsize=4096)(read_png)
+    cases, grids_left = {}, args.grids
+    for case_id in tqdm(test_cases, desc=dataset.name):
+        indices = dataset.slice_indices(case_id)
+        queries = [read(dataset.slice_path(dataset.input_folder, case_id, i)) for i in indices]
+        truths = [read(dataset.slice_path(dataset.target_folder, case_id, i)) for i in indices]
+        chosen = [picker.pick(case_id, i, q) for i, q in zip(indices, queries)]
+        contexts = [[(read(dataset.slice_path(dataset.input_folder, c, s)), read(dataset.slice_path(dataset.target_folder, c, s)))
+                     for c, s in picks] for picks in chosen]
+        run = predictor.segment if dataset.task == 'segmentation' else predictor.translate
+        preds = run(contexts, queries)
+        masks = [read(dataset.slice_path(mask_folder, case_id, i)) for i in indices] if mask_folder else None
+        cases[case_id] = score_case(dataset, case_id, preds, truths, class_ids, masks)
+        cases[case_id]['contexts'] = {str(i): [list(p) for p in picks] for i, picks in zip(indices, chosen)}
+        if args.save_predictions:
+            save_predictions(out_dir, dataset, case_id, indices, preds)
+        shown = np.unique(np.linspace(0, len(indices) - 1, num=min(grids_left, len(indices))).round().astype(int))
+        for j in shown:
+            grid = grid_picture(dataset, contexts[j][0], queries[j], preds[j], truths[j], class_ids)
+            grid.save(os.path.join(out_dir, 'grids', f'{dataset.name}_{case_id}_{indices[j]}.png'))
+        grids_left -= len(shown)
+    return summarise(dataset, cases, class_ids)
+
+
+def save_predictions(out_dir, dataset, case_id, indices, preds):
+    folder = os.path.join(out_dir, 'predictions', dataset.name, case_id)
+    os.makedirs(folder, exist_ok=True)
+    digits = dataset.case(case_id)['slice_digits']
+    for index, pred in zip(indices, preds):
+        array = pred.astype(np.uint16 if pred.max() > 255 else np.uint8)
+        Image.fromarray(array).save(os.path.join(folder, f'{index:0{digits}d}.png'))
+
+
+def summarise(dataset: PreparedDataset, cases: dict, class_ids) -> dict:
+    summary = {'dataset': dataset.name, 'task': dataset.task, 'modality': dataset.modality, 'cases': len(cases)}
+    if dataset.task == 'segmentation':
+        names = dataset.classes
+        summary['classes'] = {
+            str(c): {'name': names.get(c, str(c)),
+                     'dice': metrics.nanmean(r['dice'][c] for r in cases.values()),
+                     'hd95': metrics.nanmean(r['hd95'][c] for r in cases.values()),
+                     'hd95_undefined_cases': sum(math.isnan(r['hd95'][c]) for r in cases.values())}
+            for c in class_ids}
+        # Dataset score: mean over classes of the per-class mean over cases.
+        summary['dice'] = metrics.nanmean(v['dice'] for v in summary['classes'].values())
+        summary['hd95'] = metrics.nanmean(v['hd95'] for v in summary['classes'].values())
+    else:
+        for key in ('psnr', 'ssim', 'psnr_region', 'ssim_region'):
+            values = [r[key] for r in cases.values() if key in r]
+            if values:
+                capped = [metrics.capped(v) for v in values] if key.startswith('psnr') else values
+                summary[key] = metrics.nanmean(capped)
+    summary['per_case'] = cases
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# reports
+
+
+def write_case_csv(out_dir: str, summary: dict):
+    rows = []
+    for case_id, result in summary['per_case'].items():
+        row = {'case': case_id}
+        if summary['task'] == 'segmentation':
+            row['mean_dice'] = result['mean_dice']
+            row.update({f'dice_{c}': v for c, v in result['dice'].items()})
+            row.update({f'hd95_{c}': v for c, v in result['hd95'].items()})
+        else:
+            row.update({k: v for k, v in result.items() if k != 'contexts'})
+        rows.append(row)
+    with open(os.path.join(out_dir, f"{summary['dataset']}_cases.csv"), 'w', newline='') as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _normalised(name: str) -> str:
+    return ''.join(ch for ch in name.lower() if ch.isalnum())
+
+
+def paper_row(name: str):
+    key = _normalised(name)
+    return next((row for row in PAPER_SEGMENTATION if key in row[0]), None)
+
+
+def markdown_tables(summaries: list) -> str:
+    def fmt(value, digits=3):
+        return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:.{digits}f}'
+
+    segmentation = [s for s in summaries if s['task'] == 'segmentation']
+    order = {row[1]: i for i, row in enumerate(PAPER_SEGMENTATION)}
+    segmentation.sort(key=lambda s: (order.get((paper_row(s['dataset']) or (None, ''))[1], len(order)), s['dataset']))
+    lines = []
+    if segmentation:
+        lines += ['## Segmentation (Dice 0-1, HD95 mm; per case in 3D, mean over classes)', '',
+                  '| dataset | cases | Dice | HD95 | paper MVG | Painter | UniverSeg | nnU-Net |',
+                  '|---|---|---|---|---|---|---|---|']
+        for s in segmentation:
+            paper = paper_row(s['dataset'])
+            reported = ' | '.join(fmt(v, 2) for v in paper[2:]) if paper else '- | - | - | -'
+            lines.append(f"| {s['dataset']} | {s['cases']} | {fmt(s['dice'])} | {fmt(s['hd95'], 2)} | {reported} |")
+        lines += ['', '### Per class', '', '| dataset | class | Dice | HD95 | cases without HD95 |', '|---|---|---|---|---|']
+        for s in segmentation:
+            for c, v in s['classes'].items():
+                lines.append(f"| {s['dataset']} | {c} {v['name']} | {fmt(v['dice'])} | {fmt(v['hd95'], 2)} | "
+                             f"{v['hd95_undefined_cases']} |")
+    images = [s for s in summaries if s['task'] != 'segmentation']
+    if images:
+        lines += ['', f'## Image tasks (PSNR dB, exact = {metrics.PSNR_CAP:.0f}; SSIM 0-1)', '',
+                  '| dataset | task | cases | PSNR | SSIM | PSNR in region | SSIM in region | paper PSNR (approx.) |',
+                  '|---|---|---|---|---|---|---|---|']
+        for s in images:
+            lines.append(f"| {s['dataset']} | {s['task']} | {s['cases']} | {fmt(s.get('psnr'), 2)} | "
+                         f"{fmt(s.get('ssim'))} | {fmt(s.get('psnr_region'), 2)} | {fmt(s.get('ssim_region'))} | "
+                         f"{fmt(PAPER_IMAGE_PSNR.get(s['task']), 0)} |")
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.num_prompts < 1:
+        sys.exit('--num_prompts must be at least 1')
+    folders = [p for root in args.data_path for p in find_datasets(root)]
+    if args.datasets:
+        missing = sorted(set(args.datasets) - {os.path.basename(p) for p in folders})
+        if missing:
+            sys.exit(f"--datasets {missing} not found under {args.data_path}")
+        folders = [p for p in folders if os.path.basename(p) in args.datasets]
+    if not folders:
+        sys.exit(f"no prepared dataset (folder with manifest.json) under {args.data_path}")
+    model = load_model(args.checkpoint, args.model, args.input_size)
+    predictor = Predictor(model, device=args.device, precision=args.precision, batch_size=args.batch_size,
+                          label_encoding=args.label_encoding, num_prompts=args.num_prompts,
+                          ensemble=args.ensemble, seed=args.seed)
+    os.makedirs(os.path.join(args.output_dir, 'grids'), exist_ok=True)
+    summaries = []
+    for folder in folders:
+        summary = evaluate_dataset(args, predictor, PreparedDataset(folder), args.output_dir)
+        write_case_csv(args.output_dir, summary)
+        summaries.append(summary)
+    with open(os.path.join(args.output_dir, 'results.json'), 'w') as handle:
+        json.dump({'args': vars(args), 'datasets': summaries}, handle, indent=1)
+    table = markdown_tables(summaries)
+    with open(os.path.join(args.output_dir, 'results.md'), 'w') as handle:
+        handle.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
