@@ -36,6 +36,7 @@ import metrics
 from datasets.canvas import LABEL_ENCODINGS
 from datasets.manifest import PreparedDataset, find_datasets, read_png
 from inference import Predictor, inference_palette, load_model
+from masking_generator import TASKS
 
 CONTEXT_POLICIES = ('fixed', 'random', 'position', 'retrieval')
 THUMBNAIL = 16
@@ -65,6 +66,7 @@ def get_args_parser():
                    help='canvas size; default: the checkpoint\'s, else 896 448')
     p.add_argument('--data_path', nargs='+', required=True, help='prepared roots (folders of datasets)')
     p.add_argument('--datasets', nargs='*', default=None, help='only these dataset names')
+    p.add_argument('--tasks', nargs='*', default=None, choices=TASKS, help='only datasets of these tasks')
     p.add_argument('--output_dir', default='eval_output')
     p.add_argument('--context', default='position', choices=CONTEXT_POLICIES)
     p.add_argument('--num_prompts', type=int, default=1, help='context pairs per query')
@@ -342,16 +344,20 @@ def main(argv=None):
         if missing:
             sys.exit(f"--datasets {missing} not found under {args.data_path}")
         folders = [p for p in folders if os.path.basename(p) in args.datasets]
-    if not folders:
-        sys.exit(f"no prepared dataset (folder with manifest.json) under {args.data_path}")
+    datasets = [PreparedDataset(p) for p in folders]
+    if args.tasks:
+        datasets = [d for d in datasets if d.task in args.tasks]
+    if not datasets:
+        sys.exit(f"no prepared dataset (folder with manifest.json{' of tasks ' + str(args.tasks) if args.tasks else ''}) "
+                 f"under {args.data_path}")
     model = load_model(args.checkpoint, args.model, args.input_size)
     predictor = Predictor(model, device=args.device, precision=args.precision, batch_size=args.batch_size,
                           label_encoding=args.label_encoding, num_prompts=args.num_prompts,
                           ensemble=args.ensemble, seed=args.seed)
     os.makedirs(os.path.join(args.output_dir, 'grids'), exist_ok=True)
     summaries = []
-    for folder in folders:
-        summary = evaluate_dataset(args, predictor, PreparedDataset(folder), args.output_dir)
+    for dataset in datasets:
+        summary = evaluate_dataset(args, predictor, dataset, args.output_dir)
         write_case_csv(args.output_dir, summary)
         summaries.append(summary)
     with open(os.path.join(args.output_dir, 'results.json'), 'w') as handle:

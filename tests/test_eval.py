@@ -93,3 +93,20 @@ def test_few_shot_context_cases_and_errors(prepared):
     assert len(picker.cases) == 1
     with pytest.raises(SystemExit, match='not found'):
         main_eval.main(['--checkpoint', 'x', '--data_path', str(prepared), '--datasets', 'Nope'])
+
+
+def test_eval_script_runs_one_task_and_fails_loudly(prepared, tiny_checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+    script = os.path.join(os.path.dirname(main_eval.__file__), 'scripts', 'eval_seg.sh')
+    out = tmp_path / 'seg'
+    done = subprocess.run(['bash', script, str(tiny_checkpoint), str(prepared), str(out), '--grids', '0'],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    datasets = json.loads((out / 'results.json').read_text())['datasets']
+    assert [d['dataset'] for d in datasets] == ['ACDC']  # the segmentation datasets only
+    missing = subprocess.run(['bash', script, str(tmp_path / 'none.pth'), str(prepared)], capture_output=True,
+                             text=True, env=env)
+    assert missing.returncode == 2 and 'checkpoint not found' in missing.stderr

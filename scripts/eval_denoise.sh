@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Denoising table (PSNR, SSIM) of a checkpoint on the test splits of a prepared root.
+#   scripts/eval_denoise.sh CHECKPOINT PREPARED_ROOT [OUTPUT_DIR] [extra main_eval.py flags...]
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/eval_common.sh"
+run_eval denoising "$@"
