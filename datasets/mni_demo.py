@@ -70,3 +70,92 @@ def write_mni152_tissue_case(out_dir, case_id="mni152"):
     with open(os.path.join(out_dir, "dataset.json"), "w") as handle:
         json.dump(description, handle, indent=1)
     return image_path, label_path
+
+
+# ---------------------------------------------------------------- the README demo's datasets
+#
+# The one template volume is cut into axial slabs that serve as cases: slabs of SLAB_SLICES slices
+# separated by SLAB_GAP unused slices, every TEST_EVERY-th slab held out. No test slice then has a
+# training slice closer than SLAB_GAP + 1 slices, so neighbouring-slice leakage cannot inflate scores.
+
+SLAB_SLICES = 8
+SLAB_GAP = 6
+TEST_EVERY = 3
+DEMO_CLASS_NAMES = {0: "background", 1: "csf", 2: "grey matter", 3: "white matter"}
+CSF_QUANTILE = 0.35  # brain voxels darker than this T1 quantile and neither grey nor white: "CSF-ish"
+NOISE_FRACTION = 0.06  # Rician noise sigma as a fraction of the T1's 99th percentile
+
+
+def demo_tissue_labels(t1, grey_probability, white_probability):
+    """0 background, 1 CSF-ish, 2 grey matter, 3 white matter.
+
+    Grey and white matter as in `tissue_labels`. CSF-ish: inside the brain envelope (grey or white
+    probability above 0.1, holes filled slice by slice) where neither tissue wins and the T1 is
+    darker than its CSF_QUANTILE quantile over the envelope: ventricles and sulci."""
+    from scipy import ndimage
+    tissue = tissue_labels(grey_probability, white_probability)
+    envelope = (grey_probability + white_probability) > 0.1
+    envelope = np.stack([ndimage.binary_fill_holes(envelope[:, :, z]) for z in range(envelope.shape[2])], axis=2)
+    dark = t1 < np.quantile(t1[envelope], CSF_QUANTILE)
+    labels = np.where(tissue > 0, tissue + 1, 0).astype(np.uint8)
+    labels[envelope & dark & (tissue == 0)] = 1
+    return labels
+
+
+def rician_noise(volume, sigma, rng):
+    """Magnitude-MR noise: |volume + complex Gaussian noise|."""
+    real = volume + rng.normal(0.0, sigma, volume.shape)
+    imaginary = rng.normal(0.0, sigma, volume.shape)
+    return np.sqrt(real ** 2 + imaginary ** 2).astype(np.float32)
+
+
+def slab_ranges(labels):
+    """(first, last + 1) axial ranges of the slabs, over the slices that hold brain."""
+    with_brain = np.flatnonzero(labels.reshape(-1, labels.shape[2]).any(axis=0))
+    start, stop = int(with_brain[0]), int(with_brain[-1]) + 1
+    return [(z, z + SLAB_SLICES) for z in range(start, stop - SLAB_SLICES + 1, SLAB_SLICES + SLAB_GAP)]
+
+
+def _save_slab(path, volume, affine, header, z0, dtype):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ np.array([0, 0, z0]) + affine[:3, 3]  # the slab keeps its place
+    slab_header = header.copy()
+    slab_header.set_data_dtype(dtype)
+    slab_header.set_slope_inter(1.0, 0.0)
+    nib.save(nib.Nifti1Image(volume.astype(dtype), shifted, slab_header), path)
+
+
+def write_demo_sources(out_dir, seed=0):
+    """Writes the demo's two source datasets from the template and returns their folders:
+        <out_dir>/tissue/{imagesTr,labelsTr}/slabNN.nii.gz + dataset.json    (segmentation, MSD layout)
+        <out_dir>/denoise/{noisy,clean}/slabNN.nii.gz                          (Rician-noise denoising)
+        <out_dir>/test_cases.txt                                               (held-out slab ids)
+    """
+    t1_image, grey, white = (load_template(name) for name in ("t1", "gm", "wm"))
+    t1 = np.asarray(t1_image.dataobj, dtype=np.float32)
+    labels = demo_tissue_labels(t1, grey.get_fdata() / 255.0, white.get_fdata() / 255.0)
+    noisy = rician_noise(t1, NOISE_FRACTION * np.percentile(t1, 99), np.random.default_rng(seed))
+    tissue, denoise = os.path.join(out_dir, "tissue"), os.path.join(out_dir, "denoise")
+    test_ids = []
+    for number, (z0, z1) in enumerate(slab_ranges(labels)):
+        case_id = f"slab{number:02d}"
+        if number % TEST_EVERY == TEST_EVERY - 1:
+            test_ids.append(case_id)
+        block = slice(z0, z1)
+        _save_slab(os.path.join(tissue, "imagesTr", f"{case_id}.nii.gz"), t1[:, :, block], t1_image.affine,
+                   t1_image.header, z0, np.float32)
+        _save_slab(os.path.join(tissue, "labelsTr", f"{case_id}.nii.gz"), labels[:, :, block], t1_image.affine,
+                   t1_image.header, z0, np.uint8)
+        _save_slab(os.path.join(denoise, "noisy", f"{case_id}.nii.gz"), noisy[:, :, block], t1_image.affine,
+                   t1_image.header, z0, np.float32)
+        _save_slab(os.path.join(denoise, "clean", f"{case_id}.nii.gz"), t1[:, :, block], t1_image.affine,
+                   t1_image.header, z0, np.float32)
+    description = {"name": "MNI152 2009 tissue slabs", "modality": {"0": "MRI"}, "file_ending": ".nii.gz",
+                   "labels": {str(i): name for i, name in DEMO_CLASS_NAMES.items()}}
+    with open(os.path.join(tissue, "dataset.json"), "w") as handle:
+        json.dump(description, handle, indent=1)
+    test_cases = os.path.join(out_dir, "test_cases.txt")
+    with open(test_cases, "w") as handle:
+        handle.write("\n".join(test_ids) + "\n")
+    return tissue, denoise, test_cases

@@ -1,0 +1,73 @@
+"""Inference speed: query slices per second through Predictor.segment (canvas building, model, decoding).
+
+Queries and contexts are real MNI152 T1 slices with tissue labels (from the nilearn wheel) at 512x512,
+the size of prepared slices; the model has random weights (speed does not depend on them).
+
+    python bench/bench_inference.py --models mvg_vit_tiny_patch16 mvg_vit_base_patch16 --slices 8
+    python bench/bench_inference.py --models mvg_vit_large_patch16 --device cuda --precision bf16 --slices 256
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from datasets.mni_demo import load_template, tissue_labels  # noqa: E402
+from inference import Predictor  # noqa: E402
+from models_mvg import MODELS, create_model  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--models', nargs='+', default=['mvg_vit_tiny_patch16', 'mvg_vit_base_patch16'], choices=sorted(MODELS))
+    p.add_argument('--input_size', type=int, nargs=2, default=(896, 448), metavar=('H', 'W'))
+    p.add_argument('--slices', type=int, default=8, help='query slices timed per model')
+    p.add_argument('--batch_size', type=int, default=4)
+    p.add_argument('--num_prompts', type=int, default=1)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    return p.parse_args(argv)
+
+
+def mni_slices(count):
+    """(image, label) pairs of axial MNI152 slices at 512x512, spread over the brain."""
+    t1 = np.asarray(load_template('t1').dataobj, dtype=np.float32)
+    labels = tissue_labels(np.asarray(load_template('gm').dataobj) / 255.0, np.asarray(load_template('wm').dataobj) / 255.0)
+    t1 = (255 * (t1 - t1.min()) / (t1.max() - t1.min())).astype(np.uint8)
+    pairs = []
+    for z in np.linspace(60, 130, count).round().astype(int):
+        image = Image.fromarray(np.flipud(t1[:, :, z].T)).resize((512, 512), Image.BILINEAR)
+        label = Image.fromarray(np.flipud(labels[:, :, z].T)).resize((512, 512), Image.NEAREST)
+        pairs.append((np.asarray(image), np.asarray(label)))
+    return pairs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    pairs = mni_slices(args.slices + args.num_prompts)
+    contexts = pairs[:args.num_prompts]
+    queries = [image for image, _ in pairs[args.num_prompts:]]
+    print(f'{args.slices} query slices of 512x512, canvas {args.input_size[0]}x{args.input_size[1]}, '
+          f'{args.num_prompts} prompt(s), batch {args.batch_size}, {args.device}, {args.precision}')
+    print('| model | slices/s | ms per slice |')
+    print('|---|---|---|')
+    for name in args.models:
+        predictor = Predictor(create_model(name, input_size=args.input_size), device=args.device,
+                              precision=args.precision, batch_size=args.batch_size, num_prompts=args.num_prompts)
+        predictor.segment(contexts, queries[:args.batch_size])  # warm-up
+        if args.device.startswith('cuda'):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        predictor.segment(contexts, queries)
+        if args.device.startswith('cuda'):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        print(f'| {name} | {args.slices / seconds:.2f} | {1000 * seconds / args.slices:.0f} |')
+
+
+if __name__ == '__main__':
+    main()
