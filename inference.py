@@ -48,6 +48,8 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, input_size: Op
     if not model_name:
         raise ValueError(f"{checkpoint}: does not name its model; pass the model name (e.g. --model mvg_vit_large_patch16)")
     input_size = tuple(input_size or saved.get('input_size') or (896, 448))
+    if saved.get('depth') and 'depth' not in model_kwargs:  # a depth other than the factory's
+        model_kwargs['depth'] = saved['depth']
     model = create_model(model_name, input_size=input_size, **model_kwargs)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:

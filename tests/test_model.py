@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models_mvg import (
     AUTHORS_MIN_VISIBLE_TARGET, MODELS, MVG, create_model, default_out_indices, mvg_vit_large_patch16,
