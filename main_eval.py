@@ -72,7 +72,7 @@ def get_args_parser():
     p.add_argument('--num_prompts', type=int, default=1, help='context pairs per query')
     p.add_argument('--ensemble', default='features', choices=['features', 'outputs', 'both'])
     p.add_argument('--context_cases', type=int, default=0,
-                   help='draw contexts from only this many training cases (few-shot); 0: all')
+                   help='draw contexts from only the first k training cases in sorted order (few-shot); 0: all')
     p.add_argument('--label_encoding', default='random_colors', choices=LABEL_ENCODINGS)
     p.add_argument('--max_cases', type=int, default=0, help='evaluate at most this many test cases per dataset')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -104,9 +104,8 @@ class ContextPicker:
     def __init__(self, dataset: PreparedDataset, policy: str, k: int, seed: int, context_cases: int = 0):
         self.dataset, self.policy, self.k, self.seed = dataset, policy, k, seed
         cases = dataset.case_ids('train')
-        if context_cases:
-            rng = np.random.default_rng(seed)
-            cases = sorted(rng.choice(cases, size=min(context_cases, len(cases)), replace=False).tolist())
+        if context_cases:  # the first k in sorted order: the cases a mixture's num_cases trains on
+            cases = cases[:context_cases]
         self.cases = [c for c in cases if dataset.slice_indices(c)]
         if not self.cases:
             raise ValueError(f"{dataset.name}: no training case with slices to take contexts from")

@@ -53,12 +53,14 @@ class MixtureEntry:
                     "slices" a multiplier of its number of slices (the authors' list repetition)
     case_fraction   use only this fraction of the training cases (the first ones in sorted order)
     case_stride     use every n-th training case
+    num_cases       use only the first n training cases in sorted order, after the stride (few-shot)
     swap_prob       synthesis: probability that input and target swap roles (both directions)
     """
     path: str
     weight: float = 1.0
     case_fraction: float = 1.0
     case_stride: int = 1
+    num_cases: int = 0
     swap_prob: Optional[float] = None
 
 
@@ -129,6 +131,8 @@ def _build_source(entry: MixtureEntry, split: str) -> _Source:
         raise ValueError(f"{entry.path}: case_fraction must be in (0, 1] and case_stride >= 1")
     cases = cases[::entry.case_stride]
     cases = cases[:max(1, int(round(len(cases) * entry.case_fraction)))] if cases else cases
+    if entry.num_cases:
+        cases = cases[:entry.num_cases]
     slice_paths = {}
     for case in cases:
         pairs = [(dataset.slice_path(dataset.input_folder, case, i), dataset.slice_path(dataset.target_folder, case, i))

@@ -180,6 +180,8 @@ def test_mixture_file_case_subsets_and_errors(prepared, tmp_path):
     data = dataset(prepared, mixture=load_mixture(str(tmp_path / "mix.json")))
     assert [len(s.cases) for s in data.sources] == [2, 1]
     assert data.sources[0].cases == ["c0", "c2"]
+    few = dataset(prepared, mixture=Mixture([MixtureEntry(str(prepared / "Seg"), num_cases=2)]))
+    assert few.sources[0].cases == ["c0", "c1"]
     (tmp_path / "bad.json").write_text(json.dumps({"datasets": [{"path": "x", "colour": 1}]}))
     with pytest.raises(ValueError, match="colour"):
         load_mixture(str(tmp_path / "bad.json"))

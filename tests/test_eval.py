@@ -90,7 +90,7 @@ def test_context_policies_use_training_cases_and_are_seeded(prepared, policy):
 def test_few_shot_context_cases_and_errors(prepared):
     dataset = PreparedDataset(str(prepared / 'ACDC'))
     picker = main_eval.ContextPicker(dataset, 'random', k=1, seed=0, context_cases=1)
-    assert len(picker.cases) == 1
+    assert picker.cases == dataset.case_ids('train')[:1]
     with pytest.raises(SystemExit, match='not found'):
         main_eval.main(['--checkpoint', 'x', '--data_path', str(prepared), '--datasets', 'Nope'])
 
