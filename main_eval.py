@@ -79,6 +79,9 @@ def get_args_parser():
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--batch_size', type=int, default=8, help='queries per forward')
     p.add_argument('--grids', type=int, default=4, help='visual grids saved per dataset')
+    p.add_argument('--baselines', action='store_true',
+                   help='also score simple baselines on the same queries and contexts: copy the context label '
+                        'and a nearest class-mean intensity classifier (segmentation), the input itself (image tasks)')
     p.add_argument('--save_predictions', action='store_true',
                    help='also write predicted slices as PNG under <output_dir>/predictions/<dataset>/<case>/')
     p.add_argument('--seed', type=int, default=0)
@@ -216,6 +219,8 @@ def evaluate_dataset(args, predictor: Predictor, dataset: PreparedDataset, out_d
     mask_folder = next((f for f, kind in dataset.folders.items() if kind == 'mask'), None)
     read = lru_cache(maxsize=4096)(read_png)
     cases, grids_left = {}, args.grids
+    baselines = Baselines(dataset, picker, read) if args.baselines else None
+    baseline_cases = {}
     for case_id in tqdm(test_cases, desc=dataset.name):
         indices = dataset.slice_indices(case_id)
         queries = [read(dataset.slice_path(dataset.input_folder, case_id, i)) for i in indices]
@@ -230,12 +235,51 @@ def evaluate_dataset(args, predictor: Predictor, dataset: PreparedDataset, out_d
         cases[case_id]['contexts'] = {str(i): [list(p) for p in picks] for i, picks in zip(indices, chosen)}
         if args.save_predictions:
             save_predictions(out_dir, dataset, case_id, indices, preds)
+        for name, baseline_preds in (baselines.predict(queries, contexts) if baselines else {}).items():
+            baseline_cases.setdefault(name, {})[case_id] = score_case(dataset, case_id, baseline_preds, truths,
+                                                                      class_ids, masks)
         shown = np.unique(np.linspace(0, len(indices) - 1, num=min(grids_left, len(indices))).round().astype(int))
         for j in shown:
             grid = grid_picture(dataset, contexts[j][0], queries[j], preds[j], truths[j], class_ids)
             grid.save(os.path.join(out_dir, 'grids', f'{dataset.name}_{case_id}_{indices[j]}.png'))
         grids_left -= len(shown)
-    return summarise(dataset, cases, class_ids)
+    summary = summarise(dataset, cases, class_ids)
+    summary['baselines'] = {name: {k: v for k, v in summarise(dataset, results, class_ids).items() if k != 'per_case'}
+                            for name, results in baseline_cases.items()}
+    return summary
+
+
+class Baselines:
+    """What a method must beat, on the same queries and contexts as the model.
+
+    copy_context  the first context label, resized to the query (segmentation)
+    intensity     each pixel takes the class whose mean intensity on training slices is nearest
+                  (segmentation; fitted on at most 200 training slices)
+    identity      the query input itself as the prediction (image tasks)
+    """
+
+    def __init__(self, dataset: PreparedDataset, picker: 'ContextPicker', read):
+        self.segmentation = dataset.task == 'segmentation'
+        self.class_of_grey = None
+        if self.segmentation:
+            rng = np.random.default_rng(0)
+            pool = [picker.pool[i] for i in rng.permutation(len(picker.pool))[:200]]
+            sums, counts = np.zeros(2 ** 16), np.zeros(2 ** 16)
+            for case, index in pool:
+                image = read(dataset.slice_path(dataset.input_folder, case, index)).astype(np.float64)
+                label = read(dataset.slice_path(dataset.target_folder, case, index)).astype(np.int64)
+                sums += np.bincount(label.ravel(), weights=image.ravel(), minlength=2 ** 16)
+                counts += np.bincount(label.ravel(), minlength=2 ** 16)
+            present = np.flatnonzero(counts)
+            means = sums[present] / counts[present]
+            self.class_of_grey = present[np.abs(np.arange(256)[:, None] - means[None]).argmin(axis=1)]
+
+    def predict(self, queries, contexts) -> dict:
+        if not self.segmentation:
+            return {'identity': queries}
+        copied = [np.asarray(Image.fromarray(pairs[0][1]).resize(q.shape[::-1], Image.NEAREST))
+                  for q, pairs in zip(queries, contexts)]
+        return {'copy_context': copied, 'intensity': [self.class_of_grey[q] for q in queries]}
 
 
 def save_predictions(out_dir, dataset, case_id, indices, preds):
@@ -316,11 +360,16 @@ def markdown_tables(summaries: list) -> str:
             paper = paper_row(s['dataset'])
             reported = ' | '.join(fmt(v, 2) for v in paper[2:]) if paper else '- | - | - | -'
             lines.append(f"| {s['dataset']} | {s['cases']} | {fmt(s['dice'])} | {fmt(s['hd95'], 2)} | {reported} |")
+            for name, b in s.get('baselines', {}).items():
+                lines.append(f"| {s['dataset']}: baseline {name} | {b['cases']} | {fmt(b['dice'])} | "
+                             f"{fmt(b['hd95'], 2)} | - | - | - | - |")
         lines += ['', '### Per class', '', '| dataset | class | Dice | HD95 | cases without HD95 |', '|---|---|---|---|---|']
         for s in segmentation:
-            for c, v in s['classes'].items():
-                lines.append(f"| {s['dataset']} | {c} {v['name']} | {fmt(v['dice'])} | {fmt(v['hd95'], 2)} | "
-                             f"{v['hd95_undefined_cases']} |")
+            for label, classes in [(s['dataset'], s['classes'])] + [
+                    (f"{s['dataset']}: baseline {name}", b['classes']) for name, b in s.get('baselines', {}).items()]:
+                for c, v in classes.items():
+                    lines.append(f"| {label} | {c} {v['name']} | {fmt(v['dice'])} | {fmt(v['hd95'], 2)} | "
+                                 f"{v['hd95_undefined_cases']} |")
     images = [s for s in summaries if s['task'] != 'segmentation']
     if images:
         lines += ['', f'## Image tasks (PSNR dB, exact = {metrics.PSNR_CAP:.0f}; SSIM 0-1)', '',
@@ -330,6 +379,9 @@ def markdown_tables(summaries: list) -> str:
             lines.append(f"| {s['dataset']} | {s['task']} | {s['cases']} | {fmt(s.get('psnr'), 2)} | "
                          f"{fmt(s.get('ssim'))} | {fmt(s.get('psnr_region'), 2)} | {fmt(s.get('ssim_region'))} | "
                          f"{fmt(PAPER_IMAGE_PSNR.get(s['task']), 0)} |")
+            for name, b in s.get('baselines', {}).items():
+                lines.append(f"| {s['dataset']}: baseline {name} | {s['task']} | {b['cases']} | {fmt(b.get('psnr'), 2)} | "
+                             f"{fmt(b.get('ssim'))} | {fmt(b.get('psnr_region'), 2)} | {fmt(b.get('ssim_region'))} | - |")
     return '\n'.join(lines) + '\n'
 
 

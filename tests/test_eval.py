@@ -66,11 +66,16 @@ def test_eval_end_to_end_with_a_random_tiny_model(prepared, tiny_checkpoint, tmp
 def test_a_perfect_model_scores_dice_one(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(main_eval, 'load_model', lambda *args, **kwargs: CopyContextModel())
     out = tmp_path / 'eval'
-    main_eval.main(['--checkpoint', 'unused', '--data_path', str(prepared), '--datasets', 'ACDC', '--output_dir',
-                    str(out), '--context', 'retrieval', '--num_prompts', '2'])
-    acdc = json.loads((out / 'results.json').read_text())['datasets'][0]
+    main_eval.main(['--checkpoint', 'unused', '--data_path', str(prepared), '--output_dir',
+                    str(out), '--context', 'retrieval', '--num_prompts', '2', '--baselines'])
+    acdc, ldct = json.loads((out / 'results.json').read_text())['datasets']
     assert acdc['dice'] > 0.95  # every case has the same two-class layout; only resizing blurs edges
     assert acdc['hd95'] <= 1.5  # mm, spacing 1 mm at 40 px
+    # Copying the context label is exactly right here; intensities are noise, so the classifier is not.
+    assert acdc['baselines']['copy_context']['dice'] == 1.0
+    assert acdc['baselines']['intensity']['dice'] < 0.8
+    assert set(ldct['baselines']) == {'identity'} and ldct['baselines']['identity']['psnr'] > 0
+    assert 'ACDC: baseline copy_context | 2 | 1.000' in (out / 'results.md').read_text()
 
 
 @pytest.mark.parametrize('policy', main_eval.CONTEXT_POLICIES)
