@@ -168,11 +168,12 @@ class MVG(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
-        """Layer groups for layer-wise lr decay: embeddings first, one group per block, then the
-        final norm and the decoder together at the top (full learning rate)."""
+        """Layer groups for layer-wise lr decay, as MAE/BEiT assign them: the patch and position
+        embeddings lowest, one group per block, and a top group above the last block (full learning
+        rate) for everything new in MVG: the final norm, the decoder, the mask and segment tokens."""
         return dict(
-            stem=r'^pos_embed|^patch_embed|^mask_token|^segment_token',
-            blocks=[(r'^blocks\.(\d+)', None), (r'^norm|^decoder', (99999,))],
+            stem=r'^pos_embed|^patch_embed',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm|^decoder|^mask_token|^segment_token', (99998,))],
         )
 
     # ----------------------------------------------------------------------------------------------

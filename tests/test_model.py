@@ -335,3 +335,23 @@ def test_prompt_ensembles():
         model.predict(imgs, tgts, num_prompts=2)
     with pytest.raises(ValueError, match='ensemble'):
         model.predict(imgs, tgts, num_prompts=3, ensemble='vote')
+
+
+def test_layer_decay_groups_follow_mae():
+    """Embeddings lowest, block i at decay^(depth - i), everything new in MVG at the full rate."""
+    from timm.optim import param_groups_layer_decay
+    model = tiny()
+    groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=0.8)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g['lr_scale'] for g in groups for p in g['params']}
+    decay = {names[id(p)]: g['weight_decay'] for g in groups for p in g['params']}
+    assert math.isclose(scale['pos_embed'], 0.8 ** 5) and math.isclose(scale['patch_embed.proj.weight'], 0.8 ** 5)
+    for i in range(4):
+        assert math.isclose(scale[f'blocks.{i}.attn.qkv.weight'], 0.8 ** (4 - i))
+    for name in ('mask_token', 'segment_token_x', 'segment_token_y', 'norm.weight', 'decoder_embed.weight',
+                 'decoder_pred.0.weight'):
+        assert scale[name] == 1.0, name
+    assert decay['blocks.0.attn.qkv.weight'] == 0.05 and decay['blocks.0.attn.qkv.bias'] == 0.0
+    assert decay['pos_embed'] == decay['mask_token'] == decay['segment_token_x'] == decay['norm.weight'] == 0.0
+    assert decay['blocks.0.attn.rel_pos_h'] == 0.05  # a 2D table: decayed, as in the authors' grouping

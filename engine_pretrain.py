@@ -1,0 +1,266 @@
+"""One epoch of MVG training: the optimisation loop, its metrics and its mid-epoch checkpoints.
+
+A step is `accum_iter` micro-batches followed by one optimizer update; the data position, the lr
+schedule and checkpoints all count in steps, and a checkpoint is only ever taken between steps.
+"""
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from masking_generator import TASKS
+from util.lr_sched import set_lr
+from util.misc import MetricLogger, all_reduce_sum, print0, warn0
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+    epoch: int = 0
+    step_in_epoch: int = 0      # optimizer steps of `epoch` already done
+    global_step: int = 0        # optimizer steps since the start of training, skipped ones included
+    skipped_steps: int = 0      # steps whose loss or gradient was not finite (no update)
+    consecutive_skips: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The MVG module inside torch.compile and DistributedDataParallel wrappers (or the model itself)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def _no_sync(model, sync: bool):
+    """DDP's no_sync() on micro-steps that only accumulate; a no-op outside DDP."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+@torch.no_grad()
+def per_sample_loss(model, pred, tgts, mask, valid):
+    """Each sample's own loss, with the model's smooth-L1, weights and normalisation.
+
+    Returns (loss (N,), counted (N,) bool); a sample with no weight (e.g. dropped by
+    min_visible_target) or a non-finite loss is not counted.
+    """
+    pred = model.unpatchify(pred.float())
+    grid = (tgts.shape[2] // model.patch_size, tgts.shape[3] // model.patch_size)
+    pixel_mask = model.pixel_mask(mask, grid)
+    weight = pixel_mask * valid.float()
+    if model.min_visible_target > 0:
+        keep = model.visible_target_mean(tgts, pixel_mask) >= model.min_visible_target
+        weight = weight * keep.float().view(-1, 1, 1, 1)
+    loss = F.smooth_l1_loss(pred, tgts.float(), reduction="none", beta=model.loss_beta)
+    total_weight = weight.sum(dim=(1, 2, 3)) * pred.shape[1]
+    per_sample = (loss * weight).sum(dim=(1, 2, 3)) / (total_weight + 1e-2)
+    return per_sample, (total_weight > 0) & torch.isfinite(per_sample)
+
+
+class GroupedLoss:
+    """Loss sums and counts per task and per dataset, kept on the device until logged, so that
+    collecting them costs no synchronisation per step."""
+
+    def __init__(self, num_datasets: int, device):
+        self.sums = torch.zeros(2, max(len(TASKS), num_datasets), dtype=torch.float64, device=device)
+        self.counts = torch.zeros_like(self.sums)
+
+    def add(self, losses, counted, tasks, datasets):
+        losses, counted = torch.where(counted, losses.double(), 0.0), counted.double()
+        for row, ids in enumerate((tasks, datasets)):
+            self.sums[row].index_add_(0, ids, losses)
+            self.counts[row].index_add_(0, ids, counted)
+
+    def collect(self, dataset_names) -> dict:
+        """Means over all ranks since the last call, as {"loss_task/<task>": v, "loss_dataset/<name>": v}."""
+        both = all_reduce_sum(torch.stack([self.sums, self.counts])).tolist()
+        self.sums.zero_()
+        self.counts.zero_()
+        means = {}
+        for row, (prefix, names) in enumerate((("loss_task", TASKS), ("loss_dataset", dataset_names))):
+            for i, name in enumerate(names):
+                if both[1][row][i] > 0:
+                    means[f"{prefix}/{name}"] = both[0][row][i] / both[1][row][i]
+        return means
+
+
+def visual_grid(model, batch, pred, mask, rows: int = 4) -> torch.Tensor:
+    """(3, rows*H, 4*W) in [0, 1]: per sample, image canvas | target with the mask in grey |
+    prediction | ground truth."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+
+    def pictures(x):
+        return (x[:rows].detach().float().cpu() * std + mean).clamp(0, 1)
+
+    imgs, tgts = pictures(batch["imgs"]), pictures(batch["tgts"])
+    grid = (tgts.shape[2] // model.patch_size, tgts.shape[3] // model.patch_size)
+    hidden = model.pixel_mask(mask[:rows].cpu(), grid)
+    masked = tgts * (1 - hidden) + 0.5 * hidden
+    prediction = pictures(model.unpatchify(pred[:rows].detach().float()))
+    panels = torch.cat([imgs, masked, prediction, tgts], dim=3)  # side by side
+    return torch.cat(list(panels), dim=1)  # samples stacked top to bottom
+
+
+def forward_backward(model, batches, scaler, autocast, accum: int, grouped: GroupedLoss):
+    """accum micro-batches of forward and backward; DDP all-reduces gradients on the last one.
+
+    Returns (mean loss as a device tensor, seconds spent waiting for data, the last micro-batch
+    with its prediction and mask for pictures).
+    """
+    mvg = unwrap(model)
+    device = next(mvg.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    data_time = 0.0
+    for micro in range(accum):
+        fetch_start = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        data_time += time.perf_counter() - fetch_start
+        with _no_sync(model, sync=micro == accum - 1):
+            with autocast:
+                loss, pred, mask = model(batch["imgs"], batch["tgts"], batch["mask"], batch["valid"])
+            scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach().float()
+        grouped.add(*per_sample_loss(mvg, pred, batch["tgts"], mask, batch["valid"]),
+                    batch["task"], batch["dataset"])
+    return loss_sum / accum, data_time, (batch, pred, mask)
+
+
+def gradient_norm(scaler, optimizer, parameters, clip_grad):
+    """The total gradient norm after unscaling (always measured), clipping to clip_grad if set."""
+    scaler.unscale_(optimizer)
+    if clip_grad:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+def agree_across_ranks(loss, grad_norm, stop_requested: bool, world_size: int):
+    """(mean loss, grad norm, whether any rank wants to stop), the same on every rank: one small
+    all-reduce per step, so every rank takes the same skip and stop decisions."""
+    stop = torch.tensor(float(stop_requested), device=loss.device)
+    total = all_reduce_sum(torch.stack([loss, grad_norm.float(), stop])).tolist()
+    return total[0] / world_size, total[1] / world_size, total[2] > 0
+
+
+def log_window(metrics, grouped, epoch_groups, progress, steps_per_epoch, global_batch, dataset_names,
+               writer):
+    """The progress line and TensorBoard scalars for the steps since the last call."""
+    window = grouped.collect(dataset_names)
+    for name, value in window.items():
+        total = epoch_groups.setdefault(name, [0.0, 0])
+        total[0] += value
+        total[1] += 1
+    print0(metrics.progress_line(f"Epoch [{progress.epoch}]", progress.step_in_epoch, steps_per_epoch,
+                                 global_batch, progress.skipped_steps))
+    if writer is not None:
+        meters = metrics.meters
+        writer.scalars({"loss": meters["loss"].avg, "lr": meters["lr"].value, "grad_norm": meters["grad_norm"].avg,
+                        "samples_per_s": global_batch / meters["step_time"].avg,
+                        "data_time": meters["data_time"].avg, "skipped_steps": progress.skipped_steps,
+                        **window}, progress.global_step)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, lr_schedule,
+                    dataset_names, writer=None, save_last=None, stop_requested=lambda: False) -> dict:
+    """Runs the loader to its end (or until a stop), updating `progress` after every step.
+
+    model            the (possibly DDP- and compile-wrapped) model
+    loader           yields len(loader) micro-batches, a multiple of args.accum_iter, starting at
+                     progress.step_in_epoch of the epoch
+    lr_schedule      global step -> lr
+    writer           rank 0's RunLogger, or None
+    save_last        collective callable writing checkpoint-last.pth
+    stop_requested   -> bool, e.g. a signal was received; honoured at the next step on all ranks
+    Returns the epoch's averages, and "stop": whether training should end after this (a signal or
+    --stop_after_steps); if that happened before the epoch's last step, checkpoint-last.pth is saved.
+    """
+    model.train()
+    mvg = unwrap(model)
+    parameters = [p for p in mvg.parameters() if p.requires_grad]
+    autocast = torch.autocast(next(mvg.parameters()).device.type, dtype=DTYPES[args.precision],
+                              enabled=args.precision != "fp32")
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    global_batch = args.batch_size * args.accum_iter * world_size
+    steps = len(loader) // args.accum_iter
+    steps_per_epoch = progress.step_in_epoch + steps
+
+    metrics = MetricLogger(window=args.print_freq)
+    grouped = GroupedLoss(len(dataset_names), next(mvg.parameters()).device)
+    epoch_groups = {}  # name -> [sum of window means, windows], for the epoch's per-task losses
+    skipped_before = progress.skipped_steps
+    batches = iter(loader)
+    step_start = time.perf_counter()
+    stop = False
+
+    for _ in range(steps):
+        lr = lr_schedule(progress.global_step)
+        set_lr(optimizer, lr)
+        loss, data_time, (batch, pred, mask) = forward_backward(model, batches, scaler, autocast,
+                                                                args.accum_iter, grouped)
+        grad_norm = gradient_norm(scaler, optimizer, parameters, args.clip_grad)
+        loss, grad_norm, signalled = agree_across_ranks(loss, grad_norm, stop_requested(), world_size)
+
+        # A non-finite loss or gradient leaves the weights and optimizer state untouched.
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            scaler.step(optimizer)
+            progress.consecutive_skips = 0
+        else:
+            progress.skipped_steps += 1
+            progress.consecutive_skips += 1
+            warn0(f"step {progress.global_step}: non-finite loss {loss} or grad norm {grad_norm}; update "
+                  f"skipped ({progress.consecutive_skips} in a row, {progress.skipped_steps} in all)")
+        scaler.update()  # with fp16, an overflow lowers the loss scale
+        optimizer.zero_grad(set_to_none=True)
+        progress.global_step += 1
+        progress.step_in_epoch += 1
+        step = progress.global_step
+
+        now = time.perf_counter()
+        metrics.update(step_time=now - step_start, data_time=data_time, lr=lr)
+        metrics.update(**{name: value for name, value in (("loss", loss), ("grad_norm", grad_norm))
+                          if math.isfinite(value)})
+        step_start = now
+        if step % args.print_freq == 0 or progress.step_in_epoch == steps_per_epoch:
+            log_window(metrics, grouped, epoch_groups, progress, steps_per_epoch, global_batch,
+                       dataset_names, writer)
+        if writer is not None and args.vis_every_steps and step % args.vis_every_steps == 0:
+            writer.image("canvas: image | masked target | prediction | target",
+                         visual_grid(mvg, batch, pred, mask), step)
+
+        if progress.consecutive_skips >= args.max_nonfinite_steps:
+            if save_last is not None:
+                save_last()
+            raise NonFiniteError(
+                f"{progress.consecutive_skips} consecutive steps had a non-finite loss or gradient (up to "
+                f"step {step}); stopping. The weights are those of the last good step and were saved to "
+                f"checkpoint-last.pth; lower --lr, set --clip_grad or check the data, then --auto_resume.")
+        stop = signalled or bool(args.stop_after_steps and step >= args.stop_after_steps)
+        at_epoch_end = progress.step_in_epoch == steps_per_epoch  # the caller saves there
+        if save_last is not None and not at_epoch_end and (
+                stop or (args.save_every_steps and step % args.save_every_steps == 0)):
+            save_last()
+        if stop:
+            print0(f"stopping after step {step} ({'signal' if signalled else '--stop_after_steps'}); "
+                   "checkpoint-last.pth holds the position")
+            break
+
+    stats = metrics.averages()
+    stats.update({name: total / count for name, (total, count) in epoch_groups.items()})
+    stats["lr"] = metrics.meters["lr"].value
+    stats["samples_per_s"] = global_batch / stats.pop("step_time")
+    stats["skipped_steps"] = progress.skipped_steps - skipped_before
+    stats["steps"] = metrics.meters["step_time"].count
+    stats["stop"] = stop
+    return stats

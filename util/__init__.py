@@ -1,0 +1,1 @@
+"""Training utilities: distributed setup and logging (misc), checkpoints (checkpoint), lr schedule."""

@@ -1,0 +1,279 @@
+"""Checkpoints: atomic writes, RNG capture, finding the latest valid one, pruning, and loading
+pretrained weights (MAE, timm ViT, Painter / MVG) with a report of what went where.
+
+A training checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+torch.load(..., weights_only=True):
+    model, optimizer, scaler     state dicts
+    epoch, step_in_epoch         where to continue: `step_in_epoch` optimizer steps of `epoch` are done
+    global_step, skipped_steps, consecutive_skips
+    global_batch, world_size     to check that a resumed run reads the data the same way
+    rng                          one RNG state dict per rank (torch, cuda, numpy, python)
+    args                         the command line as a dict
+"""
+import argparse
+import glob
+import math
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+
+from util.misc import all_gather_objects, is_main_process, warn0
+
+LAST = "checkpoint-last.pth"
+NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
+REQUIRED_KEYS = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "args")
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a crash
+    at any moment leaves either the old file or the new one, never a torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # The rename itself lives in the folder's metadata.
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(folder_fd)
+    finally:
+        os.close(folder_fd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# random number generators
+
+
+def capture_rng() -> dict:
+    """This process's RNG states as tensors and plain Python values (weights_only-loadable)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": numpy_state,
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = dict(numpy_state["state"], key=numpy_state["state"]["key"].numpy().astype(np.uint32))
+    np.random.set_state(numpy_state)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ---------------------------------------------------------------------------------------------------
+# training checkpoints
+
+
+def save_training_state(path: str, model, optimizer, scaler, progress, args_dict: dict,
+                        global_batch: int, world_size: int):
+    """Collective: every rank contributes its RNG state; rank 0 writes the file."""
+    rng_states = all_gather_objects(capture_rng())
+    if not is_main_process():
+        return
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        **progress.as_dict(),
+        "global_batch": global_batch,
+        "world_size": world_size,
+        "rng": rng_states,
+        "args": args_dict,
+    }
+    atomic_save(state, path)
+
+
+def load_training_state(path: str) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint of this project (missing {missing})")
+    return state
+
+
+def find_latest_valid(output_dir: str):
+    """(path, state) of the newest checkpoint in output_dir that loads, or (None, None).
+
+    Newest by modification time; a file that fails to load (e.g. truncated by a crash of an
+    older, non-atomic writer, or a full disk) is skipped with a warning.
+    """
+    paths = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))
+             if os.path.basename(p) == LAST or NUMBERED.match(os.path.basename(p))]
+    paths.sort(key=lambda p: (os.path.getmtime(p), os.path.basename(p) == LAST), reverse=True)
+    for path in paths:
+        try:
+            return path, load_training_state(path)
+        except Exception as error:  # any unreadable file: fall back to an older one
+            warn0(f"skipping checkpoint {path}: it does not load ({type(error).__name__}: {error})")
+    return None, None
+
+
+def prune_numbered(output_dir: str, keep: int):
+    """Deletes all but the `keep` highest-numbered checkpoint-{epoch}.pth (keep <= 0: keep all)."""
+    if keep <= 0:
+        return
+    numbered = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
+                      if (m := NUMBERED.match(name)))
+    for _, name in numbered[:-keep]:
+        os.remove(os.path.join(output_dir, name))
+
+
+# ---------------------------------------------------------------------------------------------------
+# pretrained weights
+
+
+# Keys of MAE / timm ViT checkpoints with no counterpart in MVG (or a different meaning): skipped
+# silently when they do not fit. MAE's decoder_embed / decoder_pred / mask_token share our names but
+# belong to its 512-wide pixel decoder.
+FOREIGN_KEYS = re.compile(r"^(cls_token|dist_token|reg_token|mask_token|decoder_.*|head\..*|fc_norm\..*)$")
+# Our keys that a ViT checkpoint cannot hold; they keep their initialisation.
+MVG_ONLY_KEYS = re.compile(
+    r"^(mask_token|segment_token_[xy]|blocks\.\d+\.attn\.rel_pos_[hw]|decoder_(embed|pred)\..*)$")
+
+
+@dataclass
+class LoadReport:
+    loaded: list = field(default_factory=list)     # names copied as they are
+    adapted: list = field(default_factory=list)    # (name, checkpoint shape, model shape) resampled
+    skipped: list = field(default_factory=list)    # (name, reason) expected not to fit
+    missing: list = field(default_factory=list)    # model names the checkpoint lacks (kept as initialised)
+    unexpected: list = field(default_factory=list)  # (name, reason) that should have loaded but did not
+
+    def summary(self) -> str:
+        def names(items):
+            keys = [item[0] if isinstance(item, tuple) else item for item in items]
+            # blocks.0.x ... blocks.23.x -> "blocks.*.x (x24)", so the report stays readable.
+            counts = {}
+            for key in keys:
+                pattern = re.sub(r"^blocks\.\d+\.", "blocks.*.", key)
+                counts[pattern] = counts.get(pattern, 0) + 1
+            return ", ".join(k if n == 1 else f"{k} (x{n})" for k, n in counts.items()) or "-"
+        adapted = ", ".join(f"{k} {list(a)}->{list(b)}" for k, a, b in self.adapted) or "-"
+        return (f"loaded {len(self.loaded)} tensors; adapted {len(self.adapted)}: {adapted}\n"
+                f"  skipped {len(self.skipped)}: {names(self.skipped)}\n"
+                f"  missing (kept as initialised) {len(self.missing)}: {names(self.missing)}\n"
+                f"  unexpected {len(self.unexpected)}: "
+                + ("; ".join(f"{k} ({why})" for k, why in self.unexpected) or "-"))
+
+
+def _load_weights_only(path: str):
+    """torch.load(weights_only=True), also accepting the argparse.Namespace that MAE's and the
+    authors' training checkpoints pickle next to the weights (only that class is allowed)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _strip_prefixes(state: dict) -> dict:
+    """Drops the wrappers' prefixes: 'module.' (DDP) and '_orig_mod.' (torch.compile)."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in state.items()}
+
+
+def _state_dict_of(checkpoint) -> dict:
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint  # a bare state dict, as timm saves
+
+
+def _resample_pos_embed(pos: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A (1, prefix + side^2, D) embedding onto our (1, prefix' + side'^2, D) layout (bicubic)."""
+    def layout(n):
+        side = math.isqrt(n)
+        return side, n - side * side
+    side, prefix = layout(pos.shape[1])
+    new_side, new_prefix = layout(shape[1])
+    if prefix > 1 or new_prefix > 1 or pos.shape[-1] != shape[-1]:
+        raise ValueError(f"cannot map a position embedding {list(pos.shape)} onto {list(shape)}")
+    pos = resample_abs_pos_embed(pos.float(), new_size=[new_side, new_side], num_prefix_tokens=prefix,
+                                 interpolation="bicubic", antialias=False)
+    if prefix < new_prefix:  # the checkpoint has no cls slot; ours is unused by the model anyway
+        pos = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+    elif prefix > new_prefix:
+        pos = pos[:, prefix:]
+    return pos
+
+
+def _resample_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
+    """(L, C) relative position table -> (length, C), linearly along L (as ViTDet does)."""
+    resized = F.interpolate(table.float().t().unsqueeze(0), size=length, mode="linear", align_corners=False)
+    return resized[0].t()
+
+
+def _adapt(name: str, value: torch.Tensor, target: torch.Tensor):
+    """The checkpoint tensor resampled to the model's shape, or None if it cannot be."""
+    if name == "pos_embed" and value.ndim == 3:
+        return _resample_pos_embed(value, target.shape)
+    if re.fullmatch(r"blocks\.\d+\.attn\.rel_pos_[hw]", name) and value.ndim == 2 \
+            and value.shape[1] == target.shape[1]:
+        return _resample_rel_pos(value, target.shape[0])
+    return None
+
+
+def load_pretrained(model: torch.nn.Module, path: str, allow_mismatch: bool = False) -> LoadReport:
+    """Initialises `model` from an MAE, timm-ViT, Painter or MVG checkpoint (weights only).
+
+    Keys that fit load; the position embedding and rel-pos tables are resampled when their sizes
+    differ; MAE's decoder and ViT-only tokens are skipped; MVG-only keys may be missing. Anything
+    else (an unknown key, a shape that cannot be adapted, a missing backbone key) raises a
+    ValueError naming the keys, unless `allow_mismatch`, which keeps those parameters initialised.
+    """
+    state = _strip_prefixes(_state_dict_of(_load_weights_only(path)))
+    own = model.state_dict()
+    report = LoadReport()
+    to_load = {}
+    for name, value in state.items():
+        target = own.get(name)
+        if target is not None and value.shape == target.shape:
+            to_load[name] = value
+            report.loaded.append(name)
+            continue
+        if FOREIGN_KEYS.match(name):
+            report.skipped.append((name, "not part of MVG" if target is None else "MAE decoder shape"))
+            continue
+        if target is None:
+            report.unexpected.append((name, "no such key in the model"))
+            continue
+        try:
+            adapted = _adapt(name, value, target)
+        except ValueError as error:
+            adapted, why = None, str(error)
+        else:
+            why = f"shape {list(value.shape)} vs model {list(target.shape)}"
+        if adapted is None:
+            report.unexpected.append((name, why))
+        else:
+            to_load[name] = adapted
+            report.adapted.append((name, tuple(value.shape), tuple(target.shape)))
+    for name in own:
+        if name not in state:
+            if MVG_ONLY_KEYS.match(name):
+                report.missing.append(name)
+            else:
+                report.unexpected.append((name, "missing from the checkpoint"))
+    if report.unexpected and not allow_mismatch:
+        raise ValueError(f"{path} does not fit the model ({len(report.unexpected)} keys; pass "
+                         "--allow_key_mismatch to keep those parameters initialised):\n"
+                         + "\n".join(f"  {name}: {why}" for name, why in report.unexpected))
+    model.load_state_dict(to_load, strict=False)
+    return report
