@@ -13,7 +13,6 @@ query half is resized back to the query's size and decoded:
                   and the class whose prediction is brightest above half wins
     image tasks   the mean of the three channels, as the 8-bit grey of the prepared slices
 """
-import argparse
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -24,6 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from datasets.canvas import LABEL_ENCODINGS, MAX_GREY_CLASS, random_palette, to_normalised_tensor
 from models_mvg import MVG, create_model
+from util.checkpoint import load_weights_only, recorded_args, state_dict_of, strip_prefixes
 
 PairList = Sequence[Tuple[np.ndarray, np.ndarray]]
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -35,15 +35,11 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, input_size: Op
     ({'model', 'args': argparse.Namespace}) or a bare state dict. The architecture comes from
     model_name/input_size (and factory keywords such as depth) or, when not given, from the
     checkpoint's args."""
-    # The authors' checkpoints pickle an argparse.Namespace; allowing that one plain container keeps
-    # the loader in weights-only mode for everything else.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    weights = state.get('model', state) if isinstance(state, dict) else None
-    if not isinstance(weights, dict):
+    state = load_weights_only(checkpoint)
+    weights = strip_prefixes(state_dict_of(state))
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ValueError(f"{checkpoint}: expected a state dict or a dict with a 'model' entry")
-    saved = state.get('args') or {}
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    saved = recorded_args(state)
     model_name = model_name or saved.get('model')
     if not model_name:
         raise ValueError(f"{checkpoint}: does not name its model; pass the model name (e.g. --model mvg_vit_large_patch16)")

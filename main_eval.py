@@ -60,11 +60,13 @@ PAPER_IMAGE_PSNR = {'denoising': 33.0, 'inpainting': 34.0, 'synthesis': 24.0}
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--checkpoint', required=True, help='checkpoint file (ours, the authors\' or a bare state dict)')
+    p.add_argument('--checkpoint', help='checkpoint file (ours, the authors\' or a bare state dict)')
     p.add_argument('--model', default=None, help='factory name; default: the one the checkpoint records')
     p.add_argument('--input_size', type=int, nargs=2, default=None, metavar=('H', 'W'),
                    help='canvas size; default: the checkpoint\'s, else 896 448')
-    p.add_argument('--data_path', nargs='+', required=True, help='prepared roots (folders of datasets)')
+    p.add_argument('--data_path', nargs='+', help='prepared roots (folders of datasets)')
+    p.add_argument('--compare', nargs=2, metavar=('BEFORE', 'AFTER'),
+                   help='instead of evaluating, print two results.json side by side (e.g. few-shot adaptation)')
     p.add_argument('--datasets', nargs='*', default=None, help='only these dataset names')
     p.add_argument('--tasks', nargs='*', default=None, choices=TASKS, help='only datasets of these tasks')
     p.add_argument('--output_dir', default='eval_output')
@@ -385,8 +387,29 @@ def markdown_tables(summaries: list) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def compare_results(before_path: str, after_path: str) -> str:
+    """A before/after table of the headline numbers of two results.json files."""
+    def headline(path):
+        with open(path) as handle:
+            datasets = json.load(handle)['datasets']
+        return {d['dataset']: {k: d[k] for k in ('dice', 'hd95', 'psnr', 'ssim') if k in d} for d in datasets}
+    before, after = headline(before_path), headline(after_path)
+    lines = ['| dataset | metric | before | after | change |', '|---|---|---|---|---|']
+    for name in sorted(set(before) & set(after)):
+        for metric, value in before[name].items():
+            new = after[name].get(metric, float('nan'))
+            lines.append(f'| {name} | {metric} | {value:.4f} | {new:.4f} | {new - value:+.4f} |')
+    return '\n'.join(lines) + '\n'
+
+
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.compare:
+        print(compare_results(*args.compare), end='')
+        return 0
+    if not args.checkpoint or not args.data_path:
+        parser.error('--checkpoint and --data_path are required (unless --compare)')
     if args.num_prompts < 1:
         sys.exit('--num_prompts must be at least 1')
     folders = [p for root in args.data_path for p in find_datasets(root)]

@@ -115,3 +115,35 @@ def test_eval_script_runs_one_task_and_fails_loudly(prepared, tiny_checkpoint, t
     missing = subprocess.run(['bash', script, str(tmp_path / 'none.pth'), str(prepared)], capture_output=True,
                              text=True, env=env)
     assert missing.returncode == 2 and 'checkpoint not found' in missing.stderr
+
+
+def test_compare_prints_before_and_after(tmp_path, capsys):
+    for name, dice in (('before', 0.5), ('after', 0.75)):
+        (tmp_path / f'{name}.json').write_text(json.dumps({'datasets': [{'dataset': 'ACDC', 'dice': dice, 'hd95': 4.0}]}))
+    assert main_eval.main(['--compare', str(tmp_path / 'before.json'), str(tmp_path / 'after.json')]) == 0
+    assert '| ACDC | dice | 0.5000 | 0.7500 | +0.2500 |' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main_eval.main(['--data_path', str(tmp_path)])
+
+
+def test_fewshot_adaptation_script_end_to_end(prepared, tiny_checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
+               EPOCHS='1', SAMPLES_PER_EPOCH='4', BATCH='2', DEVICE='cpu', EVAL_FLAGS='--grids 0')
+    script = os.path.join(os.path.dirname(main_eval.__file__), 'scripts', 'adapt_fewshot.sh')
+    out = tmp_path / 'adapt'
+    done = subprocess.run(['bash', script, str(tiny_checkpoint), str(prepared), 'ACDC', '1', str(out),
+                           '--num_workers', '0', '--log_dir', '', '--num_mask_patches', '2',
+                           '--min_mask_patches_per_block', '1', '--max_mask_patches_per_block', '2'],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ('before', 'after'):
+        record = json.loads((out / stage / 'results.json').read_text())['datasets'][0]
+        train_cases = PreparedDataset(str(prepared / 'ACDC')).case_ids('train')[:1]
+        assert all(c in train_cases for r in record['per_case'].values() for picks in r['contexts'].values()
+                   for c, _ in picks)
+    mixture = json.loads((out / 'mixture.json').read_text())
+    assert mixture['datasets'][0]['num_cases'] == 1
+    assert '| ACDC | dice |' in (out / 'before_after.md').read_text()

@@ -177,19 +177,26 @@ class LoadReport:
                 + ("; ".join(f"{k} ({why})" for k, why in self.unexpected) or "-"))
 
 
-def _load_weights_only(path: str):
+def load_weights_only(path: str):
     """torch.load(weights_only=True), also accepting the argparse.Namespace that MAE's and the
     authors' training checkpoints pickle next to the weights (only that class is allowed)."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _strip_prefixes(state: dict) -> dict:
+def recorded_args(checkpoint) -> dict:
+    """The training arguments a checkpoint records, as a dict: ours store a dict, MAE's and the
+    authors' an argparse.Namespace; {} when there are none."""
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
+
+
+def strip_prefixes(state: dict) -> dict:
     """Drops the wrappers' prefixes: 'module.' (DDP) and '_orig_mod.' (torch.compile)."""
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in state.items()}
 
 
-def _state_dict_of(checkpoint) -> dict:
+def state_dict_of(checkpoint) -> dict:
     for key in ("model", "state_dict", "model_state"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             return checkpoint[key]
@@ -238,7 +245,7 @@ def load_pretrained(model: torch.nn.Module, path: str, allow_mismatch: bool = Fa
     else (an unknown key, a shape that cannot be adapted, a missing backbone key) raises a
     ValueError naming the keys, unless `allow_mismatch`, which keeps those parameters initialised.
     """
-    state = _strip_prefixes(_state_dict_of(_load_weights_only(path)))
+    state = strip_prefixes(state_dict_of(load_weights_only(path)))
     own = model.state_dict()
     report = LoadReport()
     to_load = {}
