@@ -109,14 +109,7 @@ def get_args_parser():
                               'training slices; 0 keeps each slice at its own size')
     slicing.add_argument('--modality', help='CT (HU window), MRI (percentiles) or anything else (min-max); '
                                             'needed for volumes unless --normalization is given')
-    slicing.add_argument('--normalization', choices=['auto', 'window', 'percentile', 'minmax'],
-                         default='auto', help='auto: window for CT, percentile for MRI, minmax otherwise')
-    slicing.add_argument('--window', type=float, nargs=2, default=[-100.0, 200.0], metavar=('LOW', 'HIGH'),
-                         help='CT window in HU')
-    slicing.add_argument('--percentiles', type=float, nargs=2, default=[0.5, 99.5], metavar=('LOW', 'HIGH'),
-                         help='MR percentiles mapped to black and white')
-    slicing.add_argument('--percentile_region', choices=['body', 'volume'], default='body',
-                         help='voxels the percentiles are taken over: above the minimum (body) or all')
+    intensity.add_intensity_arguments(slicing)
     slicing.add_argument('--target_on_input_scale', action='store_true',
                          help='image tasks whose target shares the input\'s intensities (denoising, '
                               'inpainting): scale context targets with their image\'s parameters and '

@@ -61,3 +61,16 @@ def normalise(volume, parameters):
 
 def to_uint8(picture):
     return np.round(np.clip(picture, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def add_intensity_arguments(group):
+    """The intensity flags of data preparation; predict.py takes the same, so that a user's volume
+    is scaled exactly as the training slices were."""
+    group.add_argument("--normalization", choices=["auto", "window", "percentile", "minmax"],
+                       default="auto", help="auto: window for CT, percentile for MRI, minmax otherwise")
+    group.add_argument("--window", type=float, nargs=2, default=[-100.0, 200.0], metavar=("LOW", "HIGH"),
+                       help="CT window in HU")
+    group.add_argument("--percentiles", type=float, nargs=2, default=[0.5, 99.5], metavar=("LOW", "HIGH"),
+                       help="MR percentiles mapped to black and white")
+    group.add_argument("--percentile_region", choices=["body", "volume"], default="body",
+                       help="voxels the percentiles are taken over: above the volume minimum (body) or all")

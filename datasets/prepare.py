@@ -618,14 +618,7 @@ def add_common_arguments(parser):
     geometry_group.add_argument("--affine_tolerance", type=float, default=1e-3,
                                 help="largest affine difference (mm) between the volumes of a case")
     values = parser.add_argument_group("intensities")
-    values.add_argument("--normalization", choices=["auto", "window", "percentile", "minmax"],
-                        default="auto", help="auto: window for CT, percentile for MRI, minmax otherwise")
-    values.add_argument("--window", type=float, nargs=2, default=[-100.0, 200.0], metavar=("LOW", "HIGH"),
-                        help="CT window in HU")
-    values.add_argument("--percentiles", type=float, nargs=2, default=[0.5, 99.5], metavar=("LOW", "HIGH"),
-                        help="MR clipping percentiles")
-    values.add_argument("--percentile_region", choices=["body", "volume"], default="body",
-                        help="voxels the percentiles come from: above the volume minimum, or all")
+    intensity.add_intensity_arguments(values)
     selection = parser.add_argument_group("slices and splits")
     selection.add_argument("--min_foreground", type=int, default=1,
                            help="segmentation: keep slices with at least this many label pixels")
