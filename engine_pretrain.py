@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from datasets.canvas import denormalise
 from masking_generator import TASKS
 from util.lr_sched import set_lr
 from util.misc import MetricLogger, all_reduce_sum, print0, warn0
@@ -99,11 +99,8 @@ class GroupedLoss:
 def visual_grid(model, batch, pred, mask, rows: int = 4) -> torch.Tensor:
     """(3, rows*H, 4*W) in [0, 1]: per sample, image canvas | target with the mask in grey |
     prediction | ground truth."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-
     def pictures(x):
-        return (x[:rows].detach().float().cpu() * std + mean).clamp(0, 1)
+        return (denormalise(x[:rows].detach().float().cpu()) / 255).clamp(0, 1)
 
     imgs, tgts = pictures(batch["imgs"]), pictures(batch["tgts"])
     grid = (tgts.shape[2] // model.patch_size, tgts.shape[3] // model.patch_size)

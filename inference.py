@@ -19,9 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from datasets.canvas import LABEL_ENCODINGS, MAX_GREY_CLASS, random_palette, to_normalised_tensor
+from datasets.canvas import LABEL_ENCODINGS, MAX_GREY_CLASS, denormalise, random_palette, to_normalised_tensor
 from models_mvg import MVG, create_model
 from util.checkpoint import load_weights_only, recorded_args, state_dict_of, strip_prefixes
 
@@ -125,8 +124,6 @@ class Predictor:
         self.ensemble = ensemble
         self.seed = seed
         self.half = (model.img_size[0] // 2, model.img_size[1])
-        self._mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
 
     # ----------------------------------------------------------------------------------------------
     # public entry points
@@ -222,4 +219,4 @@ class Predictor:
         with torch.autocast(**autocast):
             pred = self.model.predict(imgs.to(self.device), tgts.to(self.device),
                                       num_prompts=self.num_prompts, ensemble=self.ensemble)
-        return (pred.float().cpu() * self._std + self._mean).clamp(0, 255)
+        return denormalise(pred.float().cpu()).clamp(0, 255)

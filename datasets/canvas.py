@@ -244,6 +244,11 @@ _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1) * 255
 _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) * 255
 
 
+def denormalise(canvas: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) normalised values back to the 0..255 pixel scale (not clamped)."""
+    return canvas * _STD.to(canvas) + _MEAN.to(canvas)
+
+
 def to_normalised_tensor(pictures: Sequence[np.ndarray]) -> torch.Tensor:
     """Pictures (rows, cols) grey or (3, rows, cols) colour, stacked top to bottom -> (3, H, W) float,
     ImageNet-normalised; grey is replicated to 3 channels."""

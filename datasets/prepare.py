@@ -63,13 +63,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import geometry, intensity, layouts, verify
+from .manifest import MANIFEST_NAME
 from .readers import InputError, read_header, read_volume
 
 FORMAT_VERSION = 1
 PARTIAL_FOLDER = ".partial"
 META_FOLDER = "meta"
 SETTINGS_NAME = "prepare_settings.json"
-MANIFEST_NAME = "manifest.json"
 # Settings that do not change what is written, so a rerun may change them.
 # Splits are drawn afresh each run and only enter the manifest, so they may change too.
 RUN_ONLY_SETTINGS = {"workers", "overwrite", "out", "command", "test_fraction", "seed", "test_cases"}
