@@ -9,7 +9,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from datasets.canvas import denormalise
 from masking_generator import TASKS
@@ -47,26 +46,6 @@ def _no_sync(model, sync: bool):
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
-
-
-@torch.no_grad()
-def per_sample_loss(model, pred, tgts, mask, valid):
-    """Each sample's own loss, with the model's smooth-L1, weights and normalisation.
-
-    Returns (loss (N,), counted (N,) bool); a sample with no weight (e.g. dropped by
-    min_visible_target) or a non-finite loss is not counted.
-    """
-    pred = model.unpatchify(pred.float())
-    grid = (tgts.shape[2] // model.patch_size, tgts.shape[3] // model.patch_size)
-    pixel_mask = model.pixel_mask(mask, grid)
-    weight = pixel_mask * valid.float()
-    if model.min_visible_target > 0:
-        keep = model.visible_target_mean(tgts, pixel_mask) >= model.min_visible_target
-        weight = weight * keep.float().view(-1, 1, 1, 1)
-    loss = F.smooth_l1_loss(pred, tgts.float(), reduction="none", beta=model.loss_beta)
-    total_weight = weight.sum(dim=(1, 2, 3)) * pred.shape[1]
-    per_sample = (loss * weight).sum(dim=(1, 2, 3)) / (total_weight + 1e-2)
-    return per_sample, (total_weight > 0) & torch.isfinite(per_sample)
 
 
 class GroupedLoss:
@@ -127,11 +106,12 @@ def forward_backward(model, batches, scaler, autocast, accum: int, grouped: Grou
         data_time += time.perf_counter() - fetch_start
         with _no_sync(model, sync=micro == accum - 1):
             with autocast:
-                loss, pred, mask = model(batch["imgs"], batch["tgts"], batch["mask"], batch["valid"])
+                loss, pred, mask, per_sample = model(batch["imgs"], batch["tgts"], batch["mask"], batch["valid"],
+                                                     return_per_sample=True)
             scaler.scale(loss / accum).backward()
         loss_sum += loss.detach().float()
-        grouped.add(*per_sample_loss(mvg, pred, batch["tgts"], mask, batch["valid"]),
-                    batch["task"], batch["dataset"])
+        # A sample without weight (e.g. dropped by min_visible_target) or with a non-finite loss is not counted.
+        grouped.add(per_sample, torch.isfinite(per_sample), batch["task"], batch["dataset"])
     return loss_sum / accum, data_time, (batch, pred, mask)
 
 

@@ -292,8 +292,11 @@ class MVG(nn.Module):
         return mask.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
 
     def forward_loss(self, pred: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: torch.Tensor,
-                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     valid: Optional[torch.Tensor] = None, per_sample: bool = False):
         """Smooth-L1 over masked pixels, weighted by `valid` (N, C, H, W) or (N, 1, H, W).
+
+        With per_sample, also each sample's own loss (N,), detached, NaN for a sample without weight,
+        from the same sums (per-task logging then costs nothing extra).
 
         With `min_visible_target` > 0, a sample whose visible (unmasked) target has a mean
         un-normalised intensity (0..1, over visible pixels and channels) below it is left out of the
@@ -309,7 +312,15 @@ class MVG(nn.Module):
             keep = self.visible_target_mean(tgts, mask) >= self.min_visible_target
             weight = weight * keep.float().view(-1, 1, 1, 1)
         loss = F.smooth_l1_loss(pred.float(), tgts.float(), reduction='none', beta=self.loss_beta)
-        return (loss * weight).sum() / (weight.sum() + 1e-2)
+        sample_sums = (loss * weight).sum(dim=(1, 2, 3))  # (N,)
+        sample_weights = weight.sum(dim=(1, 2, 3))
+        total = sample_sums.sum() / (sample_weights.sum() + 1e-2)
+        if not per_sample:
+            return total
+        with torch.no_grad():
+            own = sample_sums / (sample_weights + 1e-2)
+            own = torch.where(sample_weights > 0, own, torch.full_like(own, float('nan')))
+        return total, own
 
     @staticmethod
     def visible_target_mean(tgts: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
@@ -323,12 +334,15 @@ class MVG(nn.Module):
         return total / count.clamp(min=1)
 
     def forward(self, imgs: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None,
-                valid: Optional[torch.Tensor] = None):
-        """Returns (loss, pred patchified (N, L, p*p*3), mask (N, L) bool)."""
+                valid: Optional[torch.Tensor] = None, return_per_sample: bool = False):
+        """Returns (loss, pred patchified (N, L, p*p*3), mask (N, L) bool), and with return_per_sample
+        each sample's loss (N,) last (see forward_loss)."""
         mask = self._check_inputs(imgs, tgts, bool_masked_pos)
         pred = self.forward_decoder(self.forward_encoder(imgs, tgts, mask))
-        loss = self.forward_loss(pred, tgts, mask, valid)
-        return loss, self.patchify(pred), mask
+        if return_per_sample:
+            loss, per_sample = self.forward_loss(pred, tgts, mask, valid, per_sample=True)
+            return loss, self.patchify(pred), mask, per_sample
+        return self.forward_loss(pred, tgts, mask, valid), self.patchify(pred), mask
 
     @torch.no_grad()
     def predict(self, imgs: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None,

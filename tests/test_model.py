@@ -355,3 +355,18 @@ def test_layer_decay_groups_follow_mae():
     assert decay['blocks.0.attn.qkv.weight'] == 0.05 and decay['blocks.0.attn.qkv.bias'] == 0.0
     assert decay['pos_embed'] == decay['mask_token'] == decay['segment_token_x'] == decay['norm.weight'] == 0.0
     assert decay['blocks.0.attn.rel_pos_h'] == 0.05  # a 2D table: decayed, as in the authors' grouping
+
+
+def test_per_sample_losses_come_from_the_same_sums():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    imgs, tgts = random_batch(n=3)
+    mask = model.ar_mask(3).clone()
+    mask[2] = False  # nothing hidden: no weight, no loss of its own
+    loss, _, _, own = model(imgs, tgts, mask, return_per_sample=True)
+    plain, _, _ = model(imgs, tgts, mask)
+    torch.testing.assert_close(loss, plain)
+    for i in range(2):
+        alone, _, _ = model(imgs[i:i + 1], tgts[i:i + 1], mask[i:i + 1])
+        torch.testing.assert_close(own[i], alone)
+    assert torch.isnan(own[2]) and not own.requires_grad
