@@ -18,9 +18,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from datasets.canvas import LABEL_ENCODINGS, MAX_GREY_CLASS, denormalise, random_palette, to_normalised_tensor
+from datasets.canvas import (
+    LABEL_ENCODINGS, MAX_GREY_CLASS, denormalise, random_palette, resize_picture, to_normalised_tensor,
+)
 from models_mvg import MVG, create_model
 from util.checkpoint import load_weights_only, recorded_args, state_dict_of, strip_prefixes
 
@@ -52,14 +53,6 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, input_size: Op
                          f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}")
     return model
-
-
-def resize(picture: np.ndarray, size: Tuple[int, int], is_label: bool) -> np.ndarray:
-    """A 2D picture to (rows, cols): nearest neighbour for labels, bilinear for intensities."""
-    if picture.shape == tuple(size):
-        return picture
-    resample = Image.NEAREST if is_label else Image.BILINEAR
-    return np.asarray(Image.fromarray(picture).resize((size[1], size[0]), resample=resample))
 
 
 def as_grey_uint8(image: np.ndarray, name: str = 'image') -> np.ndarray:
@@ -201,10 +194,10 @@ class Predictor:
                 query = as_grey_uint8(query, 'query')
                 sizes.append(query.shape)
                 for image, target in pairs:
-                    target_picture = draw_target(resize(target, self.half, is_label))
+                    target_picture = draw_target(resize_picture(target, self.half, is_label))
                     blank = np.zeros_like(target_picture)
-                    imgs.append(to_normalised_tensor([resize(image, self.half, False),
-                                                      resize(query, self.half, False)]))
+                    imgs.append(to_normalised_tensor([resize_picture(image, self.half, False),
+                                                      resize_picture(query, self.half, False)]))
                     tgts.append(to_normalised_tensor([target_picture, blank]))
             canvases = self._predict(torch.stack(imgs), torch.stack(tgts))
             query_halves = canvases[:, :, self.half[0]:]

@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import metrics
-from datasets.canvas import LABEL_ENCODINGS
+from datasets.canvas import LABEL_ENCODINGS, resize_picture
 from datasets.manifest import PreparedDataset, find_datasets, read_png
 from inference import Predictor, inference_palette, load_model
 from masking_generator import TASKS
@@ -201,8 +201,7 @@ def grid_picture(dataset, context, query, prediction, truth, class_ids) -> Image
         return lut[np.minimum(picture, len(lut) - 1)] if is_label else np.repeat(picture[..., None], 3, axis=2)
 
     def fit(picture, is_label):
-        resample = Image.NEAREST if is_label else Image.BILINEAR
-        return np.asarray(Image.fromarray(picture).resize(query.shape[::-1], resample))
+        return resize_picture(picture, query.shape, is_label)
 
     is_label = dataset.task == 'segmentation'
     tiles = [rgb(fit(context[0], False), False), rgb(fit(context[1], is_label), is_label),
@@ -279,8 +278,7 @@ class Baselines:
     def predict(self, queries, contexts) -> dict:
         if not self.segmentation:
             return {'identity': queries}
-        copied = [np.asarray(Image.fromarray(pairs[0][1]).resize(q.shape[::-1], Image.NEAREST))
-                  for q, pairs in zip(queries, contexts)]
+        copied = [resize_picture(pairs[0][1], q.shape, is_label=True) for q, pairs in zip(queries, contexts)]
         return {'copy_context': copied, 'intensity': [self.class_of_grey[q] for q in queries]}
 
 

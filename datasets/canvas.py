@@ -114,9 +114,6 @@ class _Source:
     """A dataset of the mixture, ready to sample from."""
     name: str
     task: str
-    input_folder: str
-    target_folder: str
-    label_folders: Tuple[str, ...]
     swap_prob: float
     cases: List[str]
     slice_paths: dict = field(default_factory=dict)  # case -> [(input path, target path), ...]
@@ -146,18 +143,16 @@ def _build_source(entry: MixtureEntry, split: str) -> _Source:
     if missing:
         raise FileNotFoundError(f"{entry.path}: {len(missing)} slice files listed in the manifest are missing, "
                                 f"e.g. {missing[0]}; run `python -m datasets.verify {os.path.dirname(entry.path)}`")
-    label_folders = tuple(f for f, kind in dataset.folders.items() if kind == "label")
     swap = entry.swap_prob if entry.swap_prob is not None else (0.5 if dataset.task == "synthesis" else 0.0)
-    return _Source(dataset.name, dataset.task, dataset.input_folder, dataset.target_folder, label_folders,
-                   swap, sorted(slice_paths), slice_paths)
+    return _Source(dataset.name, dataset.task, swap, sorted(slice_paths), slice_paths)
 
 
 # ---------------------------------------------------------------------------------------------------
 # pixels
 
 
-def _resize(array: np.ndarray, size: Tuple[int, int], is_label: bool) -> np.ndarray:
-    """(rows, cols) -> size; nearest neighbour for labels, bilinear for images."""
+def resize_picture(array: np.ndarray, size: Tuple[int, int], is_label: bool) -> np.ndarray:
+    """A 2D picture to size (rows, cols): nearest neighbour for labels, bilinear for intensities."""
     if array.shape[:2] == tuple(size):
         return array
     resample = Image.NEAREST if is_label else Image.BILINEAR
@@ -183,8 +178,8 @@ class Augment:
         scale = max(scale, self.crop_size[0] / rows, self.crop_size[1] / cols)
         if scale != 1.0:
             size = (max(self.crop_size[0], int(round(rows * scale))), max(self.crop_size[1], int(round(cols * scale))))
-            image = _resize(image, size, is_label=False)
-            target = _resize(target, size, is_label=target_is_label)
+            image = resize_picture(image, size, is_label=False)
+            target = resize_picture(target, size, is_label=target_is_label)
         top = int(rng.integers(0, image.shape[0] - self.crop_size[0] + 1))
         left = int(rng.integers(0, image.shape[1] - self.crop_size[1] + 1))
         window = (slice(top, top + self.crop_size[0]), slice(left, left + self.crop_size[1]))
@@ -318,12 +313,14 @@ class InContextDataset(torch.utils.data.Dataset):
 
     def _pick_pairs(self, source: _Source, rng: np.random.Generator):
         """(query pair paths, context pair paths)."""
-        query_case = source.cases[rng.integers(len(source.cases))]
+        query_position = int(rng.integers(len(source.cases)))
+        query_case = source.cases[query_position]
         query_slices = source.slice_paths[query_case]
         query_index = int(rng.integers(len(query_slices)))
         if self.context == "other_case" and len(source.cases) > 1:
-            others = [c for c in source.cases if c != query_case]
-            context_slices = source.slice_paths[others[rng.integers(len(others))]]
+            other = int(rng.integers(len(source.cases) - 1))
+            other += other >= query_position  # any case but the query's
+            context_slices = source.slice_paths[source.cases[other]]
             return query_slices[query_index], context_slices[rng.integers(len(context_slices))]
         if len(query_slices) == 1:  # a one-slice case is its own context, cropped independently
             return query_slices[0], query_slices[0]
