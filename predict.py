@@ -71,10 +71,10 @@ from tqdm import tqdm
 from datasets import geometry, intensity
 from datasets.canvas import LABEL_ENCODINGS, MAX_GREY_CLASS
 from datasets.prepare import label_ids
-from datasets.readers import InputError, Source, read_volume
+from datasets.readers import LOSSY_EXTENSIONS, PICTURE_EXTENSIONS, InputError, Source, read_volume
 from inference import PRECISIONS, Predictor, load_model
 
-PNG_SUFFIXES = ('.png',)
+PNG_SUFFIXES = PICTURE_EXTENSIONS  # read as PNGs are; what is written is always a PNG
 VOLUME_SUFFIXES = ('.nii', '.nii.gz')
 AFFINE_TOLERANCE = 1e-3  # mm, datasets.prepare's default --affine_tolerance between an image and its label
 UNPLACED_POSITION = 0.5  # a PNG has no position along the axis: it counts as the middle slice
@@ -186,6 +186,9 @@ def read_png_image(path: str, flag: str) -> np.ndarray:
 
 
 def read_png_label(path: str, flag: str) -> np.ndarray:
+    if path.lower().endswith(LOSSY_EXTENSIONS):
+        raise InputError(f"{flag} {path}: a label in JPEG, whose lossy compression changes ids at edges; "
+                         f"use a PNG")
     label = read_png_array(path, flag, convert_palette=False)
     if label.dtype == bool:  # a 1-bit PNG: a binary mask of class 1
         label = label.astype(np.uint8)
@@ -480,8 +483,8 @@ def save_on_query_grid(volume: np.ndarray, query: Volume, path: str):
 
 def check_output_path(args, query_kind: str):
     output_kind = file_kind(args.output, '--output')
-    if output_kind != query_kind:
-        wanted = ' or '.join(PNG_SUFFIXES if query_kind == 'png' else VOLUME_SUFFIXES)
+    if output_kind != query_kind or (query_kind == 'png' and not args.output.lower().endswith('.png')):
+        wanted = '.png' if query_kind == 'png' else ' or '.join(VOLUME_SUFFIXES)
         raise InputError(f"--output {args.output}: a {query_kind} query gives a {wanted} output")
     folder = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(folder, exist_ok=True)

@@ -15,9 +15,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from .readers import InputError, Source
+from .readers import DICOM_FILE_EXTENSIONS, PICTURE_EXTENSIONS, InputError, Source
 
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha", ".h5", ".hdf5")
+# nnU-Net's 2D datasets (imagesTr/<case>_0000.png) are found like the volumes.
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha", ".h5", ".hdf5") + PICTURE_EXTENSIONS + DICOM_FILE_EXTENSIONS
 NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 DEFAULT_SOURCE_SPLITS = {"Tr": "train", "Va": "test", "Val": "test", "Ts": "test"}
 MR_CHANNEL_NAMES = {"MRI", "MR", "T1", "T1W", "T1C", "T1GD", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD",
@@ -93,21 +94,29 @@ def glob_by_case(root, pattern, what):
     return found
 
 
-def pair_globs(root, patterns, roles, split=None, hdf5_keys=None):
-    """Cases whose files are given by one glob per role, matched by case id; any unmatched file is
-    an error that lists them."""
+def pair_globs(root, patterns, roles, split=None, hdf5_keys=None, skip_unpaired=False):
+    """Cases whose files are given by one glob per role, matched by case id. A file without its
+    partners is an error that lists them all, or with skip_unpaired a note (e.g. the radiographs of a
+    set whose masks cover only some images)."""
     by_role = {role: glob_by_case(root, pattern, role) for role, pattern in zip(roles, patterns)}
     all_ids = sorted(set().union(*by_role.values()))
     problems = [f"case '{case_id}': no {role} file (glob '{pattern}')"
                 for case_id in all_ids for role, pattern in zip(roles, patterns)
                 if case_id not in by_role[role]]
+    if problems and not skip_unpaired:
+        raise problem_list_error("files do not pair up by case id (--skip_unpaired leaves such cases "
+                                 "out):", problems)
+    paired = [case_id for case_id in all_ids if all(case_id in by_role[role] for role in roles)]
     if problems:
-        raise problem_list_error("files do not pair up by case id:", problems)
+        print(f"note: {len(all_ids) - len(paired)} of {len(all_ids)} case ids lack a partner file and are "
+              f"left out (--skip_unpaired), e.g. {problems[0]}")
+    if not paired:
+        raise InputError(f"{root}: no case has all of {', '.join(roles)}")
     hdf5_keys = hdf5_keys or {}
     return [Case(case_id, {role: Source(by_role[role][case_id], _hdf5_key(by_role[role][case_id],
                                                                           hdf5_keys.get(role)))
                            for role in roles}, split)
-            for case_id in all_ids]
+            for case_id in paired]
 
 
 def _hdf5_key(path, key):

@@ -28,6 +28,9 @@ Examples:
         --labels "Case??_segmentation.mhd" --modality MRI --out data --dataset PROMISE12
     python -m datasets.prepare glob --root /data/LA --images "*/mri_norm2.h5" \\
         --labels "*/mri_norm2.h5" --modality MRI --out data --dataset LA
+    python -m datasets.prepare glob --root /data/ChinaSet --images "CXR_png/CHNCXR_*_?.png" \\
+        --labels "mask/CHNCXR_*_?_mask.png" --skip_unpaired --label_map 255:1 --modality XR \\
+        --out data --dataset CXR
     python -m datasets.prepare acdc --root /data/ACDC/database --out data --dataset ACDC
     python -m datasets.prepare brats-synthesis --root /data/BraTS2023-GLI --source t1c --target t2w \\
         --out data --dataset BraTS_GLI
@@ -64,7 +67,7 @@ from tqdm import tqdm
 
 from . import geometry, intensity, layouts, verify
 from .manifest import MANIFEST_NAME
-from .readers import InputError, read_header, read_volume
+from .readers import FORMATS_WITHOUT_SPACING, LOSSY_EXTENSIONS, InputError, read_header, read_volume, volume_format
 
 FORMAT_VERSION = 1
 PARTIAL_FOLDER = ".partial"
@@ -127,14 +130,15 @@ def find_cases(args):
                 layouts.modality_from_dataset_json(description, args.channel or 0))
     if args.command == "glob":
         keys = {"image": args.hdf5_image_key, "label": args.hdf5_label_key}
-        cases = layouts.pair_globs(args.root, [args.images, args.labels], ["image", "label"], None, keys)
+        cases = layouts.pair_globs(args.root, [args.images, args.labels], ["image", "label"], None, keys,
+                                   args.skip_unpaired)
         if args.test_images or args.test_labels:
             if not (args.test_images and args.test_labels):
                 raise InputError("--test_images and --test_labels go together")
             for case in cases:
                 case.split = "train"
             cases += layouts.pair_globs(args.root, [args.test_images, args.test_labels],
-                                        ["image", "label"], "test", keys)
+                                        ["image", "label"], "test", keys, args.skip_unpaired)
         return cases, {}, None
     if args.command == "acdc":
         return layouts.find_acdc_cases(args.root), dict(layouts.ACDC_CLASS_NAMES), "MRI"
@@ -148,7 +152,7 @@ def find_cases(args):
         return cases, {}, "MRI"
     if args.command == "denoising":
         return layouts.pair_globs(args.root, [args.low_dose, args.normal_dose],
-                                  ["image", "target"]), {}, "CT"
+                                  ["image", "target"], skip_unpaired=args.skip_unpaired), {}, "CT"
     raise ValueError(args.command)
 
 
@@ -207,13 +211,36 @@ def effective_shape(shape, kind, channel, where):
     return tuple(shape)
 
 
+def spacing_affine(spacing):
+    """The affine --spacing gives (None without it); a 2D picture's spacing gets 1 mm depth."""
+    if spacing is None:
+        return None
+    if len(spacing) not in (2, 3) or min(spacing) <= 0:
+        raise InputError(f"--spacing {' '.join(map(str, spacing))}: give 2 (picture) or 3 (volume) "
+                         f"positive sizes in mm")
+    return np.diag(list(spacing) + [1.0] * (4 - len(spacing))).tolist()
+
+
+def placed_affine(source, affine, config):
+    """The file's own affine, or the --spacing one for formats that store no geometry."""
+    if config["spacing"] is not None and volume_format(source.path) in FORMATS_WITHOUT_SPACING:
+        return np.asarray(config["spacing"])
+    return affine
+
+
 def check_case(case, config):
-    """Header-level checks of one case: readable, 3D after --channel, all grids equal."""
+    """Header-level checks of one case: readable, lossless labels, 3D after --channel, all grids
+    equal."""
     reference = None
     for role, source in case.sources.items():
         where = f"case '{case.case_id}', {source}"
+        kind = config["folders"][role]
+        if kind != "image" and source.path.lower().endswith(LOSSY_EXTENSIONS):
+            raise InputError(f"{where}: a {kind} in JPEG, whose lossy compression changes ids at edges; "
+                             f"use the PNG (or another lossless) version")
         shape, affine = read_header(source)
-        shape = effective_shape(shape, config["folders"][role], config["channel"], where)
+        affine = placed_affine(source, affine, config)
+        shape = effective_shape(shape, kind, config["channel"], where)
         if reference is None:
             reference = (role, shape, affine)
             continue
@@ -242,6 +269,7 @@ def load_role(case, role, config):
     """The role's volume as a 3D array in its original voxel order, and its affine."""
     source = case.sources[role]
     data, affine = read_volume(source)
+    affine = placed_affine(source, affine, config)
     where = f"case '{case.case_id}', {source}"
     shape = effective_shape(data.shape, config["folders"][role], config["channel"], where)
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -459,7 +487,8 @@ def build_config(args, class_names, source_modality):
         "method": method, "window": list(args.window), "percentiles": list(args.percentiles),
         "percentile_region": args.percentile_region, "size": args.size, "fit": args.fit,
         "axis": geometry.AXES[args.axis], "axis_name": args.axis, "channel": args.channel,
-        "affine_tolerance": args.affine_tolerance, "min_foreground": args.min_foreground,
+        "affine_tolerance": args.affine_tolerance, "spacing": spacing_affine(args.spacing),
+        "min_foreground": args.min_foreground,
         "min_body_fraction": args.min_body_fraction,
         "min_mask_pixels": getattr(args, "min_mask_pixels", 0), "label_map": label_map,
         "class_names": names, "class_names_fixed": bool(class_names or overrides),
@@ -557,6 +586,17 @@ def write_manifest(dataset_dir, dataset_name, config, records, splits):
     return manifest
 
 
+def warn_binary_255(records, config):
+    """Masks saved as pictures often mark the foreground 255; as class 255 they break the grey label
+    encoding (classes up to 25) and name a class that does not exist."""
+    found = set()
+    for record in records.values():
+        found.update(record.get("label_ids", []))
+    if config["task"] == "segmentation" and not config["label_map"] and found == {0, 255}:
+        warnings.warn("the labels hold only the ids 0 and 255, a binary mask saved as a picture; "
+                      "rerun with --overwrite --label_map 255:1 to make the foreground class 1", stacklevel=1)
+
+
 def prepare_dataset(args):
     """The whole run; returns the process exit status."""
     cases, class_names, source_modality = find_cases(args)
@@ -586,6 +626,7 @@ def prepare_dataset(args):
             print("  " + error.replace("\n", "\n  "), file=sys.stderr)
         return 1
     manifest = write_manifest(dataset_dir, args.dataset, config, records, splits)
+    warn_binary_255(records, config)
     print(f"{args.dataset}: {len(manifest['cases'])} cases, "
           f"{sum(len(c['slices']) for c in manifest['cases'].values())} slices, "
           f"{len(manifest['skipped'])} skipped -> {dataset_dir}")
@@ -617,6 +658,10 @@ def add_common_arguments(parser):
                                      "it); with nnU-Net _XXXX files, the channel file (0 if not given)")
     geometry_group.add_argument("--affine_tolerance", type=float, default=1e-3,
                                 help="largest affine difference (mm) between the volumes of a case")
+    geometry_group.add_argument("--spacing", type=float, nargs="+", metavar="MM",
+                                help="voxel size along the file's axes for formats that store none "
+                                     "(pictures, HDF5): 'COLUMN ROW' for a picture, 'X Y Z' for a volume. "
+                                     "Without it they count as 1 mm, and so do distances like HD95")
     values = parser.add_argument_group("intensities")
     intensity.add_intensity_arguments(values)
     selection = parser.add_argument_group("slices and splits")
@@ -674,6 +719,13 @@ def build_parser():
     glob_mode.add_argument("--test_labels", help="glob of test labels")
     glob_mode.add_argument("--hdf5_image_key", default="image", help="HDF5 dataset holding the image")
     glob_mode.add_argument("--hdf5_label_key", default="label", help="HDF5 dataset holding the label")
+    denoising = add_layout(commands, "denoising")
+    denoising.add_argument("--low_dose", required=True, help="glob of low-dose volumes or DICOM folders")
+    denoising.add_argument("--normal_dose", required=True, help="glob of normal-dose ones, same case ids")
+    for globbing in (glob_mode, denoising):
+        globbing.add_argument("--skip_unpaired", action="store_true",
+                              help="leave out case ids that lack a partner file (e.g. images without "
+                                   "a mask) instead of refusing; the count is printed")
     add_layout(commands, "acdc")
     synthesis = add_layout(commands, "brats-synthesis")
     synthesis.add_argument("--source", default="t1c", help="input contrast suffix (t1c, t1n, t2f, t2w)")
@@ -685,9 +737,6 @@ def build_parser():
                             help="region to fill; the first one present is used")
     inpainting.add_argument("--min_mask_pixels", type=int, default=0,
                             help="also require this many mask pixels in a kept slice")
-    denoising = add_layout(commands, "denoising")
-    denoising.add_argument("--low_dose", required=True, help="glob of low-dose volumes or DICOM folders")
-    denoising.add_argument("--normal_dose", required=True, help="glob of normal-dose ones, same case ids")
 
     for name, sub in commands.choices.items():
         add_common_arguments(sub)

@@ -11,6 +11,13 @@ Formats and what they need:
     HDF5 (.h5, .hdf5)            pip install h5py; arrays only, so the affine is the identity
                                  (1 mm voxels, axis order as stored), e.g. the LA set of UA-MT
                                  (<case>/mri_norm2.h5 with datasets `image` and `label`)
+    pictures (.png, .jpg, .jpeg, .bmp, .tif, .tiff)
+                                 nothing (Pillow): a 2D image such as a chest radiograph and its mask
+                                 is a one-slice volume whose axial slice is the picture as stored;
+                                 pictures hold no pixel size, so 1 mm unless prepare --spacing says
+    DICOM file (.dcm, .dicom)    pip install pydicom; one 2D image (radiograph, or a single CT/MR
+                                 slice). MONOCHROME1 (white is low, as in many CR/DX files) is
+                                 inverted so that bright is high, like every other input
 
 `read_header` returns only shape and affine and reads no pixel data where the format allows, so the
 whole input can be checked before any case is processed.
@@ -52,6 +59,12 @@ def _require(module_name, pip_name, what):
             f"reading {what} needs the optional package '{pip_name}': pip install {pip_name}") from error
 
 
+PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+LOSSY_EXTENSIONS = (".jpg", ".jpeg")
+DICOM_FILE_EXTENSIONS = (".dcm", ".dicom")
+FORMATS_WITHOUT_SPACING = ("hdf5", "picture")
+
+
 def volume_format(path):
     lower = path.lower()
     if os.path.isdir(path):
@@ -62,8 +75,12 @@ def volume_format(path):
         return "metaimage"
     if lower.endswith((".h5", ".hdf5")):
         return "hdf5"
-    raise InputError(f"{path}: unknown volume format (expected .nii, .nii.gz, .mhd, .mha, .h5, "
-                     f".hdf5 or a DICOM folder)")
+    if lower.endswith(PICTURE_EXTENSIONS):
+        return "picture"
+    if lower.endswith(DICOM_FILE_EXTENSIONS):
+        return "dicom_file"
+    raise InputError(f"{path}: unknown volume format (expected .nii, .nii.gz, .mhd, .mha, .h5, .hdf5, "
+                     f"a DICOM folder or file, or a picture: {', '.join(PICTURE_EXTENSIONS)})")
 
 
 def read_volume(source):
@@ -78,7 +95,7 @@ def read_header(source):
 
 def _dispatch(source, header_only):
     readers = {"nifti": _read_nifti, "metaimage": _read_metaimage, "dicom": _read_dicom,
-               "hdf5": _read_hdf5}
+               "hdf5": _read_hdf5, "picture": _read_picture, "dicom_file": _read_dicom_file}
     if not os.path.exists(source.path):
         raise InputError(f"{source.path}: file not found")
     reader = readers[volume_format(source.path)]
@@ -227,6 +244,19 @@ def _read_dicom(source, header_only):
     series = {str(getattr(h, "SeriesInstanceUID", "")) for h in headers}
     if len(series) > 1:
         raise InputError(f"{source.path}: holds {len(series)} DICOM series; give each its own folder")
+    headers, affine = _dicom_slice_geometry(headers)
+    shape = (int(headers[0].Columns), int(headers[0].Rows), len(headers))
+    if header_only:
+        return shape, affine
+    volume = np.zeros(shape, dtype=np.float32)
+    for k, header in enumerate(headers):
+        volume[:, :, k] = _dicom_values(pydicom.dcmread(header.filename), header.filename, invert=False).T
+    return _displayed_bright(volume, headers[0]), affine
+
+
+def _dicom_slice_geometry(headers):
+    """(headers sorted along the slice normal, voxel-to-RAS affine) of slices that carry
+    ImageOrientationPatient and ImagePositionPatient."""
     row_cosine, column_cosine = (np.array(headers[0].ImageOrientationPatient, dtype=float)
                                  .reshape(2, 3))
     normal = np.cross(row_cosine, column_cosine)
@@ -245,17 +275,108 @@ def _read_dicom(source, header_only):
     affine_lps[:3, 1] = column_cosine * row_spacing
     affine_lps[:3, 2] = slice_step
     affine_lps[:3, 3] = positions[0]
-    affine = LPS_TO_RAS @ affine_lps
-    shape = (int(headers[0].Columns), int(headers[0].Rows), len(headers))
+    return headers, LPS_TO_RAS @ affine_lps
+
+
+def _displayed_bright(values, dataset):
+    """MONOCHROME1 values flipped within their own range, so that high means bright."""
+    if str(getattr(dataset, "PhotometricInterpretation", "")).upper() == "MONOCHROME1" and values.size:
+        return values.max() + values.min() - values
+    return values
+
+
+def _dicom_values(dataset, where, invert=True):
+    """The (rows, cols[, samples]) pixel values after the modality rescale; MONOCHROME1 inverted
+    unless `invert` is off (a series is inverted as a whole)."""
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise InputError(f"{where}: multi-frame DICOM ({frames} frames) is not supported; convert it to "
+                         f"NIfTI first (e.g. with dcm2niix)")
+    pixels = dataset.pixel_array.astype(np.float32)
+    slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
+    values = pixels * slope + intercept
+    return _displayed_bright(values, dataset) if invert else values
+
+
+def _picture_spacing(dataset):
+    """(row spacing, column spacing) in mm of a projection image: PixelSpacing, else
+    ImagerPixelSpacing (at the detector); None when absent or zero, as some CR files store."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = getattr(dataset, keyword, None)
+        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
+            return float(value[0]), float(value[1])
+    return None
+
+
+def _read_dicom_file(source, header_only):
+    """One 2D DICOM image. With patient geometry (a CT/MR slice) it is placed like a one-slice
+    series; without (radiographs) it becomes a picture with the file's pixel spacing."""
+    pydicom = _require("pydicom", "pydicom", f"the DICOM file {source.path}")
+    dataset = pydicom.dcmread(source.path, stop_before_pixels=header_only)
+    if "PixelData" not in dataset and not header_only:
+        raise InputError(f"{source.path}: DICOM file holds no image (no PixelData)")
+    placed = "ImageOrientationPatient" in dataset and "ImagePositionPatient" in dataset \
+        and "PixelSpacing" in dataset
+    if placed:
+        _, affine = _dicom_slice_geometry([dataset])
+        shape = (int(dataset.Columns), int(dataset.Rows), 1)
+        if header_only:
+            return shape, affine
+        values = _dicom_values(dataset, source.path)
+        if values.ndim != 2:
+            raise InputError(f"{source.path}: a placed DICOM slice with {values.shape[2]} samples per "
+                             f"pixel; expected grey")
+        return values.T[:, :, None], affine
+    row_spacing, column_spacing = _picture_spacing(dataset) or (1.0, 1.0)
+    affine = _picture_affine(column_spacing, row_spacing)
+    samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
     if header_only:
-        return shape, affine
-    volume = np.zeros(shape, dtype=np.float32)
-    for k, header in enumerate(headers):
-        pixels = pydicom.dcmread(header.filename).pixel_array.astype(np.float32)
-        slope = float(getattr(header, "RescaleSlope", 1.0))
-        intercept = float(getattr(header, "RescaleIntercept", 0.0))
-        volume[:, :, k] = (pixels * slope + intercept).T
-    return volume, affine
+        return _picture_shape(int(dataset.Rows), int(dataset.Columns), samples), affine
+    values = _dicom_values(dataset, source.path)
+    if str(getattr(dataset, "PhotometricInterpretation", "")).upper().startswith("YBR") and values.ndim == 3:
+        values = pydicom.pixels.convert_color_space(values.astype(np.uint8), dataset.PhotometricInterpretation,
+                                                    "RGB").astype(np.float32)
+    return _picture_volume(values), affine
+
+
+# ---------------------------------------------------------------- pictures (PNG, JPEG, BMP, TIFF)
+
+def _picture_affine(column_spacing=1.0, row_spacing=1.0):
+    """i runs along columns to the right, j along rows upwards: the axial view of the volume is the
+    picture the right way up (see geometry.slice_for_display)."""
+    return np.diag([column_spacing, row_spacing, 1.0, 1.0])
+
+
+def _picture_shape(rows, cols, channels):
+    return (cols, rows, 1) + ((channels,) if channels > 1 else ())
+
+
+def _picture_volume(picture):
+    """(rows, cols[, channels]) -> (cols, rows, 1[, channels]); channels that are all equal (a grey
+    image saved as RGB) collapse to one, an alpha channel is dropped. True colour stays: prepare
+    then asks for --channel."""
+    if picture.ndim == 3:
+        if picture.shape[2] in (2, 4):
+            picture = picture[..., :-1]
+        if all(np.array_equal(picture[..., 0], picture[..., c]) for c in range(1, picture.shape[2])):
+            picture = picture[..., 0]
+    volume = np.flipud(picture).swapaxes(0, 1)[:, :, None]
+    return np.ascontiguousarray(volume)
+
+
+def _read_picture(source, header_only):
+    """A 2D picture. Palette pictures give their palette indices (label masks saved that way keep
+    their class ids); 1-bit pictures give 0/1; 16-bit grey stays 16-bit."""
+    from PIL import Image
+    with Image.open(source.path) as picture:
+        if picture.mode not in ("1", "L", "LA", "P", "I", "I;16", "I;16B", "I;16L", "F", "RGB", "RGBA"):
+            picture = picture.convert("RGB")
+        elif picture.mode == "1":
+            picture = picture.convert("L").point(lambda value: 1 if value else 0)
+        array = np.asarray(picture)
+    volume = _picture_volume(array.astype(array.dtype.newbyteorder("=")))
+    return (volume.shape, _picture_affine()) if header_only else (volume, _picture_affine())
 
 
 # ---------------------------------------------------------------- HDF5 (arrays only)

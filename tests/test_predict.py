@@ -169,6 +169,11 @@ def test_png_image_task_reproduces_the_context_target(copy_model, tmp_path):
     assert predicted.dtype == np.uint8 and predicted.shape == target.shape
     assert np.abs(predicted.astype(int) - target).max() <= 1
 
+    Image.fromarray(image).save(tmp_path / 'query.bmp')  # other picture formats are read alike
+    run_predict('--task', 'image', '--checkpoint', copy_model, '--context_image', context,
+                '--context_target', context_target, '--query', tmp_path / 'query.bmp', '--output', output)
+    np.testing.assert_array_equal(np.asarray(Image.open(output)), predicted)
+
 
 def test_png_labels_keep_16_bit_ids(copy_model, tmp_path):
     label = blob_labels(2).astype(np.uint16) * 150  # ids 150 and 300
@@ -242,8 +247,12 @@ ERRORS = {
                    '--output', 'out_png'], 'sizes differ'),
     'nifti grids': (['--context_image', 'nifti', '--context_label', 'nifti_shifted_label', '--query', 'nifti',
                      '--output', 'out_nifti', '--modality', 'CT'], 'voxel grids differ'),
-    'unknown format': (['--context_image', 'png', '--context_label', 'png_label', '--query', 'scan.jpg',
-                        '--output', 'out_png'], r'--query scan.jpg: unknown format'),
+    'unknown format': (['--context_image', 'png', '--context_label', 'png_label', '--query', 'scan.raw',
+                        '--output', 'out_png'], r'--query scan.raw: unknown format'),
+    'jpeg label': (['--context_image', 'png', '--context_label', 'mask.jpg', '--query', 'png',
+                    '--output', 'out_png'], r'--context_label mask.jpg: a label in JPEG'),
+    'picture output not png': (['--context_image', 'png', '--context_label', 'png_label', '--query', 'png',
+                                '--output', 'pred.jpg'], r'--output pred.jpg: a png query gives a .png output'),
     'png background only': (['--context_image', 'png', '--context_label', 'png_empty_label', '--query', 'png',
                              '--output', 'out_png'], r'empty_label.png: holds no class other than background'),
     'nifti background only': (['--context_image', 'nifti', '--context_label', 'nifti_empty_label',
