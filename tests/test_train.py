@@ -16,7 +16,7 @@ import torch
 
 import main_pretrain
 from datasets import prepare
-from engine_pretrain import NonFiniteError
+from engine_pretrain import NonFiniteError, Progress, train_one_epoch
 from models_mvg import MVG, create_model
 from tests.test_canvas import prepare_all, save
 from util import checkpoint
@@ -259,8 +259,8 @@ def test_two_processes_and_accumulation_match_one_process_with_the_same_global_b
     assert_same_weights(weights(tmp_path / "accum" / "checkpoint-last.pth"), one, atol=1e-4, rtol=0)
 
 
-def nan_forward_on(monkeypatch, calls):
-    """Makes MVG.forward return a NaN loss on the given (0-based) calls."""
+def nan_forward_on(monkeypatch, calls, value=float("nan")):
+    """Makes MVG.forward return a NaN (or `value`) loss on the given (0-based) calls."""
     original = MVG.forward
     count = [0]
 
@@ -268,7 +268,7 @@ def nan_forward_on(monkeypatch, calls):
         loss, *rest = original(self, *args, **kwargs)
         count[0] += 1
         if count[0] - 1 in calls:
-            loss = loss * float("nan")
+            loss = loss * value
         return (loss, *rest)
 
     monkeypatch.setattr(MVG, "forward", forward)
@@ -292,6 +292,41 @@ def test_non_finite_loss_skips_the_step_and_many_in_a_row_stop_the_run(tmp_path,
     state = torch.load(tmp_path / "b" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert (state["global_step"], state["skipped_steps"]) == (4, 3)
     assert all(s["step"] == 1 for s in state["optimizer"]["state"].values())  # the last good state
+
+
+def engine_run(toy, scaler, steps=4):
+    """`steps` optimizer steps of the engine on the toy data with the given loss scaler; the initial
+    and final weights and the progress."""
+    args = main_pretrain.parse_args([*TINY, "--data_path", toy, "--batch_size", "2"])
+    main_pretrain.seed_everything(0)
+    model = main_pretrain.build_model(args)
+    dataset = main_pretrain.build_dataset(args, model.patch_size)
+    batches = [torch.utils.data.default_collate([dataset[2 * i], dataset[2 * i + 1]]) for i in range(steps)]
+    optimizer = main_pretrain.build_optimizer(model, args, 1e-3, torch.device("cpu"))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    progress = Progress()
+    train_one_epoch(model, batches, optimizer, scaler, progress, args, lambda step: 1e-3, dataset.names)
+    return initial, model.state_dict(), progress
+
+
+def test_fp16_loss_scaling_is_exact_and_an_overflow_skips_the_step_and_lowers_the_scale(toy, monkeypatch):
+    """The fp16 recipe's GradScaler path, on the CPU: scaling by a power of two and unscaling before
+    the norm and the update changes nothing; an overflow (an infinite scaled loss) skips that step,
+    leaves the weights alone and halves the scale."""
+    initial, plain, _ = engine_run(toy, torch.amp.GradScaler("cpu", enabled=False))
+    _, scaled, _ = engine_run(toy, torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
+    assert not torch.equal(plain["patch_embed.proj.weight"], initial["patch_embed.proj.weight"])
+    assert_same_weights(scaled, plain)
+
+    nan_forward_on(monkeypatch, calls={0, 1}, value=float("inf"))  # the first step of each run below
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    initial, overflowed, progress = engine_run(toy, scaler, steps=1)
+    assert progress.skipped_steps == 1 and scaler.get_scale() == 2.0 ** 15
+    assert_same_weights(overflowed, initial)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    initial, recovered, progress = engine_run(toy, scaler, steps=2)
+    assert (progress.global_step, progress.skipped_steps, scaler.get_scale()) == (2, 1, 2.0 ** 15)
+    assert not torch.equal(recovered["patch_embed.proj.weight"], initial["patch_embed.proj.weight"])
 
 
 def test_a_signal_stops_the_run_at_the_next_step_with_a_checkpoint(tmp_path, mixed, monkeypatch):
