@@ -24,7 +24,8 @@ Examples:
     python predict.py --task image --target_on_input_scale --checkpoint mvg_large.pth --modality CT \\
         --context_image low_dose.nii.gz --context_target full_dose.nii.gz --query low.nii.gz --output denoised.nii.gz
 
-How inputs become model slices. Volumes (.nii, .nii.gz) go through the steps of datasets.prepare,
+How inputs become model slices. Volumes (.nii, .nii.gz; also .mhd/.mha, DICOM files and DICOM series
+folders, written out as NIfTI) go through the steps of datasets.prepare,
 so a volume given here and the PNG slices prepare writes from it are seen alike: reoriented to RAS
 (flips and permutations only), intensities normalised per volume as --modality/--normalization say
 (CT window, MR percentiles over the body, min-max otherwise; datasets/intensity.py), sliced along
@@ -71,11 +72,14 @@ from tqdm import tqdm
 from datasets import geometry, intensity
 from datasets.canvas import LABEL_ENCODINGS, MAX_GREY_CLASS
 from datasets.prepare import label_ids
-from datasets.readers import LOSSY_EXTENSIONS, PICTURE_EXTENSIONS, InputError, Source, read_volume
+from datasets.readers import (DICOM_FILE_EXTENSIONS, LOSSY_EXTENSIONS, PICTURE_EXTENSIONS, InputError, Source,
+                              read_volume)
 from inference import PRECISIONS, Predictor, load_model
 
 PNG_SUFFIXES = PICTURE_EXTENSIONS  # read as PNGs are; what is written is always a PNG
-VOLUME_SUFFIXES = ('.nii', '.nii.gz')
+VOLUME_SUFFIXES = ('.nii', '.nii.gz')  # what volumes are written as
+# Read like NIfTI (datasets/readers.py): MetaImage, a single DICOM file, and a folder holding a DICOM series.
+OTHER_VOLUME_SUFFIXES = ('.mhd', '.mha') + DICOM_FILE_EXTENSIONS
 AFFINE_TOLERANCE = 1e-3  # mm, datasets.prepare's default --affine_tolerance between an image and its label
 UNPLACED_POSITION = 0.5  # a PNG has no position along the axis: it counts as the middle slice
 AXIS_NAMES = {index: name for name, index in geometry.AXES.items()}
@@ -155,9 +159,10 @@ def file_kind(path: str, flag: str) -> str:
     lower = path.lower()
     if lower.endswith(PNG_SUFFIXES):
         return 'png'
-    if lower.endswith(VOLUME_SUFFIXES):
+    if lower.endswith(VOLUME_SUFFIXES + OTHER_VOLUME_SUFFIXES) or os.path.isdir(path):
         return 'volume'
-    raise InputError(f"{flag} {path}: unknown format; expected {', '.join(PNG_SUFFIXES + VOLUME_SUFFIXES)}")
+    raise InputError(f"{flag} {path}: unknown format; expected {', '.join(PNG_SUFFIXES + VOLUME_SUFFIXES)}, "
+                     f"{', '.join(OTHER_VOLUME_SUFFIXES)} or a DICOM series folder")
 
 
 def read_png_array(path: str, flag: str, convert_palette: bool) -> np.ndarray:
@@ -208,7 +213,8 @@ def read_volume_3d(path: str, flag: str) -> Volume:
         data = data[..., None]
     if data.ndim != 3:
         raise InputError(f"{flag} {path}: shape {file_shape} is not a 3D volume")
-    return Volume(data, affine, file_shape, nib.load(path).header)
+    header = nib.load(path).header if path.lower().endswith(VOLUME_SUFFIXES) else None
+    return Volume(data, affine, file_shape, header)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -474,7 +480,12 @@ def predict_volume(args, predictor: Predictor, pairs: List[ContextPair]) -> np.n
 def save_on_query_grid(volume: np.ndarray, query: Volume, path: str):
     """The query's header and affine (qform and sform codes too), with the prediction's data type,
     no intensity scaling and no display range: the query's would not describe labels."""
-    header = query.header.copy()
+    if query.header is None:  # a DICOM or MetaImage query: a fresh header placed by the affine
+        header = nib.Nifti1Header()
+        header.set_qform(query.affine, code=1)
+        header.set_sform(query.affine, code=1)
+    else:
+        header = query.header.copy()
     header.set_data_dtype(volume.dtype)
     header.set_slope_inter(1.0, 0.0)
     header['cal_min'] = header['cal_max'] = 0
@@ -483,7 +494,8 @@ def save_on_query_grid(volume: np.ndarray, query: Volume, path: str):
 
 def check_output_path(args, query_kind: str):
     output_kind = file_kind(args.output, '--output')
-    if output_kind != query_kind or (query_kind == 'png' and not args.output.lower().endswith('.png')):
+    wrong_suffix = not args.output.lower().endswith('.png' if query_kind == 'png' else VOLUME_SUFFIXES)
+    if output_kind != query_kind or wrong_suffix:
         wanted = '.png' if query_kind == 'png' else ' or '.join(VOLUME_SUFFIXES)
         raise InputError(f"--output {args.output}: a {query_kind} query gives a {wanted} output")
     folder = os.path.dirname(os.path.abspath(args.output))

@@ -130,6 +130,27 @@ def test_nifti_at_the_prepared_slice_size_with_auto_context_slices(copy_model, t
         assert (predicted[:, :, z] == truth[:, :, z]).mean() > 0.97  # 40x28 -> 512 -> 32 -> 512 -> 40x28
 
 
+def test_dicom_series_query_is_predicted_as_its_nifti_twin(copy_model, tmp_path):
+    """A DICOM series folder as the query gives the same NIfTI prediction, on the same grid, as the
+    NIfTI file holding the same voxels and affine."""
+    from datasets import readers
+    from tests.test_prepare import write_dicom_series
+    truth = canonical_labels((SIDE, SIDE, 6), labelled_slices=range(1, 5))
+    write_dicom_series(tmp_path / 'series', np.rint(ct_image_for(truth)))
+    voxels, affine = readers.read_volume(readers.Source(str(tmp_path / 'series')))
+    twin = save_nifti(tmp_path / 'twin.nii.gz', voxels, affine)
+    labels = save_nifti(tmp_path / 'twin_seg.nii.gz', truth.astype(np.uint16), affine)
+    common = ('--checkpoint', copy_model, '--context_image', twin, '--context_label', labels,
+              '--context_slices', 2, '--modality', 'CT', '--slice_size', 0)
+    run_predict(*common, '--query', twin, '--output', tmp_path / 'from_nifti.nii.gz')
+    run_predict(*common, '--query', tmp_path / 'series', '--output', tmp_path / 'from_dicom.nii.gz')
+    from_nifti, from_dicom = nib.load(tmp_path / 'from_nifti.nii.gz'), nib.load(tmp_path / 'from_dicom.nii.gz')
+    np.testing.assert_array_equal(np.asarray(from_dicom.dataobj), np.asarray(from_nifti.dataobj))
+    np.testing.assert_allclose(from_dicom.affine, affine)
+    assert nib.aff2axcodes(from_dicom.affine) == ('L', 'P', 'S')
+    assert set(np.unique(np.asarray(from_dicom.dataobj))) == {0, *CLASS_IDS}
+
+
 def test_auto_context_slices_spread_over_the_labelled_range():
     assert predict.spread_over_range(np.array([4, 5, 6, 7, 8, 9, 10]), 3) == [4, 7, 10]
     assert predict.spread_over_range(np.array([2, 3, 20]), 2) == [2, 20]
@@ -247,6 +268,8 @@ ERRORS = {
                    '--output', 'out_png'], 'sizes differ'),
     'nifti grids': (['--context_image', 'nifti', '--context_label', 'nifti_shifted_label', '--query', 'nifti',
                      '--output', 'out_nifti', '--modality', 'CT'], 'voxel grids differ'),
+    'volume output not nifti': (['--context_image', 'nifti', '--context_label', 'nifti_label', '--query', 'nifti',
+                                 '--output', 'pred.mha', '--modality', 'CT'], r'--output pred.mha: a volume query'),
     'unknown format': (['--context_image', 'png', '--context_label', 'png_label', '--query', 'scan.raw',
                         '--output', 'out_png'], r'--query scan.raw: unknown format'),
     'jpeg label': (['--context_image', 'png', '--context_label', 'mask.jpg', '--query', 'png',
