@@ -1,0 +1,78 @@
+"""Checkpoint cost: how long main_pretrain's checkpoint (model, AdamW state, scaler, progress, RNG
+states, args) takes to write atomically and to read back with weights_only=True, and what that
+costs a run that saves every N steps.
+
+The optimizer state is real: one AdamW step with zero gradients creates both moment buffers of every
+parameter, as after the first training step. The file goes to --dir (default: a temporary folder
+under the current directory, i.e. the disk a run's output_dir would usually be on).
+
+    python bench/bench_checkpoint.py                                   # ViT-L, CPU
+    python bench/bench_checkpoint.py --model mvg_vit_base_patch16 --step_seconds 0.5 --every 1000
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import main_pretrain  # noqa: E402
+from engine_pretrain import Progress  # noqa: E402
+from util import checkpoint  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='mvg_vit_large_patch16')
+    p.add_argument('--input_size', type=int, nargs=2, default=(896, 448), metavar=('H', 'W'))
+    p.add_argument('--dir', help='where the checkpoint is written (default: a temporary folder here)')
+    p.add_argument('--repeats', type=int, default=2)
+    p.add_argument('--step_seconds', type=float, default=1.0,
+                   help='training step time the amortised cost is given for')
+    p.add_argument('--every', type=int, default=1000, help="checkpoint cadence in steps (--save_every_steps)")
+    return p.parse_args(argv)
+
+
+def trained_state(args):
+    """A model and an AdamW with both moment buffers filled, as main builds them."""
+    train_args = main_pretrain.parse_args(['--model', args.model, '--input_size', *map(str, args.input_size),
+                                           '--device', 'cpu'])
+    model = main_pretrain.build_model(train_args)
+    optimizer = main_pretrain.build_optimizer(model, train_args, 1e-4, torch.device('cpu'))
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model, optimizer, train_args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, optimizer, train_args = trained_state(args)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    parameters = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory(dir=args.dir or '.') as folder:
+        path = os.path.join(folder, checkpoint.LAST)
+        saves, loads = [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            checkpoint.save_training_state(path, model, optimizer, scaler, Progress(), dict(vars(train_args)),
+                                           global_batch=16, world_size=1)
+            saves.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            checkpoint.load_training_state(path)
+            loads.append(time.perf_counter() - start)
+        size = os.path.getsize(path)
+    save_s, load_s = min(saves), min(loads)
+    print(f"{args.model}: {parameters:,} parameters; checkpoint {size / 2 ** 30:.2f} GiB")
+    print(f"atomic save (write, fsync, rename): {save_s:.1f} s ({size / 2 ** 20 / save_s:.0f} MiB/s); "
+          f"load with weights_only=True: {load_s:.1f} s (best of {args.repeats})")
+    print(f"every {args.every} steps of {args.step_seconds} s: {100 * save_s / (args.every * args.step_seconds):.2f}% "
+          f"of training time")
+
+
+if __name__ == '__main__':
+    main()
