@@ -126,6 +126,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="refresh checkpoint-last.pth every this many steps (0: at epoch ends only)")
     g.add_argument("--save_every_epochs", type=int, default=1, help="write checkpoint-{epoch}.pth (0: never)")
     g.add_argument("--keep_checkpoints", type=int, default=3, help="numbered checkpoints to keep (0: all)")
+    g.add_argument("--checkpoint_in_background", action=flag, default=True,
+                   help="write checkpoints from a background thread: training pauses only to copy the state "
+                        "to host memory (it needs that much free host memory); the run waits for the last "
+                        "write before it ends")
     g.add_argument("--print_freq", type=int, default=20, help="steps between progress lines and scalars")
     g.add_argument("--vis_every_steps", type=int, default=1000, help="steps between image grids (0: never)")
     g.add_argument("--wandb", action=flag, default=False, help="also log to Weights & Biases")
@@ -353,10 +357,13 @@ def train(args, dist_info, device):
     if dist_info.is_main and (args.log_dir or args.wandb):
         writer = misc.RunLogger(args.log_dir, args.wandb_project if args.wandb else "", args_dict)
 
-    def save(name):
+    checkpoint_writer = checkpoint.CheckpointWriter(background=args.checkpoint_in_background)
+
+    def save(name, then=None):
         if args.output_dir:
             checkpoint.save_training_state(os.path.join(args.output_dir, name), mvg, optimizer, scaler,
-                                           progress, args_dict, global_batch, dist_info.world_size)
+                                           progress, args_dict, global_batch, dist_info.world_size,
+                                           checkpoint_writer, then)
 
     start = time.time()
     try:
@@ -373,6 +380,7 @@ def train(args, dist_info, device):
                 if stats["stop"]:
                     break
     finally:
+        checkpoint_writer.wait()
         if writer is not None:
             writer.close()
     misc.print0(f"training time {time.time() - start:.0f}s, global step {progress.global_step}, "
@@ -407,14 +415,16 @@ def finish_epoch(args, progress, stats, save, writer):
     finished = progress.epoch
     progress.epoch += 1
     progress.step_in_epoch = 0
-    save(checkpoint.LAST)
     numbered = args.save_every_epochs and (progress.epoch % args.save_every_epochs == 0
                                            or progress.epoch == args.epochs)
+
+    def keep_numbered_copy():  # runs once checkpoint-last.pth is on disk
+        snapshot(os.path.join(args.output_dir, checkpoint.LAST),
+                 os.path.join(args.output_dir, f"checkpoint-{finished}.pth"))
+        checkpoint.prune_numbered(args.output_dir, args.keep_checkpoints)
+
+    save(checkpoint.LAST, keep_numbered_copy if numbered else None)
     if args.output_dir and misc.is_main_process():
-        if numbered:
-            snapshot(os.path.join(args.output_dir, checkpoint.LAST),
-                     os.path.join(args.output_dir, f"checkpoint-{finished}.pth"))
-            checkpoint.prune_numbered(args.output_dir, args.keep_checkpoints)
         record = {"epoch": finished, "global_step": progress.global_step,
                   **{f"train_{k}": v for k, v in stats.items() if k != "stop"}}
         with open(os.path.join(args.output_dir, "log.txt"), "a") as handle:

@@ -1,5 +1,6 @@
 """Checkpoint cost: how long main_pretrain's checkpoint (model, AdamW state, scaler, progress, RNG
-states, args) takes to write atomically and to read back with weights_only=True, and what that
+states, args) takes to write atomically and to read back with weights_only=True, how long training
+pauses for it when it is written in the background (the default) or in the loop, and what that
 costs a run that saves every N steps.
 
 The optimizer state is real: one AdamW step with zero gradients creates both moment buffers of every
@@ -56,7 +57,7 @@ def main(argv=None):
     parameters = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory(dir=args.dir or '.') as folder:
         path = os.path.join(folder, checkpoint.LAST)
-        saves, loads = [], []
+        pauses, saves, loads = [], [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
             checkpoint.save_training_state(path, model, optimizer, scaler, Progress(), dict(vars(train_args)),
@@ -65,13 +66,22 @@ def main(argv=None):
             start = time.perf_counter()
             checkpoint.load_training_state(path)
             loads.append(time.perf_counter() - start)
+            writer = checkpoint.CheckpointWriter(background=True)
+            start = time.perf_counter()
+            checkpoint.save_training_state(path, model, optimizer, scaler, Progress(), dict(vars(train_args)),
+                                           global_batch=16, world_size=1, writer=writer)
+            pauses.append(time.perf_counter() - start)  # training would go on from here
+            writer.wait()
         size = os.path.getsize(path)
-    save_s, load_s = min(saves), min(loads)
-    print(f"{args.model}: {parameters:,} parameters; checkpoint {size / 2 ** 30:.2f} GiB")
+    pause_s, save_s, load_s = min(pauses), min(saves), min(loads)
+    print(f"{args.model}: {parameters:,} parameters; checkpoint {size / 2 ** 30:.2f} GiB (best of {args.repeats})")
     print(f"atomic save (write, fsync, rename): {save_s:.1f} s ({size / 2 ** 20 / save_s:.0f} MiB/s); "
-          f"load with weights_only=True: {load_s:.1f} s (best of {args.repeats})")
-    print(f"every {args.every} steps of {args.step_seconds} s: {100 * save_s / (args.every * args.step_seconds):.2f}% "
-          f"of training time")
+          f"load with weights_only=True: {load_s:.1f} s")
+    print(f"training pauses for: {save_s:.1f} s with --no-checkpoint_in_background, "
+          f"{pause_s:.1f} s in the background (the copy to host memory)")
+    budget = args.every * args.step_seconds
+    print(f"every {args.every} steps of {args.step_seconds} s: {100 * save_s / budget:.2f}% of training time in "
+          f"the loop, {100 * pause_s / budget:.2f}% in the background")
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ main_eval.py on the held-out slabs with baselines on the same queries and contex
 
     scripts/demo.sh                  # about 10 minutes of training on 2 cores
     scripts/demo.sh --minutes 30     # longer training, better numbers
+    scripts/demo.sh --steps 800      # a fixed number of steps: the same numbers on any machine
 """
 import argparse
 import json
@@ -43,6 +44,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='demo_output', help='everything the demo writes')
     p.add_argument('--minutes', type=float, default=10.0, help='training time budget')
+    p.add_argument('--steps', type=int, help='train exactly this many steps instead (reproducible results '
+                                             'whatever the machine or its load)')
     p.add_argument('--workers', type=int, default=1, help='data loading processes during training')
     p.add_argument('--label_encoding', default='grey', choices=['grey', 'random_colors', 'binary'],
                    help="how labels are drawn; 'grey' (the authors' code) learns within minutes on a CPU, "
@@ -100,7 +103,12 @@ def seconds_per_step(prepared, config):
 
 
 def train(prepared, out, config, args):
-    steps = 3 if args.fast else max(20, int(args.minutes * 60 / seconds_per_step(prepared, config)))
+    if args.fast:
+        steps = 3
+    elif args.steps:
+        steps = args.steps
+    else:
+        steps = max(20, int(args.minutes * 60 / seconds_per_step(prepared, config)))
     epochs = 1 if args.fast else 10
     samples_per_epoch = max(1, steps // epochs) * config['batch_size']
     count, smallest, largest = config['mask']
@@ -178,7 +186,8 @@ def main(argv=None):
     stage('1/3 data: MNI152 slabs -> prepared slices (datasets.prepare)')
     prepared = build_data(args.out, config, args.seed)
     timings['data'] = time.perf_counter() - start
-    stage(f'2/3 training MVG on the CPU ({"a few steps" if args.fast else f"about {args.minutes:g} minutes"})')
+    budget = 'a few steps' if args.fast else f'{args.steps} steps' if args.steps else f'about {args.minutes:g} minutes'
+    stage(f'2/3 training MVG on the CPU ({budget})')
     start = time.perf_counter()
     checkpoint = train(prepared, args.out, config, args)
     timings['training'] = time.perf_counter() - start

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -447,3 +448,43 @@ def test_atomic_save_and_pruning(tmp_path):
     checkpoint.prune_numbered(str(tmp_path), keep=2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-3.pth", "checkpoint-4.pth"]  # no temp files left
     assert torch.load(tmp_path / "checkpoint-4.pth", weights_only=True) == {"epoch": 4}
+
+
+def test_background_checkpoint_holds_the_state_of_its_step_and_errors_surface(tmp_path, monkeypatch):
+    """Training goes on while the file is written: the file must hold the state at the moment of the
+    save, not what the weights became meanwhile; and a failed write is not lost in its thread."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    at_save = {k: v.clone() for k, v in model.state_dict().items()}
+    release, original_save = threading.Event(), checkpoint.atomic_save
+
+    def slow_disk(state, path):
+        assert release.wait(timeout=30)
+        original_save(state, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_save", slow_disk)
+    writer = checkpoint.CheckpointWriter()
+    path = str(tmp_path / checkpoint.LAST)
+    checkpoint.save_training_state(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), Progress(),
+                                   {"model": "linear"}, global_batch=1, world_size=1, writer=writer,
+                                   then=lambda: open(tmp_path / "then-ran", "w").close())
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training goes on while the write waits for the disk
+    assert not os.path.exists(path)
+    release.set()
+    writer.wait()
+    saved = checkpoint.load_training_state(path)
+    assert_same_weights(saved["model"], at_save)
+    assert os.path.exists(tmp_path / "then-ran")
+
+    def full_disk(state, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_save", full_disk)
+    checkpoint.save_training_state(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), Progress(),
+                                   {}, global_batch=1, world_size=1, writer=writer)
+    with pytest.raises(RuntimeError, match="writing a checkpoint failed: OSError.*No space left"):
+        writer.wait()
+    writer.wait()  # reported once

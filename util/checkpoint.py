@@ -17,6 +17,7 @@ import os
 import random
 import re
 import tempfile
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,12 +86,65 @@ def restore_rng(state: dict):
 # training checkpoints
 
 
+def to_host(obj):
+    """A copy of a nested state (dicts, lists, tuples) whose tensors are in host memory and share
+    nothing with the live ones, so that training may go on while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: to_host(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(value) for value in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, so that training waits only while the state is
+    copied to host memory (about a second for ViT-L), not while gigabytes reach the disk.
+
+    One write at a time: a new one first waits for the last. `wait()` blocks until the last write is
+    on disk and raises its error, if it had one; main calls it before exiting, also on errors and
+    signals, so a run never ends with a checkpoint half-written. With background=False every write
+    happens in the caller, as a plain function call.
+    """
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self._thread = None
+        self._error = None
+
+    def submit(self, write):
+        """Runs write() (no arguments) after the previous write has finished."""
+        self.wait()
+        if not self.background:
+            write()
+            return
+        self._thread = threading.Thread(target=self._run, args=(write,), name="checkpoint-writer")
+        self._thread.start()
+
+    def _run(self, write):
+        try:
+            write()
+        except BaseException as error:  # handed to the training thread by wait()
+            self._error = error
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint failed: {type(error).__name__}: {error}") from error
+
+
 def save_training_state(path: str, model, optimizer, scaler, progress, args_dict: dict,
-                        global_batch: int, world_size: int):
-    """Collective: every rank contributes its RNG state; rank 0 writes the file."""
+                        global_batch: int, world_size: int, writer: CheckpointWriter = None, then=None):
+    """Collective: every rank contributes its RNG state; rank 0 writes the file, through `writer`
+    (in the background) when given, and afterwards calls then() (e.g. a numbered copy and pruning)."""
     rng_states = all_gather_objects(capture_rng())
     if not is_main_process():
         return
+    writer = writer or CheckpointWriter(background=False)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -101,7 +155,15 @@ def save_training_state(path: str, model, optimizer, scaler, progress, args_dict
         "rng": rng_states,
         "args": args_dict,
     }
-    atomic_save(state, path)
+    if writer.background:  # training will change the live tensors while this copy is written
+        state = to_host(state)
+
+    def write():
+        atomic_save(state, path)
+        if then is not None:
+            then()
+
+    writer.submit(write)
 
 
 def load_training_state(path: str) -> dict:
