@@ -308,6 +308,8 @@ def train(args, dist_info, device):
         misc.print0(f"note: {note}")
     if args.output_dir and dist_info.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
+        for leftover in checkpoint.remove_partial_writes(args.output_dir):
+            misc.print0(f"removed {leftover}, a checkpoint write that an earlier run did not finish")
 
     path, state = resume_state(args, dist_info)
     # The same initial weights on every rank (DDP would broadcast rank 0's anyway).

@@ -218,9 +218,11 @@ def test_resume_mid_epoch_and_after_a_truncated_checkpoint_equals_a_straight_run
     run(crashed, mixed, *common, "--stop_after_steps", "8")
     last = crashed / "checkpoint-last.pth"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    (crashed / "checkpoint-last.pth.x1y2.tmp").write_bytes(b"a write cut short by the crash")
     capsys.readouterr()
     run(crashed, mixed, *common, "--auto_resume")
     captured = capsys.readouterr()
+    assert not list(crashed.glob("*.tmp")) and "removed checkpoint-last.pth.x1y2.tmp" in captured.out
     assert "skipping checkpoint" in captured.err and "checkpoint-last.pth" in captured.err
     assert "resumed from" in captured.out and "checkpoint-0.pth" in captured.out
     assert_same_weights(weights(crashed / "checkpoint-last.pth"), straight)

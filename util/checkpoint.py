@@ -191,6 +191,16 @@ def find_latest_valid(output_dir: str):
     return None, None
 
 
+def remove_partial_writes(output_dir: str) -> list:
+    """Deletes the temporary files of checkpoint writes that a killed run left (each as large as a
+    checkpoint); returns their names. The complete checkpoints are never touched."""
+    leftovers = sorted(name for name in os.listdir(output_dir)
+                       if name.startswith("checkpoint-") and ".pth" in name and name.endswith(".tmp"))
+    for name in leftovers:
+        os.remove(os.path.join(output_dir, name))
+    return leftovers
+
+
 def prune_numbered(output_dir: str, keep: int):
     """Deletes all but the `keep` highest-numbered checkpoint-{epoch}.pth (keep <= 0: keep all)."""
     if keep <= 0:
