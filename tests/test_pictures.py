@@ -10,6 +10,7 @@ from PIL import Image
 
 from datasets import prepare, readers
 from datasets.manifest import PreparedDataset, read_png
+from datasets.verify import verify_root
 
 
 def run(*argv):
@@ -98,6 +99,8 @@ def test_chest_xray_pictures_prepare_unchanged_with_spacing_and_binary_masks(tmp
     picture, mask = radiograph_and_mask(seed=1)
     assert np.array_equal(read_png(dataset.slice_path("image", "0001", 0)), picture)
     assert np.array_equal(read_png(dataset.slice_path("label", "0001", 0)), mask)
+    summaries, problems = verify_root(tmp_path / "out")
+    assert problems == [] and len(summaries) == 2
 
 
 def test_images_without_masks_are_refused_or_left_out(tmp_path, capsys):
@@ -219,3 +222,23 @@ def test_real_computed_radiograph():
     assert np.array_equal(affine, np.eye(4)), "the file stores no spacing"
     _, zero_spacing_affine = readers.read_header(readers.Source(real_dicom("RG1_UNCR.dcm")))
     assert np.array_equal(zero_spacing_affine, np.eye(4)), "a PixelSpacing of 0 is no spacing"
+
+
+def test_evaluation_on_one_slice_picture_cases(tmp_path, monkeypatch):
+    """main_eval on a prepared radiograph set: each case is one slice, contexts come from the other
+    (training) cases; a model that paints the context label scores Dice 1 when all masks agree."""
+    import main_eval
+    from tests.test_inference import CopyContextModel
+    for index in range(4):
+        picture, mask = radiograph_and_mask(seed=index)
+        save_picture(tmp_path / "img" / f"r{index}.png", picture)
+        save_picture(tmp_path / "lab" / f"r{index}.png", mask)
+    assert run("glob", "--root", tmp_path, "--images", "img/r*.png", "--labels", "lab/r*.png", "--modality", "XR",
+               "--size", 16, "--spacing", 0.2, 0.2, "--test_fraction", 0.5, "--out", tmp_path / "out",
+               "--dataset", "CXR") == 0
+    monkeypatch.setattr(main_eval, "load_model", lambda *args, **kwargs: CopyContextModel())
+    assert main_eval.main(["--checkpoint", "unused", "--data_path", str(tmp_path / "out"), "--output_dir",
+                           str(tmp_path / "eval"), "--baselines"]) == 0
+    (result,) = json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"]
+    assert result["cases"] == 2 and result["dice"] == 1.0 and result["hd95"] == 0.0
+    assert result["baselines"]["copy_context"]["dice"] == 1.0
