@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One GPU check in about eight minutes: the CUDA paths the CPU tests cannot reach, and the figures
+# bench/README.md asks for. Each stage has its own time limit, so one that hangs does not take the
+# others with it; everything is also written to $LOG.
+#
+#   bash bench/gpu_check.sh [prepared-data-root]
+#
+# Stages:
+#   1. the device, torch and CUDA versions
+#   2. bench_model.py: ViT-L at 896x448, batch 8, bf16 and fp16, fused and eager attention,
+#      activation checkpointing on and off (samples/s, memory, MFU)
+#   3. main_pretrain.py under torchrun with nccl: fp16 with the grad scaler, checkpoints every 10
+#      steps in the background, then --auto_resume to step 30
+#   4. main_pretrain.py with --compile, bf16 (ViT-B, so that compiling fits the budget)
+#   5. bench_train.py: the whole loop against the bare step (ViT-B, 896x448, 8 data workers)
+#
+# Data: a prepared root (default: bench_data.py's MNI152 preparation, which needs nilearn). Where the
+# GPU machine lacks packages (nibabel, monai), put their wheels in .whl/ and set WHEELS=1.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-}
+LOG=${LOG:-${OUT:-/tmp}/gpu_check.log}
+WORK=$(mktemp -d)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+if [ "${WHEELS:-0}" = 1 ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+stage() { echo; echo "=== $*"; }
+run() {  # run LIMIT_SECONDS command...: a failure is reported and the next stage goes on
+    local limit=$1; shift
+    timeout "$limit" "$@" || echo "!!! exit status $? (limit ${limit}s): $*"
+}
+
+{
+stage "1. device"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, \
+'device', torch.cuda.get_device_name(0), 'bf16', torch.cuda.is_bf16_supported())"
+
+if [ -z "$DATA" ]; then
+    $PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from bench_data import prepared_mni; \
+prepared_mni(Path('$WORK'))" || exit 1
+    DATA=$WORK/prepared
+fi
+TRAIN=(--data_path "$DATA" --input_size 896 448 --batch_size 8 --num_workers 8 --epochs 1 --warmup_epochs 0.1
+       --num_mask_patches 256 --max_mask_patches_per_block 128 --min_mask_patches_per_block 16 --print_freq 5
+       --vis_every_steps 0 --save_every_epochs 0)
+
+stage "2. model step, ViT-L 896x448 batch 8"
+run 200 $PY bench/bench_model.py --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
+    --device cuda --precision bf16 fp16 --attention fused eager --checkpointing off --steps 5 --warmup 2
+run 90 $PY bench/bench_model.py --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
+    --device cuda --precision bf16 --attention fused --checkpointing on --steps 5 --warmup 2
+
+stage "3. torchrun + nccl, fp16 grad scaler, background checkpoints, resume"
+run 150 torchrun --nproc_per_node=1 --master_port 29533 main_pretrain.py --model mvg_vit_large_patch16 \
+    "${TRAIN[@]}" --precision fp16 --samples_per_epoch 400 --stop_after_steps 20 --save_every_steps 10 \
+    --output_dir "$WORK/run"
+run 120 torchrun --nproc_per_node=1 --master_port 29534 main_pretrain.py --model mvg_vit_large_patch16 \
+    "${TRAIN[@]}" --precision fp16 --samples_per_epoch 400 --stop_after_steps 30 --save_every_steps 10 \
+    --output_dir "$WORK/run" --auto_resume
+ls -la "$WORK/run"
+
+stage "4. --compile, bf16, ViT-B"
+run 150 $PY main_pretrain.py --model mvg_vit_base_patch16 "${TRAIN[@]}" --precision bf16 --compile \
+    --samples_per_epoch 240 --output_dir "$WORK/compiled" --save_every_steps 0
+
+stage "5. loop overhead, ViT-B 896x448 batch 8, 8 workers"
+run 150 $PY bench/bench_train.py --data "$DATA" --model mvg_vit_base_patch16 --input_size 896 448 --batch_size 8 \
+    --device cuda --precision bf16 --num_workers 8 --steps 20 --warmup 5 --repeats 2
+} 2>&1 | tee "$LOG"
+rm -rf "$WORK"
