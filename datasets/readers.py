@@ -333,11 +333,8 @@ def _read_dicom_file(source, header_only):
     samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
     if header_only:
         return _picture_shape(int(dataset.Rows), int(dataset.Columns), samples), affine
-    values = _dicom_values(dataset, source.path)
-    if str(getattr(dataset, "PhotometricInterpretation", "")).upper().startswith("YBR") and values.ndim == 3:
-        values = pydicom.pixels.convert_color_space(values.astype(np.uint8), dataset.PhotometricInterpretation,
-                                                    "RGB").astype(np.float32)
-    return _picture_volume(values), affine
+    # Colour (RGB, or YBR that pydicom's pixel_array turns into RGB) stays colour: prepare asks for --channel.
+    return _picture_volume(_dicom_values(dataset, source.path)), affine
 
 
 # ---------------------------------------------------------------- pictures (PNG, JPEG, BMP, TIFF)

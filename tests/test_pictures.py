@@ -242,3 +242,12 @@ def test_evaluation_on_one_slice_picture_cases(tmp_path, monkeypatch):
     (result,) = json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"]
     assert result["cases"] == 2 and result["dice"] == 1.0 and result["hd95"] == 0.0
     assert result["baselines"]["copy_context"]["dice"] == 1.0
+
+
+def test_real_colour_ultrasound_keeps_its_channels():
+    pydicom = pytest.importorskip("pydicom")
+    path = real_dicom("US1_UNCR.dcm")
+    rgb = pydicom.dcmread(path).pixel_array
+    data, _ = readers.read_volume(readers.Source(path))
+    assert data.shape == (640, 480, 1, 3) and readers.read_header(readers.Source(path))[0] == data.shape
+    assert np.array_equal(np.flipud(data[:, :, 0].swapaxes(0, 1)), rgb), "colour stays colour: --channel picks one"
