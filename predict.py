@@ -72,7 +72,7 @@ from tqdm import tqdm
 from datasets import geometry, intensity
 from datasets.canvas import LABEL_ENCODINGS, MAX_GREY_CLASS
 from datasets.prepare import label_ids
-from datasets.readers import (DICOM_FILE_EXTENSIONS, LOSSY_EXTENSIONS, PICTURE_EXTENSIONS, InputError, Source,
+from datasets.readers import (DICOM_FILE_EXTENSIONS, PICTURE_EXTENSIONS, InputError, Source, check_lossless,
                               read_volume)
 from inference import PRECISIONS, Predictor, load_model
 
@@ -191,9 +191,7 @@ def read_png_image(path: str, flag: str) -> np.ndarray:
 
 
 def read_png_label(path: str, flag: str) -> np.ndarray:
-    if path.lower().endswith(LOSSY_EXTENSIONS):
-        raise InputError(f"{flag} {path}: a label in JPEG, whose lossy compression changes ids at edges; "
-                         f"use a PNG")
+    check_lossless(path, f"{flag} {path}")
     label = read_png_array(path, flag, convert_palette=False)
     if label.dtype == bool:  # a 1-bit PNG: a binary mask of class 1
         label = label.astype(np.uint8)

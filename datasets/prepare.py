@@ -67,7 +67,8 @@ from tqdm import tqdm
 
 from . import geometry, intensity, layouts, verify
 from .manifest import MANIFEST_NAME
-from .readers import FORMATS_WITHOUT_SPACING, LOSSY_EXTENSIONS, InputError, read_header, read_volume, volume_format
+from .readers import (FORMATS_WITHOUT_SPACING, InputError, check_lossless, read_header, read_volume,
+                      volume_format)
 
 FORMAT_VERSION = 1
 PARTIAL_FOLDER = ".partial"
@@ -235,9 +236,8 @@ def check_case(case, config):
     for role, source in case.sources.items():
         where = f"case '{case.case_id}', {source}"
         kind = config["folders"][role]
-        if kind != "image" and source.path.lower().endswith(LOSSY_EXTENSIONS):
-            raise InputError(f"{where}: a {kind} in JPEG, whose lossy compression changes ids at edges; "
-                             f"use the PNG (or another lossless) version")
+        if kind != "image":
+            check_lossless(source.path, where, kind)
         shape, affine = read_header(source)
         affine = placed_affine(source, affine, config)
         shape = effective_shape(shape, kind, config["channel"], where)

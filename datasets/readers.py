@@ -65,6 +65,13 @@ DICOM_FILE_EXTENSIONS = (".dcm", ".dicom")
 FORMATS_WITHOUT_SPACING = ("hdf5", "picture")
 
 
+def check_lossless(path, where, kind="label"):
+    """Labels and masks must come from a lossless file: JPEG changes ids along every edge."""
+    if path.lower().endswith(LOSSY_EXTENSIONS):
+        raise InputError(f"{where}: a {kind} in JPEG, whose lossy compression changes ids at edges; use "
+                         f"the PNG (or another lossless) version")
+
+
 def volume_format(path):
     lower = path.lower()
     if os.path.isdir(path):
