@@ -15,7 +15,11 @@
 #   5. bench_train.py: the whole loop against the bare step (ViT-B, 896x448, 8 data workers)
 #
 # Data: a prepared root (default: bench_data.py's MNI152 preparation, which needs nilearn). Where the
-# GPU machine lacks packages (nibabel, monai), put their wheels in .whl/ and set WHEELS=1.
+# GPU machine lacks packages, put their wheels in .whl/ and set WHEELS=1; for a Python 3.12 machine
+# with torch, timm and scikit-learn but without nibabel, monai and nilearn (16 MB of wheels):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl nibabel monai nilearn
+#   WHEELS=1 bash bench/gpu_check.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-}
