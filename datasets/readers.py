@@ -337,11 +337,13 @@ def _read_dicom_file(source, header_only):
         return values.T[:, :, None], affine
     row_spacing, column_spacing = _picture_spacing(dataset) or (1.0, 1.0)
     affine = _picture_affine(column_spacing, row_spacing)
-    samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
-    if header_only:
-        return _picture_shape(int(dataset.Rows), int(dataset.Columns), samples), affine
+    if header_only and int(getattr(dataset, "SamplesPerPixel", 1) or 1) == 1:
+        return (int(dataset.Columns), int(dataset.Rows), 1), affine
+    if header_only:  # whether colour is really grey (equal channels) shows only in the pixels
+        dataset = pydicom.dcmread(source.path)
     # Colour (RGB, or YBR that pydicom's pixel_array turns into RGB) stays colour: prepare asks for --channel.
-    return _picture_volume(_dicom_values(dataset, source.path)), affine
+    volume = _picture_volume(_dicom_values(dataset, source.path))
+    return (volume.shape, affine) if header_only else (volume, affine)
 
 
 # ---------------------------------------------------------------- pictures (PNG, JPEG, BMP, TIFF)
@@ -350,10 +352,6 @@ def _picture_affine(column_spacing=1.0, row_spacing=1.0):
     """i runs along columns to the right, j along rows upwards: the axial view of the volume is the
     picture the right way up (see geometry.slice_for_display)."""
     return np.diag([column_spacing, row_spacing, 1.0, 1.0])
-
-
-def _picture_shape(rows, cols, channels):
-    return (cols, rows, 1) + ((channels,) if channels > 1 else ())
 
 
 def _picture_volume(picture):

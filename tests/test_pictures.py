@@ -251,3 +251,24 @@ def test_real_colour_ultrasound_keeps_its_channels():
     data, _ = readers.read_volume(readers.Source(path))
     assert data.shape == (640, 480, 1, 3) and readers.read_header(readers.Source(path))[0] == data.shape
     assert np.array_equal(np.flipud(data[:, :, 0].swapaxes(0, 1)), rgb), "colour stays colour: --channel picks one"
+
+
+def test_grey_saved_as_colour_dicom_reads_as_grey_in_header_and_data(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    grey = np.random.default_rng(3).integers(0, 255, size=(6, 9)).astype(np.uint8)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 6, 9, 3, "RGB"
+    ds.PlanarConfiguration, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 0, 8, 8, 7, 0
+    ds.PixelData = np.repeat(grey[..., None], 3, axis=2).tobytes()
+    ds.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
+    source = readers.Source(str(tmp_path / "sc.dcm"))
+    data, _ = readers.read_volume(source)
+    assert readers.read_header(source)[0] == data.shape == (9, 6, 1)
+    assert np.array_equal(np.flipud(data[:, :, 0].T), grey)
