@@ -159,25 +159,31 @@ def test_spacing_flag_is_checked(tmp_path, capsys):
 
 # ---------------------------------------------------------------- single DICOM files
 
-def write_radiograph_dicom(path, stored, photometric="MONOCHROME1", imager_spacing=(0.143, 0.139)):
+def write_dicom_file(path, sop_class, pixel_data, **attributes):
+    """A minimal single-image DICOM file: file meta, the given attributes and the pixel bytes."""
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    digital_xray = "1.2.840.10008.5.1.4.1.1.1.1"
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = digital_xray, generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = digital_xray, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "DX", stored.shape[0], stored.shape[1]
-    if imager_spacing:
-        ds.ImagerPixelSpacing = list(imager_spacing)
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.ascontiguousarray(stored.astype(np.uint16)).tobytes()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = pixel_data
     ds.save_as(path, enforce_file_format=True)
     return pydicom
+
+
+def write_radiograph_dicom(path, stored, photometric="MONOCHROME1", imager_spacing=(0.143, 0.139)):
+    spacing = {"ImagerPixelSpacing": list(imager_spacing)} if imager_spacing else {}
+    return write_dicom_file(path, "1.2.840.10008.5.1.4.1.1.1.1",  # digital X-ray
+                            np.ascontiguousarray(stored.astype(np.uint16)).tobytes(), Modality="DX",
+                            Rows=stored.shape[0], Columns=stored.shape[1], SamplesPerPixel=1,
+                            PhotometricInterpretation=photometric, BitsAllocated=16, BitsStored=12, HighBit=11,
+                            PixelRepresentation=0, **spacing)
 
 
 def test_monochrome1_radiograph_is_inverted_and_keeps_its_spacing(tmp_path):
@@ -254,20 +260,11 @@ def test_real_colour_ultrasound_keeps_its_channels():
 
 
 def test_grey_saved_as_colour_dicom_reads_as_grey_in_header_and_data(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
     grey = np.random.default_rng(3).integers(0, 255, size=(6, 9)).astype(np.uint8)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 6, 9, 3, "RGB"
-    ds.PlanarConfiguration, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 0, 8, 8, 7, 0
-    ds.PixelData = np.repeat(grey[..., None], 3, axis=2).tobytes()
-    ds.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
+    write_dicom_file(tmp_path / "sc.dcm", "1.2.840.10008.5.1.4.1.1.7",  # secondary capture
+                     np.repeat(grey[..., None], 3, axis=2).tobytes(), Rows=6, Columns=9, SamplesPerPixel=3,
+                     PhotometricInterpretation="RGB", PlanarConfiguration=0, BitsAllocated=8, BitsStored=8,
+                     HighBit=7, PixelRepresentation=0)
     source = readers.Source(str(tmp_path / "sc.dcm"))
     data, _ = readers.read_volume(source)
     assert readers.read_header(source)[0] == data.shape == (9, 6, 1)
