@@ -1,19 +1,30 @@
-"""In-context inference: context pairs and query slices in, query predictions out, at the query's size.
+"""In-context inference: checkpoints loaded with their recorded settings; context pairs and query
+slices in, query predictions out, at the query's size.
 
-    predictor = Predictor(model, device='cuda', precision='bf16')
+    model, settings = load_checkpoint('mvg.pth', {'label_encoding': None})   # the checkpoint's own
+    predictor = Predictor(model, device='cuda', precision='bf16', label_encoding=settings['label_encoding'])
     labels = predictor.segment(contexts, queries)        # class ids, one (rows, cols) array per query
     images = predictor.translate(contexts, queries)      # uint8 images (synthesis, denoising, inpainting)
 
 `contexts` is either one list of (image, target) pairs shared by every query, or one such list per
 query. Each query is put under each of its K context pairs (K = num_prompts, from 1 up) on the model's
-canvas; pairs are resized to the canvas half (images bilinear, labels nearest), the prediction of the
-query half is resized back to the query's size and decoded:
-    segmentation  nearest colour among the colours the context labels were drawn with, background
-                  (black) included, back to the class ids; with the binary encoding one pass per class
-                  and the class whose prediction is brightest above half wins
+canvas. How a slice meets the canvas half (the training crop size, 448x448 for the paper's model):
+    scale 'training'  (default) at the scale of the training crops: training crops the prepared slices
+                      without resizing (enlarging only a slice smaller than the crop), so objects keep
+                      their prepared size; a larger slice is covered by overlapping crop-sized windows
+                      (4 for 512 slices on 448 halves), each context pair cropped at the matching place,
+                      and the window predictions averaged before decoding
+    scale 'fit'       the whole slice resized to the canvas half: one pass, but objects of a 512 slice
+                      appear at 0.875x the size the model was trained on
+Predictions are decoded per query:
+    segmentation  nearest colour among the colours that the query's OWN context labels were drawn with,
+                  background (black) included, back to class ids: a query never receives a class that
+                  only another query's context shows; with the binary encoding one pass per class of the
+                  query's contexts, and the class whose prediction is brightest above half wins
     image tasks   the mean of the three channels, as the 8-bit grey of the prepared slices
 """
-from typing import List, Optional, Sequence, Tuple, Union
+import math
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,37 +33,57 @@ import torch.nn.functional as F
 from datasets.canvas import (
     LABEL_ENCODINGS, MAX_GREY_CLASS, denormalise, random_palette, resize_picture, to_normalised_tensor,
 )
-from models_mvg import MVG, create_model
-from util.checkpoint import load_weights_only, recorded_args, state_dict_of, strip_prefixes
+from models_mvg import MODELS, MVG, create_model
+from util.checkpoint import read_checkpoint, state_dict_of, strip_prefixes
+from util.cli import UsageError
+from util.record import recorded_settings, resolve_settings
 
 PairList = Sequence[Tuple[np.ndarray, np.ndarray]]
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-def load_model(checkpoint: str, model_name: Optional[str] = None, input_size: Optional[Sequence[int]] = None,
-               **model_kwargs) -> MVG:
-    """An MVG model with the weights of a checkpoint: ours ({'model', 'args': dict}), the authors'
-    ({'model', 'args': argparse.Namespace}) or a bare state dict. The architecture comes from
-    model_name/input_size (and factory keywords such as depth) or, when not given, from the
-    checkpoint's args."""
-    state = load_weights_only(checkpoint)
+DEFAULT_INPUT_SIZE = [896, 448]  # the paper's canvas, for checkpoints that do not say theirs
+
+
+def model_from_state(state: dict, where: str, model_name: str, input_size: Sequence[int],
+                     depth: Optional[int] = None) -> MVG:
+    """The model `model_name` (canvas input_size, `depth` blocks or the factory's) with the state's
+    weights: ours ({'model', ...}), the authors' and Painter's ({'model', 'args': Namespace}) or a bare
+    state dict; weights that do not fit are a one-line error, not a dump of keys."""
     weights = strip_prefixes(state_dict_of(state))
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"{checkpoint}: expected a state dict or a dict with a 'model' entry")
-    saved = recorded_args(state)
-    model_name = model_name or saved.get('model')
-    if not model_name:
-        raise ValueError(f"{checkpoint}: does not name its model; pass the model name (e.g. --model mvg_vit_large_patch16)")
-    input_size = tuple(input_size or saved.get('input_size') or (896, 448))
-    if saved.get('depth') and 'depth' not in model_kwargs:  # a depth other than the factory's
-        model_kwargs['depth'] = saved['depth']
-    model = create_model(model_name, input_size=input_size, **model_kwargs)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{checkpoint}: does not fit {model_name}: missing keys {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise UsageError(f"{where}: expected a state dict or a dict with a 'model' entry")
+    if model_name not in MODELS:
+        raise UsageError(f"--model {model_name}: unknown; choose one of {sorted(MODELS)}")
+    model = create_model(model_name, input_size=tuple(input_size), **({'depth': depth} if depth else {}))
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    misshapen = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or misshapen:
+        example = (missing or unexpected or misshapen)[0]
+        raise UsageError(f"{where} does not fit {model_name} with {len(model.blocks)} blocks on a "
+                         f"{input_size[0]}x{input_size[1]} canvas: {len(missing)} missing, {len(unexpected)} "
+                         f"unexpected and {len(misshapen)} misshapen weights (e.g. {example}); check --model, "
+                         f"--depth and --input_size")
+    model.load_state_dict(weights)
     return model
+
+
+def load_checkpoint(path: str, flags: dict, force: bool = False, required: Sequence[str] = ()) -> Tuple[MVG, dict]:
+    """(model, settings) from a checkpoint and the user's flags ({'model': ..., 'input_size': ...,
+    'depth': ..., 'label_encoding': ..., None where not given}); see util/record.py for the rules.
+    `required` names settings that must be known (e.g. the label encoding for segmentation).
+    settings also says where the checkpoint's values came from ('settings_source')."""
+    state = read_checkpoint(path)
+    recorded = recorded_settings(state, path)
+    wanted = {'model': None, 'input_size': None, 'depth': None, **flags}
+    settings = resolve_settings(wanted, recorded, path, force, defaults={'input_size': DEFAULT_INPUT_SIZE},
+                                required=('model', *required))
+    model = model_from_state(state, path, settings['model'], settings['input_size'], settings['depth'])
+    settings['depth'] = len(model.blocks)
+    settings['settings_source'] = recorded.source
+    return model, settings
 
 
 def as_grey_uint8(image: np.ndarray, name: str = 'image') -> np.ndarray:
@@ -99,15 +130,46 @@ def nearest_colour(picture: np.ndarray, colours: np.ndarray) -> np.ndarray:
     return distances.argmin(axis=1).reshape(picture.shape[1:])
 
 
+SCALES = ('training', 'fit')
+
+
+def training_scale_size(shape: Sequence[int], crop: Sequence[int]) -> Tuple[int, int]:
+    """The size of a slice at the scale of the training crops: its own, or enlarged just enough for a
+    crop to fit, as datasets.canvas.Augment does without scale jitter."""
+    rows, cols = shape
+    scale = max(1.0, crop[0] / rows, crop[1] / cols)
+    if scale == 1.0:
+        return rows, cols
+    return max(crop[0], int(round(rows * scale))), max(crop[1], int(round(cols * scale)))
+
+
+def window_starts(length: int, window: int) -> List[int]:
+    """Starts of the fewest `window`-long windows that cover `length`, spread evenly (overlapping)."""
+    count = math.ceil(length / window)
+    if count == 1:
+        return [0]
+    return [int(round(i * (length - window) / (count - 1))) for i in range(count)]
+
+
+def matching_start(start: int, length: int, other_length: int, window: int) -> int:
+    """Where a window of a context slice sits when the query's window starts at `start`: at the same
+    relative place, so that the two windows show corresponding anatomy."""
+    if length == window:
+        return (other_length - window) // 2
+    return int(round(start / (length - window) * (other_length - window)))
+
+
 class Predictor:
     """Runs an MVG model in context on slices; see the module docstring."""
 
     def __init__(self, model, device='cpu', precision='fp32', batch_size=8, label_encoding='random_colors',
-                 num_prompts=1, ensemble='features', seed=0):
+                 num_prompts=1, ensemble='features', seed=0, scale='training'):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got '{precision}'")
         if label_encoding not in LABEL_ENCODINGS:
             raise ValueError(f"label_encoding must be one of {LABEL_ENCODINGS}, got '{label_encoding}'")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got '{scale}'")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
@@ -116,6 +178,7 @@ class Predictor:
         self.num_prompts = num_prompts
         self.ensemble = ensemble
         self.seed = seed
+        self.scale = scale
         self.half = (model.img_size[0] // 2, model.img_size[1])
 
     # ----------------------------------------------------------------------------------------------
@@ -124,26 +187,42 @@ class Predictor:
     def segment(self, contexts: Union[PairList, Sequence[PairList]], queries: Sequence[np.ndarray]) -> List[np.ndarray]:
         """Class-id maps (int64, each query's size) for the queries."""
         contexts = self._contexts_per_query(contexts, queries, targets_are_labels=True)
-        class_ids = np.unique(np.concatenate([np.unique(t) for pairs in contexts for _, t in pairs]))
-        foreground = class_ids[class_ids != 0]
-        if not len(foreground):
-            raise ValueError("the context labels hold no class other than background (0): nothing to segment")
-        if self.label_encoding == 'binary':
-            return self._segment_one_class_at_a_time(contexts, queries, foreground)
-        colours = np.concatenate([np.zeros((1, 3), np.uint8), inference_palette(foreground, self.label_encoding, self.seed)])
-        lut = self._lookup(foreground, colours[1:])
-        pictures = self._run(contexts, queries, lambda label: lut[label].transpose(2, 0, 1), is_label=True)
-        ids = np.concatenate([[0], foreground])
-        return [ids[nearest_colour(p, colours)] for p in pictures]
+        foregrounds = [self._foreground_of(pairs, q) for q, pairs in enumerate(contexts)]
+        return self._in_chunks(self._segment_chunk, contexts, queries, foregrounds)
 
     def translate(self, contexts: Union[PairList, Sequence[PairList]], queries: Sequence[np.ndarray]) -> List[np.ndarray]:
         """uint8 grey images (each query's size) for image-to-image tasks."""
         contexts = self._contexts_per_query(contexts, queries, targets_are_labels=False)
-        pictures = self._run(contexts, queries, lambda target: target, is_label=False)
+        return self._in_chunks(self._translate_chunk, contexts, queries)
+
+    # ----------------------------------------------------------------------------------------------
+    # decoding, a chunk of queries at a time
+
+    def _in_chunks(self, decode, contexts, queries, *per_query) -> List[np.ndarray]:
+        """decode() on batch_size queries at a time, so that only one chunk's float predictions are
+        held in memory (a volume's slices can run to gigabytes of them)."""
+        outputs = []
+        for first in range(0, len(queries), self.batch_size):
+            chunk = slice(first, first + self.batch_size)
+            outputs += decode(contexts[chunk], queries[chunk], *(values[chunk] for values in per_query))
+        return outputs
+
+    def _segment_chunk(self, contexts, queries, foregrounds) -> List[np.ndarray]:
+        if self.label_encoding == 'binary':
+            return self._segment_one_class_at_a_time(contexts, queries, foregrounds)
+        palettes = [np.concatenate([np.zeros((1, 3), np.uint8), inference_palette(f, self.label_encoding, self.seed)])
+                    for f in foregrounds]
+        draws = [self._drawing(foreground, palette[1:]) for foreground, palette in zip(foregrounds, palettes)]
+        pictures = self._run(contexts, queries, draws, is_label=True)
+        return [np.concatenate([[0], foreground])[nearest_colour(picture, palette)]
+                for picture, foreground, palette in zip(pictures, foregrounds, palettes)]
+
+    def _translate_chunk(self, contexts, queries) -> List[np.ndarray]:
+        pictures = self._run(contexts, queries, [None] * len(queries), is_label=False)
         return [p.mean(axis=0).round().clip(0, 255).astype(np.uint8) for p in pictures]
 
     # ----------------------------------------------------------------------------------------------
-    # internals
+    # contexts and label drawing
 
     def _contexts_per_query(self, contexts, queries, targets_are_labels: bool) -> List[List[tuple]]:
         """One list of num_prompts (uint8 image, target) pairs per query; targets as class ids
@@ -166,50 +245,103 @@ class Predictor:
         return [[checked[(id(image), id(target))] for image, target in pairs] for pairs in per_query]
 
     @staticmethod
-    def _lookup(class_ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    def _foreground_of(pairs, query_number: int) -> np.ndarray:
+        """The classes other than background that a query's own context labels hold, sorted."""
+        present = np.unique(np.concatenate([np.unique(target) for _, target in pairs]))
+        foreground = present[present != 0].astype(np.int64)
+        if not len(foreground):
+            raise ValueError(f"the context labels of query {query_number} hold no class other than "
+                             f"background (0): nothing to segment")
+        return foreground
+
+    @staticmethod
+    def _drawing(class_ids: np.ndarray, colours: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """Class-id map -> (3, rows, cols) uint8 picture in the given colours, black elsewhere."""
         lut = np.zeros((int(class_ids.max()) + 1, 3), dtype=np.uint8)
         lut[class_ids] = colours
-        return lut
+        return lambda label: lut[np.where(label < len(lut), label, 0)].transpose(2, 0, 1)  # others black
 
-    def _segment_one_class_at_a_time(self, contexts, queries, foreground) -> List[np.ndarray]:
-        brightness = []
-        for class_id in foreground:
-            def draw(label, class_id=class_id):
-                return np.where(label == class_id, 255, 0).astype(np.uint8)
-            brightness.append([p.mean(axis=0) for p in self._run(contexts, queries, draw, is_label=True)])
+    def _segment_one_class_at_a_time(self, contexts, queries, foregrounds) -> List[np.ndarray]:
+        """Binary encoding: for each class, the queries whose contexts hold it are run with that
+        class drawn white; each query takes its brightest class, if above half."""
+        brightness = [{} for _ in queries]  # per query: {class id: (rows, cols) brightness}
+        for class_id in np.unique(np.concatenate(foregrounds)):
+            members = [q for q, foreground in enumerate(foregrounds) if class_id in foreground]
+            draw = self._drawing(np.array([class_id]), np.full((1, 3), 255, np.uint8))
+            pictures = self._run([contexts[q] for q in members], [queries[q] for q in members],
+                                 [draw] * len(members), is_label=True)
+            for q, picture in zip(members, pictures):
+                brightness[q][int(class_id)] = picture.mean(axis=0)
         labels = []
-        for q in range(len(queries)):
-            stack = np.stack([b[q] for b in brightness])
-            best = stack.argmax(axis=0)
-            labels.append(np.where(stack.max(axis=0) > 127.5, foreground[best], 0))
+        for per_class in brightness:
+            ids = np.array(sorted(per_class))
+            stack = np.stack([per_class[c] for c in ids])
+            labels.append(np.where(stack.max(axis=0) > 127.5, ids[stack.argmax(axis=0)], 0))
         return labels
 
-    def _run(self, contexts, queries, draw_target, is_label: bool) -> List[np.ndarray]:
+    # ----------------------------------------------------------------------------------------------
+    # canvases: views of the slices at the model's scale, batched, stitched back
+
+    def _views(self, shape) -> Tuple[Tuple[int, int], List[Tuple[int, int]]]:
+        """(size the slice is brought to, [top-left of each canvas-half window])."""
+        if self.scale == 'fit':
+            return self.half, [(0, 0)]
+        size = training_scale_size(shape, self.half)
+        return size, [(top, left) for top in window_starts(size[0], self.half[0])
+                      for left in window_starts(size[1], self.half[1])]
+
+    def _window(self, picture, is_label, query_size, query_start):
+        """The window of a context picture that matches the query's window at query_start."""
+        size, _ = self._views(picture.shape[:2])
+        picture = resize_picture(picture, size, is_label)
+        top = matching_start(query_start[0], query_size[0], size[0], self.half[0])
+        left = matching_start(query_start[1], query_size[1], size[1], self.half[1])
+        return picture[top:top + self.half[0], left:left + self.half[1]]
+
+    def _canvases(self, query, pairs, draw, is_label, size, start):
+        """The num_prompts (image canvas, target canvas) tensors of one window of one query."""
+        query_window = query[start[0]:start[0] + self.half[0], start[1]:start[1] + self.half[1]]
+        imgs, tgts = [], []
+        for image, target in pairs:
+            target_window = self._window(target, is_label, size, start)
+            target_picture = draw(target_window) if draw is not None else target_window
+            imgs.append(to_normalised_tensor([self._window(image, False, size, start), query_window]))
+            tgts.append(to_normalised_tensor([target_picture, np.zeros_like(target_picture)]))
+        return imgs, tgts
+
+    def _run(self, contexts, queries, draws, is_label: bool) -> List[np.ndarray]:
         """Predicted query halves, de-normalised to 0..255 floats (3, rows, cols) at each query's size."""
+        prepared, jobs = [], []
+        for q, query in enumerate(queries):
+            query = as_grey_uint8(query, 'query')
+            size, starts = self._views(query.shape)
+            prepared.append((query.shape, size, resize_picture(query, size, False)))
+            jobs += [(q, start) for start in starts]
+        sums = [np.zeros((3, *size), np.float32) for _, size, _ in prepared]
+        counts = [np.zeros(size, np.float32) for _, size, _ in prepared]
+        for first in range(0, len(jobs), self.batch_size):
+            imgs, tgts = [], []
+            for q, start in jobs[first:first + self.batch_size]:
+                _, size, query = prepared[q]
+                job_imgs, job_tgts = self._canvases(query, contexts[q], draws[q], is_label, size, start)
+                imgs += job_imgs
+                tgts += job_tgts
+            halves = self._predict(torch.stack(imgs), torch.stack(tgts))[:, :, self.half[0]:].numpy()
+            for (q, (top, left)), half in zip(jobs[first:first + self.batch_size], halves):
+                sums[q][:, top:top + self.half[0], left:left + self.half[1]] += half
+                counts[q][top:top + self.half[0], left:left + self.half[1]] += 1
         outputs = []
-        for start in range(0, len(queries), self.batch_size):
-            batch_queries = queries[start:start + self.batch_size]
-            imgs, tgts, sizes = [], [], []
-            for query, pairs in zip(batch_queries, contexts[start:start + self.batch_size]):
-                query = as_grey_uint8(query, 'query')
-                sizes.append(query.shape)
-                for image, target in pairs:
-                    target_picture = draw_target(resize_picture(target, self.half, is_label))
-                    blank = np.zeros_like(target_picture)
-                    imgs.append(to_normalised_tensor([resize_picture(image, self.half, False),
-                                                      resize_picture(query, self.half, False)]))
-                    tgts.append(to_normalised_tensor([target_picture, blank]))
-            canvases = self._predict(torch.stack(imgs), torch.stack(tgts))
-            query_halves = canvases[:, :, self.half[0]:]
-            for picture, size in zip(query_halves, sizes):
-                picture = F.interpolate(picture[None], size=size, mode='bilinear', align_corners=False)[0]
-                outputs.append(picture.numpy())
+        for (shape, size, _), total, count in zip(prepared, sums, counts):
+            picture = torch.from_numpy(total / count)
+            if tuple(size) != tuple(shape):
+                picture = F.interpolate(picture[None], size=shape, mode='bilinear', align_corners=False)[0]
+            outputs.append(picture.numpy())
         return outputs
 
     def _predict(self, imgs: torch.Tensor, tgts: torch.Tensor) -> torch.Tensor:
         autocast = dict(device_type=self.device.type, dtype=PRECISIONS[self.precision],
                         enabled=self.precision != 'fp32')
-        with torch.autocast(**autocast):
+        with torch.inference_mode(), torch.autocast(**autocast):
             pred = self.model.predict(imgs.to(self.device), tgts.to(self.device),
                                       num_prompts=self.num_prompts, ensemble=self.ensemble)
         return denormalise(pred.float().cpu()).clamp(0, 255)

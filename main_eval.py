@@ -6,17 +6,30 @@ For every test slice (query) of every dataset, context pairs come from training 
 --context (seeded and recorded):
     fixed      the same K slices for every query (middle slice of K training cases)
     random     K random training slices per query
-    position   per query, K training cases, each giving its slice nearest in relative position within
-               the case's labelled range (the query's position in its own range)
+    position   per query, K training cases, each giving its slice nearest in relative position in its
+               volume, (index + 0.5) / slices, the same definition as predict.py's
     retrieval  the K training slices whose 16x16 thumbnails are nearest to the query's (L2 after
                standardising each thumbnail), at most one per case
-Predictions are decoded (segmentation: nearest context colour to class ids; image tasks: 8-bit grey)
-and scored per case in 3D, the case's slices stacked in order (metrics.py has the conventions):
-Dice and HD95 in mm for segmentation, PSNR and SSIM for image tasks (inpainting also inside the
-removed region). Distances use the case's voxel spacing scaled to the prepared slice size.
+Every setting of how canvases are drawn (model, canvas size, depth, label encoding) comes from the
+checkpoint's record (util/record.py); a flag that contradicts it is refused unless --force. Slices meet
+the canvas at the scale of the training crops (--scale training, see inference.py) or resized whole
+(--scale fit). Predictions are decoded per query (segmentation: nearest colour of the query's own
+context to class ids; image tasks: 8-bit grey).
 
-Writes <output_dir>/results.json, <dataset>_cases.csv, results.md (the tables, beside the paper's
-numbers) and grids/<dataset>_*.png (context | context target | query | prediction | truth).
+Two protocols, each in its own table (--protocol):
+    foreground  the test slices whose truth holds foreground (segmentation; other tasks: enough body),
+                as the paper evaluates
+    volume      every slice of each test volume, so false positives on slices without foreground
+                count, as whole-volume Dice (nnU-Net's) does; needs test cases prepared with all
+                their slices (datasets.prepare --test_slices all, the default)
+Each case is scored on its true grid: its slices placed at their indices in the volume with the
+volume's voxel spacing (scaled to the prepared slice size), slices that were not kept as background,
+and one-slice volumes (pictures, radiographs) in 2D (metrics.py): Dice and HD95 in mm for
+segmentation, PSNR and SSIM for image tasks (inpainting also inside the removed region).
+
+Writes <output_dir>/results.json (the settings used, then per dataset and protocol the summary and
+every case), <dataset>_<protocol>_cases.csv, results.md (the tables, beside the paper's numbers) and
+grids/<dataset>_*.png (context | context target | query | prediction | truth).
 """
 import argparse
 import csv
@@ -25,7 +38,9 @@ import math
 import os
 import sys
 import zlib
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,10 +50,12 @@ from tqdm import tqdm
 import metrics
 from datasets.canvas import LABEL_ENCODINGS, resize_picture
 from datasets.manifest import PreparedDataset, find_datasets, read_png
-from inference import Predictor, inference_palette, load_model
+from inference import SCALES, Predictor, inference_palette, load_checkpoint
 from masking_generator import TASKS
+from util.cli import UsageError, run_main
 
 CONTEXT_POLICIES = ('fixed', 'random', 'position', 'retrieval')
+PROTOCOLS = {'foreground': "foreground slices (the paper's protocol)", 'volume': 'whole volumes'}
 THUMBNAIL = 16
 
 # Paper, Table 2 (segmentation score, 0-1) in its column order: name keys match prepared dataset
@@ -61,9 +78,10 @@ PAPER_IMAGE_PSNR = {'denoising': 33.0, 'inpainting': 34.0, 'synthesis': 24.0}
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--checkpoint', help='checkpoint file (ours, the authors\' or a bare state dict)')
-    p.add_argument('--model', default=None, help='factory name; default: the one the checkpoint records')
+    p.add_argument('--model', default=None, help='factory name (default: the one the checkpoint records)')
     p.add_argument('--input_size', type=int, nargs=2, default=None, metavar=('H', 'W'),
-                   help='canvas size; default: the checkpoint\'s, else 896 448')
+                   help='canvas size (default: the checkpoint\'s, else 896 448)')
+    p.add_argument('--depth', type=int, default=None, help='transformer blocks (default: the checkpoint\'s)')
     p.add_argument('--data_path', nargs='+', help='prepared roots (folders of datasets)')
     p.add_argument('--compare', nargs=2, metavar=('BEFORE', 'AFTER'),
                    help='instead of evaluating, print two results.json side by side (e.g. few-shot adaptation)')
@@ -75,7 +93,17 @@ def get_args_parser():
     p.add_argument('--ensemble', default='features', choices=['features', 'outputs', 'both'])
     p.add_argument('--context_cases', type=int, default=0,
                    help='draw contexts from only the first k training cases in sorted order (few-shot); 0: all')
-    p.add_argument('--label_encoding', default='random_colors', choices=LABEL_ENCODINGS)
+    p.add_argument('--label_encoding', default=None, choices=LABEL_ENCODINGS,
+                   help='how context labels are drawn (default: the one the checkpoint records; needed for '
+                        'checkpoints that record none)')
+    p.add_argument('--force', action='store_true',
+                   help='use --model/--input_size/--depth/--label_encoding even where they contradict the checkpoint')
+    p.add_argument('--scale', default='training', choices=SCALES,
+                   help='training: slices at the scale of the training crops, in overlapping windows; '
+                        'fit: each slice resized whole to the canvas half (faster, objects smaller)')
+    p.add_argument('--protocol', default='auto', choices=['auto', *PROTOCOLS, 'both'],
+                   help='foreground slices (the paper\'s), whole volumes, or both; auto: both where the test '
+                        'cases hold all their slices, else foreground')
     p.add_argument('--max_cases', type=int, default=0, help='evaluate at most this many test cases per dataset')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
@@ -96,11 +124,6 @@ def get_args_parser():
 
 def _key(*parts) -> int:
     return zlib.crc32('/'.join(map(str, parts)).encode())
-
-
-def relative_position(slices, index) -> float:
-    first, last = min(slices), max(slices)
-    return 0.5 if last == first else (index - first) / (last - first)
 
 
 class ContextPicker:
@@ -143,11 +166,11 @@ class ContextPicker:
             chosen = rng.choice(len(self.pool), size=self.k, replace=len(self.pool) < self.k)
             return [self.pool[i] for i in chosen]
         if self.policy == 'position':
-            target = relative_position(self.dataset.slice_indices(case_id), index)
+            target = self.dataset.slice_position(case_id, index)
             picks = []
             for case in self._choose_cases(rng):
                 slices = self.dataset.slice_indices(case)
-                picks.append((case, min(slices, key=lambda s: abs(relative_position(slices, s) - target))))
+                picks.append((case, min(slices, key=lambda s: abs(self.dataset.slice_position(case, s) - target))))
             return picks
         distances = ((self.thumbnails - self.thumbnail(query_image)) ** 2).sum(axis=1)
         picks, used = [], set()
@@ -177,17 +200,95 @@ def prepared_spacing(dataset: PreparedDataset, case_id: str):
             spacing[u] * plan['resized_from'][1] / plan['size'][1])
 
 
-def score_case(dataset: PreparedDataset, case_id: str, preds, truths, class_ids, masks=None) -> dict:
-    pred, truth = np.stack(preds), np.stack(truths)
+def score_case(dataset: PreparedDataset, case_id: str, preds: dict, truths: dict, class_ids,
+               masks: dict = None) -> dict:
+    """Scores of one case; preds, truths (and masks) map slice indices to 2D arrays."""
     if dataset.task == 'segmentation':
-        dice = metrics.dice_per_class(pred, truth, class_ids)
-        hd95 = metrics.hd95_per_class(pred, truth, class_ids, spacing=prepared_spacing(dataset, case_id))
-        return {'dice': dice, 'hd95': hd95, 'mean_dice': metrics.nanmean(dice.values())}
+        return metrics.segmentation_case_scores(preds, truths, dataset.case(case_id)['num_slices'], class_ids,
+                                                prepared_spacing(dataset, case_id))
+    indices = sorted(preds)
+    pred, truth = np.stack([preds[i] for i in indices]), np.stack([truths[i] for i in indices])
     scores = {'psnr': metrics.psnr(pred, truth), 'ssim': metrics.ssim(pred, truth)}
     if masks is not None:
-        region = np.stack(masks) > 0
+        region = np.stack([masks[i] for i in indices]) > 0
         scores.update(psnr_region=metrics.psnr(pred, truth, region), ssim_region=metrics.ssim(pred, truth, region))
     return scores
+
+
+def protocols_of(dataset: PreparedDataset, test_cases, wanted: str) -> list:
+    """The protocols a dataset is scored under (see the module docstring)."""
+    complete = all(len(dataset.slice_indices(c)) == dataset.case(c)['num_slices'] for c in test_cases)
+    if wanted == 'auto':
+        return ['foreground', 'volume'] if complete else ['foreground']
+    chosen = list(PROTOCOLS) if wanted == 'both' else [wanted]
+    if 'volume' in chosen and not complete:
+        raise UsageError(f"--protocol {wanted}: the test cases of {dataset.dataset_dir} hold only some of their "
+                         f"slices; prepare it again with --test_slices all for whole-volume scores")
+    return chosen
+
+
+@dataclass
+class CaseRun:
+    """One test case's predicted slices, with what they were predicted from."""
+    indices: list            # predicted slice indices, in order
+    foreground: set          # those whose truth holds foreground
+    queries: list
+    truths: list
+    masks: Optional[list]
+    chosen: list             # per slice: [(context case, slice index), ...]
+    contexts: list           # per slice: [(image, target), ...]
+    preds: list
+    baselines: dict          # baseline name -> predictions
+
+    def selected(self, protocol: str) -> list:
+        """Positions (into indices) of the slices a protocol scores."""
+        return [j for j, i in enumerate(self.indices) if protocol == 'volume' or i in self.foreground]
+
+
+def predict_case(dataset, case_id, protocols, picker, predictor, baselines, read) -> CaseRun:
+    foreground = dataset.foreground_slice_indices(case_id)
+    indices = dataset.slice_indices(case_id) if 'volume' in protocols else foreground
+    queries = [read(dataset.slice_path(dataset.input_folder, case_id, i)) for i in indices]
+    truths = [read(dataset.slice_path(dataset.target_folder, case_id, i)) for i in indices]
+    mask_folder = next((f for f, kind in dataset.folders.items() if kind == 'mask'), None)
+    masks = [read(dataset.slice_path(mask_folder, case_id, i)) for i in indices] if mask_folder else None
+    chosen = [picker.pick(case_id, i, q) for i, q in zip(indices, queries)]
+    contexts = [[(read(dataset.slice_path(dataset.input_folder, c, s)),
+                  read(dataset.slice_path(dataset.target_folder, c, s))) for c, s in picks] for picks in chosen]
+    run = predictor.segment if dataset.task == 'segmentation' else predictor.translate
+    # Class ids in the label files' own type: a volume's int64 maps would take gigabytes.
+    preds = [p.astype(t.dtype) for p, t in zip(run(contexts, queries), truths)]
+    return CaseRun(indices, set(foreground), queries, truths, masks, chosen, contexts, preds,
+                   baselines.predict(queries, contexts) if baselines else {})
+
+
+def score_protocols(dataset, case_id, run: CaseRun, protocols, class_ids, results, baseline_results):
+    """Adds the case's scores under each protocol (a protocol with no slice of this case skips it)."""
+    for protocol in protocols:
+        picked = run.selected(protocol)
+        if not picked:
+            continue
+
+        def by_index(values):
+            return None if values is None else {run.indices[j]: values[j] for j in picked}
+        truths, masks = by_index(run.truths), by_index(run.masks)
+        scores = score_case(dataset, case_id, by_index(run.preds), truths, class_ids, masks)
+        scores['contexts'] = {str(run.indices[j]): [list(p) for p in run.chosen[j]] for j in picked}
+        results[protocol][case_id] = scores
+        for name, preds in run.baselines.items():
+            baseline_results[protocol].setdefault(name, {})[case_id] = score_case(
+                dataset, case_id, by_index(preds), truths, class_ids, masks)
+
+
+def save_grids(out_dir, dataset, case_id, run: CaseRun, class_ids, count: int) -> int:
+    """Up to `count` grids of the case's foreground slices, spread over them; returns how many."""
+    candidates = run.selected('foreground') or list(range(len(run.indices)))
+    shown = np.unique(np.linspace(0, len(candidates) - 1, num=min(count, len(candidates))).round().astype(int))
+    for position in shown:
+        j = candidates[position]
+        grid = grid_picture(dataset, run.contexts[j][0], run.queries[j], run.preds[j], run.truths[j], class_ids)
+        grid.save(os.path.join(out_dir, 'grids', f'{dataset.name}_{case_id}_{run.indices[j]}.png'))
+    return len(shown)
 
 
 def grid_picture(dataset, context, query, prediction, truth, class_ids) -> Image.Image:
@@ -209,45 +310,34 @@ def grid_picture(dataset, context, query, prediction, truth, class_ids) -> Image
     return Image.fromarray(np.concatenate(tiles, axis=1).astype(np.uint8))
 
 
-def evaluate_dataset(args, predictor: Predictor, dataset: PreparedDataset, out_dir: str) -> dict:
+def evaluate_dataset(args, predictor: Predictor, dataset: PreparedDataset, out_dir: str) -> list:
+    """One summary per protocol."""
     test_cases = dataset.case_ids('test')
     if not test_cases:
-        raise ValueError(f"{dataset.name}: the manifest has no test cases (prepare it with a test split)")
+        raise UsageError(f"{dataset.dataset_dir}: the manifest has no test cases (prepare it with a test split)")
     if args.max_cases:
         test_cases = test_cases[:args.max_cases]
+    protocols = protocols_of(dataset, test_cases, args.protocol)
     picker = ContextPicker(dataset, args.context, args.num_prompts, args.seed, args.context_cases)
     class_ids = sorted(c for c in dataset.classes if c != 0) if dataset.task == 'segmentation' else []
-    mask_folder = next((f for f, kind in dataset.folders.items() if kind == 'mask'), None)
     read = lru_cache(maxsize=4096)(read_png)
-    cases, grids_left = {}, args.grids
     baselines = Baselines(dataset, picker, read) if args.baselines else None
-    baseline_cases = {}
+    results, baseline_results = ({p: {} for p in protocols} for _ in range(2))
+    grids_left = args.grids
     for case_id in tqdm(test_cases, desc=dataset.name):
-        indices = dataset.slice_indices(case_id)
-        queries = [read(dataset.slice_path(dataset.input_folder, case_id, i)) for i in indices]
-        truths = [read(dataset.slice_path(dataset.target_folder, case_id, i)) for i in indices]
-        chosen = [picker.pick(case_id, i, q) for i, q in zip(indices, queries)]
-        contexts = [[(read(dataset.slice_path(dataset.input_folder, c, s)), read(dataset.slice_path(dataset.target_folder, c, s)))
-                     for c, s in picks] for picks in chosen]
-        run = predictor.segment if dataset.task == 'segmentation' else predictor.translate
-        preds = run(contexts, queries)
-        masks = [read(dataset.slice_path(mask_folder, case_id, i)) for i in indices] if mask_folder else None
-        cases[case_id] = score_case(dataset, case_id, preds, truths, class_ids, masks)
-        cases[case_id]['contexts'] = {str(i): [list(p) for p in picks] for i, picks in zip(indices, chosen)}
+        run = predict_case(dataset, case_id, protocols, picker, predictor, baselines, read)
+        score_protocols(dataset, case_id, run, protocols, class_ids, results, baseline_results)
         if args.save_predictions:
-            save_predictions(out_dir, dataset, case_id, indices, preds)
-        for name, baseline_preds in (baselines.predict(queries, contexts) if baselines else {}).items():
-            baseline_cases.setdefault(name, {})[case_id] = score_case(dataset, case_id, baseline_preds, truths,
-                                                                      class_ids, masks)
-        shown = np.unique(np.linspace(0, len(indices) - 1, num=min(grids_left, len(indices))).round().astype(int))
-        for j in shown:
-            grid = grid_picture(dataset, contexts[j][0], queries[j], preds[j], truths[j], class_ids)
-            grid.save(os.path.join(out_dir, 'grids', f'{dataset.name}_{case_id}_{indices[j]}.png'))
-        grids_left -= len(shown)
-    summary = summarise(dataset, cases, class_ids)
-    summary['baselines'] = {name: {k: v for k, v in summarise(dataset, results, class_ids).items() if k != 'per_case'}
-                            for name, results in baseline_cases.items()}
-    return summary
+            save_predictions(out_dir, dataset, case_id, run.indices, run.preds)
+        grids_left -= save_grids(out_dir, dataset, case_id, run, class_ids, grids_left)
+    summaries = []
+    for protocol in protocols:
+        summary = summarise(dataset, results[protocol], class_ids, protocol)
+        summary['baselines'] = {name: {k: v for k, v in summarise(dataset, cases, class_ids, protocol).items()
+                                       if k != 'per_case'}
+                                for name, cases in baseline_results[protocol].items()}
+        summaries.append(summary)
+    return summaries
 
 
 class Baselines:
@@ -291,8 +381,9 @@ def save_predictions(out_dir, dataset, case_id, indices, preds):
         Image.fromarray(array).save(os.path.join(folder, f'{index:0{digits}d}.png'))
 
 
-def summarise(dataset: PreparedDataset, cases: dict, class_ids) -> dict:
-    summary = {'dataset': dataset.name, 'task': dataset.task, 'modality': dataset.modality, 'cases': len(cases)}
+def summarise(dataset: PreparedDataset, cases: dict, class_ids, protocol: str) -> dict:
+    summary = {'dataset': dataset.name, 'task': dataset.task, 'modality': dataset.modality, 'protocol': protocol,
+               'cases': len(cases)}
     if dataset.task == 'segmentation':
         names = dataset.classes
         summary['classes'] = {
@@ -329,7 +420,9 @@ def write_case_csv(out_dir: str, summary: dict):
         else:
             row.update({k: v for k, v in result.items() if k != 'contexts'})
         rows.append(row)
-    with open(os.path.join(out_dir, f"{summary['dataset']}_cases.csv"), 'w', newline='') as handle:
+    if not rows:
+        return
+    with open(os.path.join(out_dir, f"{summary['dataset']}_{summary['protocol']}_cases.csv"), 'w', newline='') as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -344,10 +437,21 @@ def paper_row(name: str):
     return next((row for row in PAPER_SEGMENTATION if key in row[0]), None)
 
 
-def markdown_tables(summaries: list) -> str:
-    def fmt(value, digits=3):
-        return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:.{digits}f}'
+def fmt(value, digits=3):
+    return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:.{digits}f}'
 
+
+def markdown_tables(summaries: list) -> str:
+    """The tables of every protocol present, each under a heading that names it."""
+    parts = []
+    for protocol, title in PROTOCOLS.items():
+        chosen = [s for s in summaries if s.get('protocol', 'foreground') == protocol]
+        if chosen:
+            parts.append(f'# Scored on {title}\n\n' + protocol_tables(chosen))
+    return '\n'.join(parts)
+
+
+def protocol_tables(summaries: list) -> str:
     segmentation = [s for s in summaries if s['task'] == 'segmentation']
     order = {row[1]: i for i, row in enumerate(PAPER_SEGMENTATION)}
     segmentation.sort(key=lambda s: (order.get((paper_row(s['dataset']) or (None, ''))[1], len(order)), s['dataset']))
@@ -388,52 +492,76 @@ def markdown_tables(summaries: list) -> str:
 def compare_results(before_path: str, after_path: str) -> str:
     """A before/after table of the headline numbers of two results.json files."""
     def headline(path):
-        with open(path) as handle:
-            datasets = json.load(handle)['datasets']
-        return {d['dataset']: {k: d[k] for k in ('dice', 'hd95', 'psnr', 'ssim') if k in d} for d in datasets}
+        try:
+            with open(path) as handle:
+                datasets = json.load(handle)['datasets']
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UsageError(f"--compare {path}: not a results.json of main_eval.py ({error})") from error
+        return {(d['dataset'], d.get('protocol', 'foreground')): {k: d[k] for k in ('dice', 'hd95', 'psnr', 'ssim')
+                                                                  if k in d} for d in datasets}
     before, after = headline(before_path), headline(after_path)
-    lines = ['| dataset | metric | before | after | change |', '|---|---|---|---|---|']
-    for name in sorted(set(before) & set(after)):
-        for metric, value in before[name].items():
-            new = after[name].get(metric, float('nan'))
-            lines.append(f'| {name} | {metric} | {value:.4f} | {new:.4f} | {new - value:+.4f} |')
+    lines = ['| dataset | protocol | metric | before | after | change |', '|---|---|---|---|---|---|']
+    for name, protocol in sorted(set(before) & set(after)):
+        for metric, value in before[name, protocol].items():
+            new = after[name, protocol].get(metric, float('nan'))
+            lines.append(f'| {name} | {protocol} | {metric} | {value:.4f} | {new:.4f} | {new - value:+.4f} |')
     return '\n'.join(lines) + '\n'
 
 
-def main(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.compare:
-        print(compare_results(*args.compare), end='')
-        return 0
-    if not args.checkpoint or not args.data_path:
-        parser.error('--checkpoint and --data_path are required (unless --compare)')
-    if args.num_prompts < 1:
-        sys.exit('--num_prompts must be at least 1')
+def load_datasets(args) -> list:
     folders = [p for root in args.data_path for p in find_datasets(root)]
     if args.datasets:
         missing = sorted(set(args.datasets) - {os.path.basename(p) for p in folders})
         if missing:
-            sys.exit(f"--datasets {missing} not found under {args.data_path}")
+            raise UsageError(f"--datasets {' '.join(missing)}: not found under {' '.join(args.data_path)}")
         folders = [p for p in folders if os.path.basename(p) in args.datasets]
     datasets = [PreparedDataset(p) for p in folders]
     if args.tasks:
         datasets = [d for d in datasets if d.task in args.tasks]
     if not datasets:
-        sys.exit(f"no prepared dataset (folder with manifest.json{' of tasks ' + str(args.tasks) if args.tasks else ''}) "
-                 f"under {args.data_path}")
-    model = load_model(args.checkpoint, args.model, args.input_size)
+        raise UsageError(f"--data_path {' '.join(args.data_path)}: no prepared dataset (folder with manifest.json"
+                         f"{' of tasks ' + ' '.join(args.tasks) if args.tasks else ''})")
+    return datasets
+
+
+def build_predictor(args, datasets) -> tuple:
+    """(Predictor, the settings used): the checkpoint's record, the flags where they agree or --force."""
+    flags = {'model': args.model, 'input_size': args.input_size, 'depth': args.depth,
+             'label_encoding': args.label_encoding}
+    segments = any(d.task == 'segmentation' for d in datasets)
+    model, settings = load_checkpoint(args.checkpoint, flags, args.force,
+                                      required=('label_encoding',) if segments else ())
     predictor = Predictor(model, device=args.device, precision=args.precision, batch_size=args.batch_size,
-                          label_encoding=args.label_encoding, num_prompts=args.num_prompts,
-                          ensemble=args.ensemble, seed=args.seed)
+                          label_encoding=settings['label_encoding'] or LABEL_ENCODINGS[0],
+                          num_prompts=args.num_prompts, ensemble=args.ensemble, seed=args.seed, scale=args.scale)
+    settings.update(scale=args.scale, context=args.context, num_prompts=args.num_prompts, ensemble=args.ensemble,
+                    precision=args.precision, seed=args.seed)
+    return predictor, settings
+
+
+def main(argv=None):
+    return run_main(evaluate, argv)
+
+
+def evaluate(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.compare:
+        print(compare_results(*args.compare), end='')
+        return 0
+    if not args.checkpoint or not args.data_path:
+        raise UsageError('--checkpoint and --data_path are required (unless --compare)')
+    if args.num_prompts < 1:
+        raise UsageError(f'--num_prompts {args.num_prompts}: must be at least 1')
+    datasets = load_datasets(args)
+    predictor, settings = build_predictor(args, datasets)
     os.makedirs(os.path.join(args.output_dir, 'grids'), exist_ok=True)
     summaries = []
     for dataset in datasets:
-        summary = evaluate_dataset(args, predictor, dataset, args.output_dir)
-        write_case_csv(args.output_dir, summary)
-        summaries.append(summary)
+        for summary in evaluate_dataset(args, predictor, dataset, args.output_dir):
+            write_case_csv(args.output_dir, summary)
+            summaries.append(summary)
     with open(os.path.join(args.output_dir, 'results.json'), 'w') as handle:
-        json.dump({'args': vars(args), 'datasets': summaries}, handle, indent=1)
+        json.dump({'settings': settings, 'args': vars(args), 'datasets': summaries}, handle, indent=1)
     table = markdown_tables(summaries)
     with open(os.path.join(args.output_dir, 'results.md'), 'w') as handle:
         handle.write(table)

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 
 import numpy as np
@@ -28,13 +29,21 @@ from timm.optim import param_groups_layer_decay
 
 import models_mvg
 from datasets.canvas import (
-    CONTEXT_POLICIES, LABEL_ENCODINGS, Augment, InContextDataset, Mixture, load_mixture,
+    CONTEXT_POLICIES, LABEL_ENCODINGS, MIXTURE_RECIPES, Augment, InContextDataset, Mixture, load_mixture,
 )
 from datasets.manifest import PreparedDataset
 from engine_pretrain import DTYPES, Progress, train_one_epoch
 from masking_generator import MaskPolicy
 from util import checkpoint, misc
+from util.cli import UsageError, run_main
+from util.record import (
+    SETTING_FLAGS, CanvasRecord, DatasetRecord, RecordedSettings, common_slice_size, recorded_settings,
+    resolve_settings,
+)
 from util.lr_sched import lr_at
+
+# What a run without --finetune (or whose checkpoint records nothing) uses.
+DEFAULTS = {"model": "mvg_vit_large_patch16", "input_size": [896, 448], "label_encoding": "random_colors"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,10 +65,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "for jobs shorter than the run, and tests")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="mvg_vit_large_patch16", choices=sorted(models_mvg.MODELS))
-    g.add_argument("--input_size", type=int, nargs=2, default=(896, 448), metavar=("H", "W"),
-                   help="canvas size: two H/2 x W pairs stacked")
-    g.add_argument("--depth", type=int, default=None, help="number of blocks (default: the model's)")
+    g.add_argument("--model", default=None, choices=sorted(models_mvg.MODELS),
+                   help=f"default: what --finetune's checkpoint records, else {DEFAULTS['model']}")
+    g.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="canvas size: two H/2 x W pairs stacked (default: what --finetune's checkpoint "
+                        "records, else 896 448)")
+    g.add_argument("--depth", type=int, default=None,
+                   help="number of blocks (default: what --finetune's checkpoint records, else the model's)")
     g.add_argument("--drop_path", type=float, default=None, help="drop path rate (default: the model's)")
     g.add_argument("--min_visible_target", type=float, default=0.0,
                    help="leave a sample out of the loss when its visible target's mean intensity (0..1) is "
@@ -81,12 +93,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", nargs="+", default=None,
                    help="prepared roots: folders of dataset folders with manifest.json (python -m datasets.prepare)")
     g.add_argument("--datasets", nargs="+", default=None, help="use only these datasets of --data_path")
-    g.add_argument("--balance", choices=("datasets", "slices"), default="datasets",
-                   help="--data_path mixture: equal share per dataset, or share by slice count")
+    g.add_argument("--balance", choices=("datasets", "slices"), default=None,
+                   help="--data_path mixture: equal share per dataset, or share by slice count (default: "
+                        "the recipe's: datasets for balanced, slices for paper)")
     g.add_argument("--mixture", default=None, help="mixture JSON file (see datasets.canvas.load_mixture), "
                                                    "instead of --data_path")
     g.add_argument("--seg_only", action=flag, default=False, help="train on the segmentation datasets only")
-    g.add_argument("--label_encoding", choices=LABEL_ENCODINGS, default="random_colors")
+    g.add_argument("--label_encoding", choices=LABEL_ENCODINGS, default=None,
+                   help="how segmentation labels are drawn (default: what --finetune's checkpoint records, "
+                        f"else {DEFAULTS['label_encoding']})")
+    g.add_argument("--recipe", choices=sorted(MIXTURE_RECIPES), default="balanced",
+                   help="--data_path mixture: 'balanced' (each dataset an equal share) or 'paper' (the "
+                        "authors' lists: every slice once, segmentation twice, half the inpainting cases, "
+                        "every fourth synthesis case)")
     g.add_argument("--context", choices=CONTEXT_POLICIES, default="same_case",
                    help="the context pair comes from the query's case or from another case")
     g.add_argument("--scale_jitter", type=float, default=0.0, help="random rescale of a pair by 1 +- this")
@@ -113,6 +132,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("initialisation and resuming")
     g.add_argument("--finetune", default="", help="initial weights: MAE, timm ViT, Painter or MVG checkpoint")
+    g.add_argument("--force", action="store_true",
+                   help="use --model, --input_size, --depth and --label_encoding even where they contradict "
+                        "what --finetune's checkpoint records")
     g.add_argument("--allow_key_mismatch", action="store_true",
                    help="--finetune: keep parameters initialised instead of failing when keys do not fit")
     g.add_argument("--resume", default="", help="training checkpoint to continue from (exact position)")
@@ -155,16 +177,43 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = get_args_parser().parse_args(argv)
-    args.input_size = list(args.input_size)
     if args.precision is None:
         args.precision = "fp16" if args.device.startswith("cuda") else "fp32"
     if args.precision == "fp16" and not args.device.startswith("cuda"):
-        raise SystemExit("--precision fp16 needs --device cuda; use bf16 or fp32 on CPU")
+        raise UsageError("--precision fp16 needs --device cuda; use bf16 or fp32 on CPU")
     if args.log_dir is None:
         args.log_dir = args.output_dir
     if args.accum_iter < 1 or args.batch_size < 1 or args.print_freq < 1:
-        raise SystemExit("--batch_size, --accum_iter and --print_freq must be at least 1")
+        raise UsageError("--batch_size, --accum_iter and --print_freq must be at least 1")
     return args
+
+
+def resolve_model_settings(args):
+    """--model, --input_size, --depth and --label_encoding: the flags, else what --finetune's checkpoint
+    records (a contradiction needs --force), else the defaults. Resuming uses the same command line."""
+    recorded = RecordedSettings(dict.fromkeys(SETTING_FLAGS), "nothing")
+    if args.finetune:
+        recorded = recorded_settings(checkpoint.read_checkpoint(args.finetune, '--finetune'), args.finetune)
+    flags = {name: getattr(args, name) for name in ("model", "input_size", "depth", "label_encoding")}
+    resolved = resolve_settings(flags, recorded, args.finetune, args.force, defaults=DEFAULTS)
+    if resolved["model"] not in models_mvg.MODELS:
+        raise UsageError(f"{args.finetune} records the model {resolved['model']}, which is not an MVG model: "
+                         f"pass --model")
+    for name, value in resolved.items():
+        setattr(args, name, value)
+    args.input_size = list(args.input_size)
+
+
+def canvas_record(args, model, mixture) -> CanvasRecord:
+    """What inference needs to draw canvases as this run does (stored in every checkpoint)."""
+    datasets = {}
+    for entry in mixture.entries:
+        dataset = PreparedDataset(entry.path)
+        datasets[dataset.name] = DatasetRecord(dataset.task, dataset.modality, dataset.classes,
+                                               list(dataset.manifest["size"]))
+    return CanvasRecord(model=args.model, input_size=list(args.input_size), depth=len(model.blocks),
+                        patch_size=model.patch_size, label_encoding=args.label_encoding,
+                        slice_size=common_slice_size(datasets), datasets=datasets)
 
 
 def inert_flag_notes(args, world_size: int) -> list:
@@ -195,19 +244,23 @@ def build_model(args) -> torch.nn.Module:
     return models_mvg.create_model(args.model, **options)
 
 
-def build_dataset(args, patch_size: int) -> InContextDataset:
+def build_mixture(args) -> Mixture:
     if args.mixture:
         if args.data_path or args.datasets:
-            raise SystemExit("give either --mixture or --data_path (with --datasets), not both")
+            raise UsageError("give either --mixture or --data_path (with --datasets), not both")
         mixture = load_mixture(args.mixture)
     elif args.data_path:
-        mixture = Mixture.of(args.data_path, args.datasets, balance=args.balance)
+        mixture = Mixture.of(args.data_path, args.datasets, balance=args.balance, recipe=args.recipe)
     else:
-        raise SystemExit("no training data: give --data_path (prepared roots) or --mixture")
+        raise UsageError("no training data: give --data_path (prepared roots) or --mixture")
     if args.seg_only:
         mixture.entries = [e for e in mixture.entries if PreparedDataset(e.path).task == "segmentation"]
         if not mixture.entries:
-            raise SystemExit("--seg_only: the mixture has no segmentation dataset")
+            raise UsageError("--seg_only: the mixture has no segmentation dataset")
+    return mixture
+
+
+def build_dataset(args, mixture: Mixture, patch_size: int) -> InContextDataset:
     height, width = args.input_size
     policy = MaskPolicy(input_size=(height // patch_size, width // patch_size),
                         num_mask_patches=args.num_mask_patches,
@@ -295,7 +348,10 @@ def resume_state(args, dist_info):
 
 
 def main(argv=None):
+    """Trains; returns the final Progress. Bad input raises UsageError (`python main_pretrain.py` turns
+    it into one line on stderr and exit status 2)."""
     args = parse_args(argv)
+    resolve_model_settings(args)
     dist_info, device = misc.init_distributed(args.device, args.dist_url, args.dist_on_itp, args.local_rank)
     try:
         return train(args, dist_info, device)
@@ -318,13 +374,15 @@ def train(args, dist_info, device):
     if args.finetune and state is None:
         report = checkpoint.load_pretrained(mvg, args.finetune, args.allow_key_mismatch)
         misc.print0(f"finetune from {args.finetune}: {report.summary()}")
-    dataset = build_dataset(args, mvg.patch_size)
+    mixture = build_mixture(args)
+    dataset = build_dataset(args, mixture, mvg.patch_size)
+    record = canvas_record(args, mvg, mixture).to_dict()
     misc.print0(dataset.describe())
 
     global_batch = args.batch_size * args.accum_iter * dist_info.world_size
     steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"an epoch of {len(dataset)} canvases is less than one step of {global_batch}; "
+        raise UsageError(f"an epoch of {len(dataset)} canvases is less than one step of {global_batch}; "
                          "raise --samples_per_epoch or lower the batch")
     lr = args.lr if args.lr is not None else args.blr * global_batch / 256
     args.lr = lr
@@ -365,7 +423,7 @@ def train(args, dist_info, device):
         if args.output_dir:
             checkpoint.save_training_state(os.path.join(args.output_dir, name), mvg, optimizer, scaler,
                                            progress, args_dict, global_batch, dist_info.world_size,
-                                           checkpoint_writer, then)
+                                           checkpoint_writer, then, record)
 
     start = time.time()
     try:
@@ -438,4 +496,4 @@ def finish_epoch(args, progress, stats, save, writer):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

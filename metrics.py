@@ -1,6 +1,7 @@
 """Evaluation metrics, computed with MONAI's implementations, with the empty-label conventions stated.
 
-Segmentation, per case (3D volume or 2D slice) and per foreground class:
+Segmentation, per case (3D volume or 2D image) and per foreground class, on the case's own grid: slices
+at their indices in the volume, those not given counting as background (segmentation_case_scores):
     Dice   1 for a perfect match; a class absent from both the ground truth and the prediction is not
            scored (NaN, left out of means); absent from the ground truth but predicted: 0.
     HD95   95th percentile of the symmetric surface distance, in mm with the case's voxel spacing; NaN
@@ -15,7 +16,7 @@ Image tasks, per case on the 0..255 scale of the prepared slices:
 """
 import math
 import warnings
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -48,7 +49,10 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, class_ids: Sequence[int]
 
 def hd95_per_class(pred: np.ndarray, truth: np.ndarray, class_ids: Sequence[int],
                    spacing: Optional[Sequence[float]] = None) -> Dict[int, float]:
-    """HD95 in the units of `spacing` (mm), NaN where a side is empty."""
+    """HD95 in the units of `spacing` (mm), NaN where a side is empty.
+
+    pred/truth are 2D or 3D; `spacing` has one entry per axis of them.
+    """
     y_pred, y = _one_hot(pred, class_ids), _one_hot(truth, class_ids)
     result = {}
     for i, c in enumerate(class_ids):
@@ -60,6 +64,57 @@ def hd95_per_class(pred: np.ndarray, truth: np.ndarray, class_ids: Sequence[int]
                                               spacing=[float(s) for s in spacing] if spacing is not None else None)
         result[int(c)] = float(distance.item())
     return result
+
+
+def segmentation_case_scores(predictions: Mapping[int, np.ndarray], truths: Mapping[int, np.ndarray],
+                             num_slices: int, class_ids: Sequence[int], spacing: Sequence[float]) -> dict:
+    """Dice, HD95 and mean Dice of one case, its 2D class maps placed at their slice indices in the volume.
+
+    predictions/truths map a slice index along the case's slice axis (0..num_slices-1) to a (rows, cols)
+    class map; spacing is (slice, row, col) in mm. A slice given on one side only, or on neither, is
+    background on the other: preparation drops only slices without foreground, so for the truth this is
+    exact, and for the prediction it means nothing was predicted there. A volume of one slice is a 2D
+    image and is scored in-plane: as a one-slice 3D stack its whole object would count as surface.
+    """
+    if len(spacing) != 3:
+        raise ValueError(f"spacing must be (slice, row, col), got {tuple(spacing)}")
+    pred, truth = _slice_span(predictions, truths, num_slices)
+    if num_slices == 1:
+        pred, truth, spacing = pred[0], truth[0], spacing[1:]
+    dice = dice_per_class(pred, truth, class_ids)
+    hd95 = hd95_per_class(pred, truth, class_ids, spacing=spacing)
+    return {'dice': dice, 'hd95': hd95, 'mean_dice': nanmean(dice.values())}
+
+
+def _slice_span(predictions: Mapping[int, np.ndarray], truths: Mapping[int, np.ndarray],
+                num_slices: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Prediction and truth stacks from the first to the last given slice index, gaps as background.
+
+    Slices outside that span are background on both sides, so leaving them out changes neither Dice
+    (voxel counts) nor HD95 (MONAI crops to the foreground and treats beyond the array as background).
+    """
+    indices = sorted({*predictions, *truths})
+    if not indices:
+        raise ValueError("a case needs at least one slice")
+    if indices[0] < 0 or indices[-1] >= num_slices:
+        raise ValueError(f"slice indices {indices[0]}..{indices[-1]} fall outside the volume's {num_slices} slices")
+    class_maps = [*predictions.values(), *truths.values()]
+    shapes = {np.shape(class_map) for class_map in class_maps}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"slices must be 2D class maps of one shape, got shapes {sorted(shapes)}")
+    first, span_length = indices[0], indices[-1] - indices[0] + 1
+    span_shape, dtype = (span_length, *shapes.pop()), np.result_type(*class_maps)
+    return (_place_slices(predictions, first, span_shape, dtype),
+            _place_slices(truths, first, span_shape, dtype))
+
+
+def _place_slices(slices: Mapping[int, np.ndarray], first: int, span_shape: Tuple[int, ...],
+                  dtype: np.dtype) -> np.ndarray:
+    """Background stack of span_shape with each slice written at its index, counted from `first`."""
+    stack = np.zeros(span_shape, dtype)
+    for index, class_map in slices.items():
+        stack[index - first] = class_map
+    return stack
 
 
 def psnr(pred: np.ndarray, truth: np.ndarray, mask: Optional[np.ndarray] = None, data_range: float = 255.0) -> float:

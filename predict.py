@@ -30,10 +30,12 @@ so a volume given here and the PNG slices prepare writes from it are seen alike:
 (flips and permutations only), intensities normalised per volume as --modality/--normalization say
 (CT window, MR percentiles over the body, min-max otherwise; datasets/intensity.py), sliced along
 --axis (picture = flipud(slice.T): anterior or superior at the top) and stretched to --slice_size
-squared, the size of the prepared slices, so the model sees the pixels it was trained on (the 512
-default matches the paper's data; --slice_size 0 skips this step and saves one interpolation). The
-predictor then resizes every slice to its canvas half (448 for the paper's model) and its prediction
-back. PNGs are taken to be such prepared slices
+squared, the size of the prepared slices, so the model sees the pixels it was trained on (default: the
+size the checkpoint's training data had, else the paper's 512; --slice_size 0 skips this step and saves
+one interpolation). The model, canvas, depth and label encoding also come from the checkpoint's record
+(a contradicting flag needs --force). The predictor then meets each slice at the scale of the training
+crops, in overlapping windows (--scale training; inference.py), or resizes it whole to the canvas half
+(--scale fit), and brings its prediction back to the slice's size. PNGs are taken to be such prepared slices
 already and are used at their own size: 8-bit grey or RGB (averaged to grey), 16-bit grey images
 min-max scaled to 8 bits; label PNGs hold class ids (8- or 16-bit grey, or palette indices).
 
@@ -74,13 +76,16 @@ from datasets.canvas import LABEL_ENCODINGS, MAX_GREY_CLASS
 from datasets.prepare import label_ids
 from datasets.readers import (DICOM_FILE_EXTENSIONS, PICTURE_EXTENSIONS, InputError, Source, check_lossless,
                               read_volume)
-from inference import PRECISIONS, Predictor, load_model
+from datasets.manifest import slice_position
+from inference import PRECISIONS, SCALES, Predictor, load_checkpoint
+from util.cli import run_main
 
 PNG_SUFFIXES = PICTURE_EXTENSIONS  # read as PNGs are; what is written is always a PNG
 VOLUME_SUFFIXES = ('.nii', '.nii.gz')  # what volumes are written as
 # Read like NIfTI (datasets/readers.py): MetaImage, a single DICOM file, and a folder holding a DICOM series.
 OTHER_VOLUME_SUFFIXES = ('.mhd', '.mha') + DICOM_FILE_EXTENSIONS
 AFFINE_TOLERANCE = 1e-3  # mm, datasets.prepare's default --affine_tolerance between an image and its label
+DEFAULT_SLICE_SIZE = 512  # the paper's prepared slices, for checkpoints that do not record theirs
 UNPLACED_POSITION = 0.5  # a PNG has no position along the axis: it counts as the middle slice
 AXIS_NAMES = {index: name for name, index in geometry.AXES.items()}
 
@@ -108,9 +113,10 @@ def get_args_parser():
 
     slicing = parser.add_argument_group('volumes: slicing and intensities (as datasets.prepare)')
     slicing.add_argument('--axis', choices=sorted(geometry.AXES), default='axial', help='slicing axis')
-    slicing.add_argument('--slice_size', type=int, default=512,
+    slicing.add_argument('--slice_size', type=int, default=None,
                          help='slices are stretched to this size squared, the size of the prepared '
-                              'training slices; 0 keeps each slice at its own size')
+                              'training slices (default: the size the checkpoint records, else 512); 0 keeps '
+                              'each slice at its own size')
     slicing.add_argument('--modality', help='CT (HU window), MRI (percentiles) or anything else (min-max); '
                                             'needed for volumes unless --normalization is given')
     intensity.add_intensity_arguments(slicing)
@@ -126,13 +132,19 @@ def get_args_parser():
     model.add_argument('--input_size', type=int, nargs=2, metavar=('HEIGHT', 'WIDTH'),
                        help='canvas size (default: the checkpoint\'s, else 896 448)')
     model.add_argument('--depth', type=int,
-                       help='number of transformer blocks (default: the depth the checkpoint\'s args '
-                            'record, as main_pretrain.py writes them, else the factory\'s)')
+                       help='number of transformer blocks (default: the checkpoint\'s, else the factory\'s)')
     model.add_argument('--num_prompts', type=int, default=1, help='context pairs per query slice')
     model.add_argument('--ensemble', choices=['features', 'outputs', 'both'], default='features',
                        help='how several prompts are combined')
-    model.add_argument('--label_encoding', choices=LABEL_ENCODINGS, default='random_colors',
-                       help='how context labels are drawn for the model (the one it was trained with)')
+    model.add_argument('--label_encoding', choices=LABEL_ENCODINGS, default=None,
+                       help='how context labels are drawn for the model (default: the one the checkpoint '
+                            'records; needed for checkpoints that record none)')
+    model.add_argument('--force', action='store_true',
+                       help='use --model/--input_size/--depth/--label_encoding/--slice_size even where they '
+                            'contradict the checkpoint')
+    model.add_argument('--scale', choices=SCALES, default='training',
+                       help='training: slices at the scale of the training crops, in overlapping windows; '
+                            'fit: each slice resized whole to the canvas half (faster, objects smaller)')
     model.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                        help='cuda, cuda:1, cpu, ... (default: cuda when available)')
     model.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32',
@@ -352,7 +364,7 @@ def volume_contexts(image_path: str, target_path: str, selection, args) -> List[
             target_slice = prepared_label(targets, axis, index, plan)
         else:
             target_slice = prepared_image(targets, axis, index, plan)
-        pairs.append(ContextPair(prepared_image(image01, axis, index, plan), target_slice, (index + 0.5) / count))
+        pairs.append(ContextPair(prepared_image(image01, axis, index, plan), target_slice, slice_position(index, count)))
     return pairs
 
 
@@ -409,16 +421,22 @@ def nearest_contexts(position: float, pairs: Sequence[ContextPair], count: int) 
 # prediction and output
 
 
-def build_predictor(args) -> Predictor:
-    if not os.path.isfile(args.checkpoint):
-        raise InputError(f"--checkpoint {args.checkpoint}: file not found")
-    factory_keywords = {} if args.depth is None else {'depth': args.depth}  # else the checkpoint's
-    try:
-        model = load_model(args.checkpoint, args.model, args.input_size, **factory_keywords)
-    except ValueError as error:  # wrong or unnamed architecture: a message for the user, not a traceback
-        raise InputError(f"{error}; check --model, --input_size and --depth") from error
+def load_model_and_settings(args):
+    """The model, with --model/--input_size/--depth/--label_encoding/--slice_size resolved against what
+    the checkpoint records (args updated in place: contexts are read with them)."""
+    flags = {'model': args.model, 'input_size': args.input_size, 'depth': args.depth,
+             'label_encoding': args.label_encoding, 'slice_size': args.slice_size}
+    required = ('label_encoding',) if args.task == 'segmentation' else ()
+    model, settings = load_checkpoint(args.checkpoint, flags, args.force, required=required)
+    args.label_encoding = settings['label_encoding'] or LABEL_ENCODINGS[0]
+    args.slice_size = DEFAULT_SLICE_SIZE if settings['slice_size'] is None else settings['slice_size']
+    return model
+
+
+def build_predictor(args, model) -> Predictor:
     return Predictor(model, device=args.device, precision=args.precision, batch_size=args.batch_size,
-                     label_encoding=args.label_encoding, num_prompts=args.num_prompts, ensemble=args.ensemble)
+                     label_encoding=args.label_encoding, num_prompts=args.num_prompts, ensemble=args.ensemble,
+                     scale=args.scale)
 
 
 def predict_slices(predictor: Predictor, task: str, queries: Sequence[np.ndarray],
@@ -457,7 +475,7 @@ def predict_volume(args, predictor: Predictor, pairs: List[ContextPair]) -> np.n
     plan = slice_plan(volume01, axis, args.slice_size)
     count = volume01.shape[axis]
     queries = [prepared_image(volume01, axis, k, plan) for k in range(count)]
-    contexts = [nearest_contexts((k + 0.5) / count, pairs, args.num_prompts) for k in range(count)]
+    contexts = [nearest_contexts(slice_position(k, count), pairs, args.num_prompts) for k in range(count)]
     predictions = predict_slices(predictor, args.task, queries, contexts)
 
     is_label = args.task == 'segmentation'
@@ -501,15 +519,16 @@ def check_output_path(args, query_kind: str):
 
 
 def run(args):
-    if args.slice_size < 0:
+    if args.slice_size is not None and args.slice_size < 0:
         raise InputError(f"--slice_size {args.slice_size}: expected a positive size, or 0 for the slices' own")
     for flag, value in (('--num_prompts', args.num_prompts), ('--batch_size', args.batch_size)):
         if value < 1:
             raise InputError(f"{flag} {value}: expected at least 1")
     query_kind = file_kind(args.query, '--query')
     check_output_path(args, query_kind)
+    model = load_model_and_settings(args)
     pairs = load_contexts(args)
-    predictor = build_predictor(args)
+    predictor = build_predictor(args, model)
     if query_kind == 'png':
         prediction = predict_png(args, predictor, pairs)
     else:
@@ -521,12 +540,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except InputError as error:
-        raise SystemExit(f"error: {error}") from error
-    return 0
+    return run_main(lambda argv: run(get_args_parser().parse_args(argv)), argv)
 
 
 if __name__ == '__main__':

@@ -10,10 +10,11 @@ half the canvas (448x448 by default) on its own, stacked context on top:
     task, dataset     int ids into TASKS and into the dataset's `names`, for per-task logging
 
 Which datasets take part, and how often, is a mixture (`load_mixture` reads a JSON file, `Mixture.of`
-builds one from prepared roots). Every random choice of an item (dataset, slices, crops, colours,
-mask) comes from one numpy Generator seeded by (seed, epoch, index), so an item is the same whichever
-worker or rank builds it, and weighted sampling needs no sampler of its own: any index sharding
-(DistributedSampler, a plain range) sees the mixture's weights.
+builds one from prepared roots by a named recipe of MIXTURE_RECIPES: "balanced", every dataset an
+equal share, or "paper", the authors' list of slices). Every random choice of an item (dataset,
+slices, crops, colours, mask) comes from one numpy Generator seeded by (seed, epoch, index), so an
+item is the same whichever worker or rank builds it, and weighted sampling needs no sampler of its
+own: any index sharding (DistributedSampler, a plain range) sees the mixture's weights.
 
 Label encodings of segmentation targets:
     random_colors  every class present gets a random colour, the same in both pairs of the sample
@@ -24,7 +25,7 @@ Label encodings of segmentation targets:
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,8 +33,13 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from masking_generator import TASKS, MaskPolicy, sample_rng
+from util.cli import UsageError
 
-from .manifest import PreparedDataset, find_datasets, read_png
+from .manifest import PreparedDataset, SlicePair, find_datasets, read_png
+
+
+class MixtureError(UsageError, ValueError):
+    """A mixture that cannot be built from the given files and settings (one line, naming the file)."""
 
 LABEL_ENCODINGS = ("random_colors", "grey", "binary")
 CONTEXT_POLICIES = ("same_case", "other_case")
@@ -64,49 +70,127 @@ class MixtureEntry:
     swap_prob: Optional[float] = None
 
 
+BALANCES = ("datasets", "slices")
+SLICE_SAMPLINGS = ("per_case", "uniform")
+
+
 @dataclass
 class Mixture:
+    """Which prepared datasets an InContextDataset draws from, and how often.
+
+    balance          "datasets": each dataset's share is its weight; "slices": its weight times its
+                     number of (kept) training slices, as if every slice were listed `weight` times
+    slice_sampling   how a dataset's query slice is drawn: "per_case" a case uniformly, then one of its
+                     slices (slices of short cases come up more often); "uniform" every slice of the
+                     dataset equally likely, the authors' list of slices
+    recipe           the MIXTURE_RECIPES name the mixture was built with, "custom" otherwise
+    """
     entries: List[MixtureEntry]
-    balance: str = "datasets"  # "datasets": equal share per unit weight; "slices": share by slice count
+    balance: str = "datasets"
+    slice_sampling: str = "per_case"
+    recipe: str = "custom"
 
     @classmethod
-    def of(cls, roots: Sequence[str], names: Optional[Sequence[str]] = None, balance: str = "datasets"):
-        """Every prepared dataset under the roots (or only `names`), weight 1 each."""
+    def of(cls, roots: Sequence[str], names: Optional[Sequence[str]] = None, balance: Optional[str] = None,
+           recipe: str = "balanced"):
+        """Every prepared dataset under the roots (or only `names`), set up by its task as `recipe`
+        (a MIXTURE_RECIPES name) says. `balance` None takes the recipe's; a recipe that stands for one
+        balance ("paper": "slices") refuses another, since the mix would no longer be the recipe's."""
+        if recipe not in MIXTURE_RECIPES:
+            raise MixtureError(f"unknown mixture recipe '{recipe}'; choose one of {sorted(MIXTURE_RECIPES)}")
+        settings = MIXTURE_RECIPES[recipe]
         found = {os.path.basename(p): p for root in roots for p in find_datasets(root)}
         if not found:
-            raise ValueError(f"no prepared dataset (a folder with manifest.json) under {list(roots)}; "
+            raise MixtureError(f"no prepared dataset (a folder with manifest.json) under {list(roots)}; "
                              "prepare data with `python -m datasets.prepare`")
         missing = sorted(set(names or ()) - set(found))
         if missing:
-            raise ValueError(f"datasets {missing} not found under {list(roots)}; found {sorted(found)}")
+            raise MixtureError(f"datasets {missing} not found under {list(roots)}; found {sorted(found)}")
         chosen = names or sorted(found)
-        return cls([MixtureEntry(found[name]) for name in chosen], balance)
+        entries = [settings.entry(found[name], PreparedDataset(found[name]).task) for name in chosen]
+        return cls(entries, settings.pick_balance(recipe, balance), settings.slice_sampling, recipe)
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What a recipe gives every prepared dataset of one task (see MixtureEntry)."""
+    weight: float = 1.0
+    case_fraction: float = 1.0
+    case_stride: int = 1
+
+
+@dataclass(frozen=True)
+class MixtureRecipe:
+    """How `Mixture.of` sets up the prepared datasets it finds, by their task.
+
+    balance          the balance the recipe stands for, or None to leave it to the caller ("datasets"
+                     unless asked otherwise)
+    slice_sampling   see Mixture
+    tasks            settings per task; a task not listed gets weight 1 and every training case
+    """
+    balance: Optional[str] = None
+    slice_sampling: str = "per_case"
+    tasks: Dict[str, TaskSettings] = field(default_factory=dict)
+
+    def entry(self, path: str, task: str) -> MixtureEntry:
+        settings = self.tasks.get(task, TaskSettings())
+        return MixtureEntry(path, weight=settings.weight, case_fraction=settings.case_fraction,
+                            case_stride=settings.case_stride)
+
+    def pick_balance(self, name: str, asked: Optional[str]) -> str:
+        if self.balance is None:
+            return asked or "datasets"
+        if asked not in (None, self.balance):
+            raise MixtureError(f"mixture recipe '{name}' stands for balance '{self.balance}'; got balance "
+                             f"'{asked}' (leave balance out, or use recipe 'balanced')")
+        return self.balance
+
+
+MIXTURE_RECIPES = {
+    # Every dataset an equal share whatever its size; a case, then one of its slices.
+    "balanced": MixtureRecipe(),
+    # The authors' training list: every training slice once, segmentation datasets twice, half the
+    # inpainting (BraTS-Local) cases and every fourth synthesis (BraTS-GLI) case; samples from it are
+    # uniform over the list, so every listed slice is equally likely.
+    "paper": MixtureRecipe(balance="slices", slice_sampling="uniform", tasks={
+        "segmentation": TaskSettings(weight=2),
+        "inpainting": TaskSettings(case_fraction=0.5),
+        "synthesis": TaskSettings(case_stride=4),
+    }),
+}
 
 
 def load_mixture(path: str) -> Mixture:
     """Reads a mixture file:
 
-        {"balance": "slices",
+        {"balance": "slices", "slice_sampling": "uniform",
          "datasets": [{"path": "data/ACDC", "weight": 2},
                       {"path": "data/BraTS_Local", "case_fraction": 0.5},
                       {"path": "data/BraTS_GLI", "case_stride": 4}]}
 
     Relative paths are taken from the file's folder.
     """
-    with open(path) as handle:
-        spec = json.load(handle)
+    try:
+        with open(path) as handle:
+            spec = json.load(handle)
+    except OSError as error:
+        raise MixtureError(f"--mixture {path}: cannot read ({error.strerror})") from error
+    except ValueError as error:
+        raise MixtureError(f"--mixture {path}: not valid JSON ({error})") from error
+    if not isinstance(spec, dict):
+        raise MixtureError(f"--mixture {path}: expected a JSON object with a 'datasets' list")
     known = set(MixtureEntry.__dataclass_fields__)
     entries = []
     for i, item in enumerate(spec.get("datasets", [])):
         unknown = set(item) - known
         if unknown or "path" not in item:
-            raise ValueError(f"{path}: datasets[{i}] needs 'path' and takes only {sorted(known)}; "
+            raise MixtureError(f"{path}: datasets[{i}] needs 'path' and takes only {sorted(known)}; "
                              f"got {sorted(item)}")
         item = dict(item, path=os.path.join(os.path.dirname(os.path.abspath(path)), item["path"]))
         entries.append(MixtureEntry(**item))
     if not entries:
-        raise ValueError(f"{path}: the mixture lists no datasets")
-    return Mixture(entries, spec.get("balance", "datasets"))
+        raise MixtureError(f"{path}: the mixture lists no datasets")
+    return Mixture(entries, spec.get("balance", "datasets"), spec.get("slice_sampling", "per_case"))
 
 
 @dataclass
@@ -115,36 +199,47 @@ class _Source:
     name: str
     task: str
     swap_prob: float
-    cases: List[str]
-    slice_paths: dict = field(default_factory=dict)  # case -> [(input path, target path), ...]
+    cases: List[str]  # sorted
+    slices: Dict[str, List[SlicePair]]  # case -> its kept slices
+    # Where each case's slices start when all the dataset's slices are numbered case by case: a number
+    # drawn over all slices finds its case by binary search (uniform slice sampling).
+    slice_starts: np.ndarray = field(init=False)
+    num_slices: int = field(init=False)
+
+    def __post_init__(self):
+        counts = [len(self.slices[case]) for case in self.cases]
+        self.slice_starts = np.cumsum([0] + counts[:-1])
+        self.num_slices = sum(counts)
 
 
 def _build_source(entry: MixtureEntry, split: str) -> _Source:
     dataset = PreparedDataset(entry.path)
     if dataset.task not in TASKS:
-        raise ValueError(f"{entry.path}: unknown task '{dataset.task}' in manifest; expected one of {TASKS}")
+        raise MixtureError(f"{entry.path}: unknown task '{dataset.task}' in manifest; expected one of {TASKS}")
     cases = dataset.case_ids(split)
     if not 0 < entry.case_fraction <= 1 or entry.case_stride < 1:
-        raise ValueError(f"{entry.path}: case_fraction must be in (0, 1] and case_stride >= 1")
+        raise MixtureError(f"{entry.path}: case_fraction must be in (0, 1] and case_stride >= 1")
     cases = cases[::entry.case_stride]
     cases = cases[:max(1, int(round(len(cases) * entry.case_fraction)))] if cases else cases
     if entry.num_cases:
         cases = cases[:entry.num_cases]
-    slice_paths = {}
+    slices = {}
     for case in cases:
-        pairs = [(dataset.slice_path(dataset.input_folder, case, i), dataset.slice_path(dataset.target_folder, case, i))
+        pairs = [SlicePair(dataset.name, case, i, dataset.slice_path(dataset.input_folder, case, i),
+                           dataset.slice_path(dataset.target_folder, case, i))
                  for i in dataset.slice_indices(case)]
         if pairs:
-            slice_paths[case] = pairs
-    if not slice_paths:
-        raise ValueError(f"{entry.path}: no {split} slices (cases: {len(cases)}); check the manifest's splits")
+            slices[case] = pairs
+    if not slices:
+        raise MixtureError(f"{entry.path}: no {split} slices (cases: {len(cases)}); check the manifest's splits")
     # Checked up front, cheaply: the first pair of every case exists (`python -m datasets.verify` checks all).
-    missing = [p for pairs in slice_paths.values() for p in pairs[0] if not os.path.exists(p)]
+    missing = [p for pairs in slices.values() for p in (pairs[0].input_path, pairs[0].target_path)
+               if not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(f"{entry.path}: {len(missing)} slice files listed in the manifest are missing, "
+        raise MixtureError(f"{entry.path}: {len(missing)} slice files listed in the manifest are missing, "
                                 f"e.g. {missing[0]}; run `python -m datasets.verify {os.path.dirname(entry.path)}`")
     swap = entry.swap_prob if entry.swap_prob is not None else (0.5 if dataset.task == "synthesis" else 0.0)
-    return _Source(dataset.name, dataset.task, swap, sorted(slice_paths), slice_paths)
+    return _Source(dataset.name, dataset.task, swap, sorted(slices), slices)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,6 +260,7 @@ class Augment:
 
     crop_size: each pair is randomly cropped to it (resized up first when a side is smaller);
     scale_jitter s: the pair is first scaled by a factor in [1 - s, 1 + s]; hflip/vflip: probabilities.
+    Returns C-contiguous arrays, whatever flips and crops were taken.
     """
     crop_size: Tuple[int, int] = (448, 448)
     scale_jitter: float = 0.0
@@ -188,7 +284,8 @@ class Augment:
             image, target = image[:, ::-1], target[:, ::-1]
         if self.vflip and rng.random() < self.vflip:
             image, target = image[::-1], target[::-1]
-        return image, target
+        # Crops and flips are views (flips with negative strides, which torch refuses): hand on copies.
+        return np.ascontiguousarray(image), np.ascontiguousarray(target)
 
 
 def random_palette(num_colors: int, rng: np.random.Generator, tries: int = 8) -> np.ndarray:
@@ -256,6 +353,15 @@ def to_normalised_tensor(pictures: Sequence[np.ndarray]) -> torch.Tensor:
 # the dataset
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What an item shows, chosen before any pixel is read."""
+    source_id: int  # into InContextDataset.sources / names
+    query: SlicePair
+    context: SlicePair
+    swap: bool  # synthesis: input and target trade roles
+
+
 class InContextDataset(torch.utils.data.Dataset):
     """Canvases drawn from a mixture of prepared datasets (see module docstring)."""
 
@@ -268,19 +374,23 @@ class InContextDataset(torch.utils.data.Dataset):
         if context not in CONTEXT_POLICIES:
             raise ValueError(f"context must be one of {CONTEXT_POLICIES}, got '{context}'")
         if input_size[0] % 2 or input_size[0] // 2 % patch_size or input_size[1] % patch_size:
-            raise ValueError(f"input_size {tuple(input_size)} must stack two pairs of whole {patch_size}-pixel patches")
+            raise MixtureError(f"input_size {tuple(input_size)} must stack two pairs of whole {patch_size}-pixel patches")
         grid = (input_size[0] // patch_size, input_size[1] // patch_size)
         if tuple(mask_policy.input_size) != grid:
             raise ValueError(f"mask_policy grid {mask_policy.input_size} does not match input_size "
                              f"{tuple(input_size)} / patch {patch_size} = {grid}")
-        if mixture.balance not in ("datasets", "slices"):
-            raise ValueError(f"mixture balance must be 'datasets' or 'slices', got '{mixture.balance}'")
+        if mixture.balance not in BALANCES:
+            raise MixtureError(f"mixture balance must be one of {BALANCES}, got '{mixture.balance}'")
+        if mixture.slice_sampling not in SLICE_SAMPLINGS:
+            raise MixtureError(f"mixture slice_sampling must be one of {SLICE_SAMPLINGS}, "
+                             f"got '{mixture.slice_sampling}'")
+        self.mixture = mixture
         self.sources = [_build_source(entry, split) for entry in mixture.entries]
         self.names = [source.name for source in self.sources]
-        counts = np.array([sum(map(len, s.slice_paths.values())) for s in self.sources], dtype=np.float64)
+        counts = np.array([source.num_slices for source in self.sources], dtype=np.float64)
         weights = np.array([entry.weight for entry in mixture.entries], dtype=np.float64)
         if (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights.tolist()}")
+            raise MixtureError(f"mixture weights must be >= 0 with a positive sum, got {weights.tolist()}")
         shares = weights * counts if mixture.balance == "slices" else weights
         self.probabilities = shares / shares.sum()
         self.num_slices = int(counts.sum())
@@ -304,23 +414,33 @@ class InContextDataset(torch.utils.data.Dataset):
         return self.samples_per_epoch
 
     def describe(self) -> str:
+        mixture = self.mixture
         lines = [f"{len(self.sources)} datasets, {self.num_slices} slices, {len(self)} canvases per epoch, "
-                 f"labels '{self.label_encoding}', context '{self.context}', {self.mask_policy}"]
+                 f"labels '{self.label_encoding}', context '{self.context}', {self.mask_policy}",
+                 f"mixture recipe '{mixture.recipe}': balance '{mixture.balance}', "
+                 f"query slices drawn '{mixture.slice_sampling}'"]
         for source, p in zip(self.sources, self.probabilities):
             lines.append(f"  {source.name:<24} {source.task:<13} cases {len(source.cases):>5}  "
-                         f"slices {sum(map(len, source.slice_paths.values())):>7}  share {p:.3f}")
+                         f"slices {source.num_slices:>7}  share {p:.3f}")
         return "\n".join(lines)
 
-    def _pick_pairs(self, source: _Source, rng: np.random.Generator):
-        """(query pair paths, context pair paths)."""
-        query_position = int(rng.integers(len(source.cases)))
-        query_case = source.cases[query_position]
-        query_slices = source.slice_paths[query_case]
-        query_index = int(rng.integers(len(query_slices)))
+    def _pick_query(self, source: _Source, rng: np.random.Generator) -> Tuple[int, int]:
+        """(position of the query's case in source.cases, position of the slice in its case)."""
+        if self.mixture.slice_sampling == "uniform":
+            number = int(rng.integers(source.num_slices))
+            case_position = int(np.searchsorted(source.slice_starts, number, side="right")) - 1
+            return case_position, number - int(source.slice_starts[case_position])
+        case_position = int(rng.integers(len(source.cases)))
+        return case_position, int(rng.integers(len(source.slices[source.cases[case_position]])))
+
+    def _pick_pairs(self, source: _Source, rng: np.random.Generator) -> Tuple[SlicePair, SlicePair]:
+        """(query pair, context pair)."""
+        query_position, query_index = self._pick_query(source, rng)
+        query_slices = source.slices[source.cases[query_position]]
         if self.context == "other_case" and len(source.cases) > 1:
             other = int(rng.integers(len(source.cases) - 1))
             other += other >= query_position  # any case but the query's
-            context_slices = source.slice_paths[source.cases[other]]
+            context_slices = source.slices[source.cases[other]]
             return query_slices[query_index], context_slices[rng.integers(len(context_slices))]
         if len(query_slices) == 1:  # a one-slice case is its own context, cropped independently
             return query_slices[0], query_slices[0]
@@ -328,16 +448,26 @@ class InContextDataset(torch.utils.data.Dataset):
         context_index += context_index >= query_index  # any other slice of the case
         return query_slices[query_index], query_slices[context_index]
 
-    def __getitem__(self, index: int) -> dict:
-        rng = sample_rng(self.seed, self.epoch, index)
+    def choose(self, index: int) -> Choice:
+        """The dataset, slices and direction of item `index` in this epoch, without reading pixels."""
+        return self._choose(sample_rng(self.seed, self.epoch, index))
+
+    def _choose(self, rng: np.random.Generator) -> Choice:
         source_id = int(rng.choice(len(self.sources), p=self.probabilities))
         source = self.sources[source_id]
-        query_paths, context_paths = self._pick_pairs(source, rng)
-        swap = rng.random() < source.swap_prob  # always drawn: the rest of the item must not depend on it
+        query, context = self._pick_pairs(source, rng)
+        swap = bool(rng.random() < source.swap_prob)  # always drawn: the rest of the item must not depend on it
+        return Choice(source_id, query, context, swap)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = sample_rng(self.seed, self.epoch, index)
+        choice = self._choose(rng)  # the item's further draws continue on the same generator
+        source = self.sources[choice.source_id]
         target_is_label = source.task == "segmentation"
         images, targets = [], []
-        for input_path, target_path in (context_paths, query_paths):
-            if swap:
+        for pair in (choice.context, choice.query):
+            input_path, target_path = pair.input_path, pair.target_path
+            if choice.swap:
                 input_path, target_path = target_path, input_path
             image, target = self.augment(read_png(input_path), read_png(target_path), target_is_label, rng)
             images.append(image)
@@ -356,5 +486,5 @@ class InContextDataset(torch.utils.data.Dataset):
             "mask": torch.from_numpy(mask.reshape(-1)),
             "valid": torch.from_numpy(valid)[None],
             "task": TASKS.index(source.task),
-            "dataset": source_id,
+            "dataset": choice.source_id,
         }

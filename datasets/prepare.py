@@ -40,17 +40,32 @@ Examples:
     python -m datasets.prepare verify data
 
 Processing of a case: read every volume, check that all grids match (shape and affine), reorient to
-RAS, normalise intensities per volume (datasets/intensity.py), keep the slices that hold foreground
+RAS, normalise intensities per volume (datasets/intensity.py), find the slices that hold foreground
 (segmentation: at least --min_foreground label pixels) or enough body (other tasks: at least
---min_body_fraction of the input slice above black), bring each slice to --size x --size
+--min_body_fraction of the input slice above black), bring the kept slices to --size x --size
 (datasets/geometry.py) and write 8-bit grey PNGs; labels keep their ids (16-bit PNG when an id
-exceeds 255). A segmentation case without any foreground is skipped with a warning and listed under
-"skipped" in the manifest. Every input is checked (pairing, headers, grids, 4D) before any case is
-processed, and all problems are reported together.
+exceeds 255). Every input is checked (pairing, headers, grids, 4D) before any case is processed, and
+all problems are reported together.
+
+Which slices are kept: train (and val) cases keep their foreground slices, all that training reads.
+Test cases keep every slice of the volume (--test_slices all, the default), so that one preparation
+serves both evaluation protocols: the paper's, on the foreground slices, and whole volumes, where false
+positives on the other slices count. The manifest lists each case's foreground slices beside its kept
+ones (foreground_slices, slices). --test_slices foreground keeps only foreground slices for test cases
+too, as before this option existed, e.g. to save disk space.
+
+A case without any foreground: a train case (or any case with --test_slices foreground) has nothing
+to keep; it is skipped with a warning and listed under "skipped" in the manifest. A test case with
+--test_slices all is kept whole, with no foreground slice: it is what whole-volume evaluation is for,
+as metrics.py leaves a class absent from both truth and prediction unscored and scores a class
+predicted where the truth has none 0 (false positives count, an empty prediction is not rewarded).
+The foreground protocol has no slice of such a case and leaves it out.
 
 Resuming and interruptions: a case is written to <dataset>/.partial/<case>/ and moved into place when
 complete; its meta/<case>.json is written after that and marks it finished. A rerun skips finished
-cases and removes anything an interrupted run left of the others.
+cases whose kept slices are still the ones wanted (a rerun may change the splits or --test_slices, and
+with them whether a case keeps all its slices; such a case is prepared again) and removes anything an
+interrupted run left of the others.
 """
 import argparse
 import json
@@ -65,6 +80,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from util.cli import run_main
+
 from . import geometry, intensity, layouts, verify
 from .manifest import MANIFEST_NAME
 from .readers import (FORMATS_WITHOUT_SPACING, InputError, check_lossless, read_header, read_volume,
@@ -75,8 +92,11 @@ PARTIAL_FOLDER = ".partial"
 META_FOLDER = "meta"
 SETTINGS_NAME = "prepare_settings.json"
 # Settings that do not change what is written, so a rerun may change them.
-# Splits are drawn afresh each run and only enter the manifest, so they may change too.
-RUN_ONLY_SETTINGS = {"workers", "overwrite", "out", "command", "test_fraction", "seed", "test_cases"}
+# Splits are drawn afresh each run and enter the manifest; with --test_slices they decide which slices a
+# case keeps, and a rerun prepares again each finished case whose kept slices no longer fit (record_fits).
+RUN_ONLY_SETTINGS = {"workers", "overwrite", "out", "command", "test_fraction", "seed", "test_cases",
+                     "test_slices"}
+ALL_SLICES, FOREGROUND_SLICES = "all", "foreground"
 
 
 # ---------------------------------------------------------------- the task of each layout
@@ -304,8 +324,8 @@ def remap_labels(labels, label_map):
     return remapped
 
 
-def kept_slices(volumes, config, intensity_parameters):
-    """Slice indices worth keeping (see the module docstring for the rules)."""
+def foreground_slices(volumes, config, intensity_parameters):
+    """Indices of the slices that hold foreground (see the module docstring for the rules)."""
     axis = config["axis"]
     other_axes = tuple(a for a in range(3) if a != axis)
     if config["task"] == "segmentation":
@@ -419,24 +439,31 @@ def write_slices(case, volumes, slices, names, plan, parameters, label_dtype, co
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def prepare_case(case, config, dataset_dir):
-    """Reads, checks, slices and writes one case; returns its record, written to meta/ last."""
+def slice_selection(split, test_slices):
+    """Which slices a case keeps: test cases follow --test_slices, all others keep foreground only."""
+    return test_slices if split == "test" else FOREGROUND_SLICES
+
+
+def prepare_case(case, config, dataset_dir, selection):
+    """Reads, checks, slices and writes one case, keeping ALL_SLICES or FOREGROUND_SLICES; returns its
+    record, written to meta/ last."""
     volumes, canonical_affine, original, non_finite = load_case(case, config)
     record = {"case": case.case_id, "sources": {f: str(s) for f, s in case.sources.items()},
               "source_notes": case.notes, "original": original}
     if "label" in volumes:
         record.update(label_summary(case, volumes["label"], config))
     parameters = fit_intensities(volumes, config)
-    slices = kept_slices(volumes, config, parameters)
-    record_path = os.path.join(dataset_dir, META_FOLDER, case.case_id + ".json")
+    foreground = foreground_slices(volumes, config, parameters)
+    axis, input_volume = config["axis"], volumes[config["input_folder"]]
+    slices = list(range(input_volume.shape[axis])) if selection == ALL_SLICES else foreground
+    meta_path = record_path(dataset_dir, case.case_id)
     if not slices:
         reason = ("no foreground label in any slice" if config["task"] == "segmentation"
                   else "no slice with enough body (--min_body_fraction)")
         record.update(status="skipped", reason=reason)
-        write_json_atomically(record_path, record)
+        write_json_atomically(meta_path, record)
         return record
 
-    axis, input_volume = config["axis"], volumes[config["input_folder"]]
     rows, cols = geometry.slice_for_display(input_volume, axis, 0).shape
     plan = geometry.fit_plan(rows, cols, config["size"], config["fit"])
     digits = slice_digits(input_volume.shape[axis])
@@ -446,16 +473,16 @@ def prepare_case(case, config, dataset_dir):
     record.update(
         status="done", canonical=geometry_record(input_volume.shape, canonical_affine),
         slice_axis=axis, slice_axis_name=config["axis_name"], num_slices=int(input_volume.shape[axis]),
-        slice_digits=digits, slices=slices, resize=plan, intensity=parameters,
+        slice_digits=digits, slices=slices, foreground_slices=foreground, resize=plan, intensity=parameters,
         non_finite_voxels=non_finite, channel=config["channel"])
-    write_json_atomically(record_path, record)
+    write_json_atomically(meta_path, record)
     return record
 
 
-def prepare_case_reporting(case, config, dataset_dir):
+def prepare_case_reporting(case, config, dataset_dir, selection):
     """Process-pool entry: (case id, error message or None, record or None)."""
     try:
-        return case.case_id, None, prepare_case(case, config, dataset_dir)
+        return case.case_id, None, prepare_case(case, config, dataset_dir, selection)
     except InputError as error:
         return case.case_id, str(error), None
     except Exception as error:  # a bug or an unexpected file: keep the other cases going, name this one
@@ -517,33 +544,59 @@ def start_dataset_folder(dataset_dir, args):
     shutil.rmtree(os.path.join(dataset_dir, PARTIAL_FOLDER), ignore_errors=True)
 
 
+def record_path(dataset_dir, case_id):
+    return os.path.join(dataset_dir, META_FOLDER, case_id + ".json")
+
+
 def finished_record(dataset_dir, case_id):
-    path = os.path.join(dataset_dir, META_FOLDER, case_id + ".json")
+    path = record_path(dataset_dir, case_id)
     if not os.path.exists(path):
         return None
     with open(path) as handle:
         return json.load(handle)
 
 
+def recorded_foreground(record):
+    """A done case's foreground slices; records written before foreground_slices kept only those."""
+    return record.get("foreground_slices", record["slices"])
+
+
+def record_fits(record, selection):
+    """Whether a finished case keeps the slices this run would keep: its split, and so its selection,
+    may have changed since. Compared by content, so a case whose foreground fills the volume fits both."""
+    if record["status"] != "done":  # skipped for lack of foreground, which ALL_SLICES never does
+        return selection == FOREGROUND_SLICES
+    wanted = list(range(record["num_slices"])) if selection == ALL_SLICES else recorded_foreground(record)
+    return record["slices"] == wanted
+
+
 def remove_leftovers(dataset_dir, case_id, folders):
-    """An interrupted run may have moved some of a case's folders into place, never its record."""
+    """Clears a case about to be prepared: an interrupted run may have moved some of its folders into
+    place (never its record), and a finished case that no longer fits has both. The record goes first:
+    it marks the case finished, so it must never outlive the folders it describes."""
+    path = record_path(dataset_dir, case_id)
+    if os.path.exists(path):
+        os.remove(path)
     for folder in folders:
         shutil.rmtree(os.path.join(dataset_dir, folder, case_id), ignore_errors=True)
 
 
-def run_cases(pending, config, dataset_dir, workers):
-    """Prepares the pending cases; returns (records by case id, error messages)."""
+def run_cases(pending, selections, config, dataset_dir, workers):
+    """Prepares the pending cases, each keeping selections[case id]; returns (records by case id, error
+    messages)."""
     records, errors = {}, []
     progress = tqdm(total=len(pending), desc=f"preparing {os.path.basename(dataset_dir)}", unit="case")
     if workers <= 1:
-        results = (prepare_case_reporting(case, config, dataset_dir) for case in pending)
+        results = (prepare_case_reporting(case, config, dataset_dir, selections[case.case_id])
+                   for case in pending)
         for case_id, error, record in results:
             progress.update()
             errors += [error] if error else []
             records.update({case_id: record} if record else {})
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(prepare_case_reporting, case, config, dataset_dir) for case in pending]
+            futures = [pool.submit(prepare_case_reporting, case, config, dataset_dir, selections[case.case_id])
+                       for case in pending]
             for future in as_completed(futures):
                 case_id, error, record = future.result()
                 progress.update()
@@ -569,7 +622,10 @@ def write_manifest(dataset_dir, dataset_name, config, records, splits):
     cases, skipped = {}, {}
     for case_id in sorted(records):
         record = dict(records[case_id], split=splits[case_id])
-        (cases if record["status"] == "done" else skipped)[case_id] = record
+        if record["status"] == "done":
+            cases[case_id] = dict(record, foreground_slices=recorded_foreground(record))
+        else:
+            skipped[case_id] = record
     manifest = {
         "format_version": FORMAT_VERSION, "dataset": dataset_name, "task": config["task"],
         "modality": config["modality"], "input_folder": config["input_folder"],
@@ -597,6 +653,15 @@ def warn_binary_255(records, config):
                       "rerun with --overwrite --label_map 255:1 to make the foreground class 1", stacklevel=1)
 
 
+def summary_line(manifest, dataset_dir):
+    kept = manifest["cases"].values()
+    without_foreground = sum(not record["foreground_slices"] for record in kept)
+    note = f" ({without_foreground} test cases without foreground, kept whole)" if without_foreground else ""
+    return (f"{manifest['dataset']}: {len(kept)} cases{note}, {sum(len(r['slices']) for r in kept)} slices "
+            f"({sum(len(r['foreground_slices']) for r in kept)} with foreground), "
+            f"{len(manifest['skipped'])} skipped -> {dataset_dir}")
+
+
 def prepare_dataset(args):
     """The whole run; returns the process exit status."""
     cases, class_names, source_modality = find_cases(args)
@@ -607,14 +672,16 @@ def prepare_dataset(args):
     dataset_dir = os.path.join(args.out, args.dataset)
     start_dataset_folder(dataset_dir, args)
 
+    selections = {case_id: slice_selection(split, args.test_slices) for case_id, split in splits.items()}
     records = {case.case_id: finished_record(dataset_dir, case.case_id) for case in cases}
-    records = {case_id: record for case_id, record in records.items() if record}
+    records = {case_id: record for case_id, record in records.items()
+               if record and record_fits(record, selections[case_id])}
     pending = [case for case in cases if case.case_id not in records]
     if records:
         print(f"{len(records)} cases already prepared, {len(pending)} to go")
     for case in pending:
         remove_leftovers(dataset_dir, case.case_id, config["folders"])
-    new_records, errors = run_cases(pending, config, dataset_dir, args.workers)
+    new_records, errors = run_cases(pending, selections, config, dataset_dir, args.workers)
     shutil.rmtree(os.path.join(dataset_dir, PARTIAL_FOLDER), ignore_errors=True)
     records.update(new_records)
     for case_id, record in sorted(new_records.items()):
@@ -627,9 +694,7 @@ def prepare_dataset(args):
         return 1
     manifest = write_manifest(dataset_dir, args.dataset, config, records, splits)
     warn_binary_255(records, config)
-    print(f"{args.dataset}: {len(manifest['cases'])} cases, "
-          f"{sum(len(c['slices']) for c in manifest['cases'].values())} slices, "
-          f"{len(manifest['skipped'])} skipped -> {dataset_dir}")
+    print(summary_line(manifest, dataset_dir))
     return 0
 
 
@@ -670,6 +735,10 @@ def add_common_arguments(parser):
     selection.add_argument("--min_body_fraction", type=float, default=0.05,
                            help="other tasks: keep slices whose input has at least this fraction of "
                                 "pixels above black")
+    selection.add_argument("--test_slices", choices=[ALL_SLICES, FOREGROUND_SLICES], default=ALL_SLICES,
+                           help="test cases keep every slice of the volume (evaluation can then score whole "
+                                "volumes as well as foreground slices), or only their foreground slices like "
+                                "train cases")
     selection.add_argument("--test_fraction", type=float, default=0.2,
                            help="share of test cases drawn when the source has no split of its own")
     selection.add_argument("--seed", type=int, default=0, help="seed of that draw")
@@ -747,16 +816,15 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def run_command(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["verify"]:
         return verify.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        return prepare_dataset(args)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return prepare_dataset(build_parser().parse_args(argv))
+
+
+def main(argv=None):
+    return run_main(run_command, argv)
 
 
 if __name__ == "__main__":

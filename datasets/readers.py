@@ -30,11 +30,14 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
+from util.cli import UsageError
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-class InputError(Exception):
-    """Bad input data; the message names the file or case and says what is wrong."""
+class InputError(UsageError):
+    """Bad input data; the message names the file or case and says what is wrong. A UsageError, so
+    every entry point reports it as `error: <message>` without a traceback (util/cli.py)."""
 
 
 class MissingExtraError(InputError):

@@ -3,10 +3,12 @@
     python -m datasets.verify <root>            (same as: python -m datasets.prepare verify <root>)
 
 Per dataset: manifest readable; every case of the manifest has the same slice files in each of its
-folders and exactly those the manifest lists; no case without slices; every PNG readable and of the
-manifest's size; image folders 8-bit grey; label ids among the manifest's classes; masks 0/255; no
-case folder that the manifest does not know (left by an interrupted run). Exits 1 when a problem is
-found, after listing them all.
+folders and exactly those the manifest lists; no case without slices; foreground_slices among the
+case's slices, and all of them for cases outside the test split (only test cases keep slices without
+foreground); every PNG readable and of the manifest's size; image folders 8-bit grey; label ids among
+the manifest's classes; masks 0/255; no case folder that the manifest does not know (left by an
+interrupted run). Exits 1 when a problem is found, after listing them all, and 2 when the root itself
+is missing or holds no dataset folder.
 """
 import argparse
 import os
@@ -15,9 +17,10 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from .manifest import MANIFEST_NAME, PreparedDataset, read_png
+from util.cli import UsageError, run_main
 
-HIDDEN_PREFIX = "."
+from .manifest import HIDDEN_PREFIX, PreparedDataset, dataset_folders, read_png
+
 SUMMARY_LIMIT = 20
 
 
@@ -48,14 +51,16 @@ def verify_dataset(dataset_dir):
     """(summary line, problems) of one dataset folder."""
     try:
         dataset = PreparedDataset(dataset_dir)
-    except Exception as error:
-        return None, [f"{dataset_dir}: manifest unreadable ({type(error).__name__}: {error})"]
+    except UsageError as error:  # a manifest that is not what it should be is one more problem
+        return None, [str(error)]
     problems = []
     class_ids = set(dataset.classes)
     size = dataset.manifest["size"]
     case_ids = dataset.case_ids()
     if not case_ids:
         problems.append(f"{dataset_dir}: the manifest lists no cases")
+    for case_id in case_ids:
+        problems += foreground_problems(dataset, case_id)
     for folder, kind in dataset.folders.items():
         folder_dir = os.path.join(dataset_dir, folder)
         present = set(os.listdir(folder_dir)) if os.path.isdir(folder_dir) else set()
@@ -64,11 +69,26 @@ def verify_dataset(dataset_dir):
         for case_id in tqdm(case_ids, desc=f"verifying {dataset.name}/{folder}", unit="case", leave=False):
             problems += verify_case_folder(dataset, folder, kind, case_id, size, class_ids)
     slices = sum(len(dataset.slice_indices(c)) for c in case_ids)
+    foreground = sum(len(dataset.foreground_slice_indices(c)) for c in case_ids)
     splits = ", ".join(f"{split} {len(ids)}" for split, ids in dataset.manifest["splits"].items())
     classes = ", ".join(f"{i}:{n}" for i, n in dataset.classes.items()) or "-"
     summary = (f"{dataset.name}: {dataset.task}, {dataset.modality}, {len(case_ids)} cases ({splits}), "
-               f"{slices} slices, {len(dataset.manifest.get('skipped', {}))} skipped, classes {classes}")
+               f"{slices} slices ({foreground} with foreground), "
+               f"{len(dataset.manifest.get('skipped', {}))} skipped, classes {classes}")
     return summary, problems
+
+
+def foreground_problems(dataset, case_id):
+    """A case's foreground_slices must be among its slices; outside the test split, all of them."""
+    slices = set(dataset.slice_indices(case_id))
+    foreground = set(dataset.foreground_slice_indices(case_id))
+    where = f"{dataset.dataset_dir}: case '{case_id}'"
+    if not foreground <= slices:
+        return [f"{where}: foreground_slices {sorted(foreground - slices)} are not among its slices"]
+    split = dataset.case(case_id)["split"]
+    if split != "test" and foreground != slices:
+        return [f"{where}: a {split} case keeps slices without foreground {sorted(slices - foreground)}"]
+    return []
 
 
 def verify_case_folder(dataset, folder, kind, case_id, size, class_ids):
@@ -91,21 +111,16 @@ def verify_case_folder(dataset, folder, kind, case_id, size, class_ids):
 
 
 def verify_root(root):
-    """(summary lines, problems) of every dataset under root."""
-    if not os.path.isdir(root):
-        return [], [f"{root}: not a folder"]
-    dataset_dirs = [os.path.join(root, name) for name in sorted(os.listdir(root))
-                    if os.path.isdir(os.path.join(root, name)) and not name.startswith(HIDDEN_PREFIX)]
+    """(summary lines, problems) of every dataset under root; UsageError when root is missing,
+    unreadable or holds no dataset folder, as nothing can be checked then."""
+    dataset_dirs = dataset_folders(root)
+    if not dataset_dirs:
+        raise UsageError(f"{root}: no dataset folders; expected the --out of python -m datasets.prepare")
     summaries, problems = [], []
-    for dataset_dir in dataset_dirs:
-        if not os.path.exists(os.path.join(dataset_dir, MANIFEST_NAME)):
-            problems.append(f"{dataset_dir}: no {MANIFEST_NAME} (preparation unfinished or failed?)")
-            continue
+    for dataset_dir in dataset_dirs:  # a folder without a manifest is reported by verify_dataset
         summary, dataset_problems = verify_dataset(dataset_dir)
         summaries += [summary] if summary else []
         problems += dataset_problems
-    if not dataset_dirs:
-        problems.append(f"{root}: no dataset folders")
     return summaries, problems
 
 
@@ -130,4 +145,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -7,7 +7,9 @@
 #
 # Environment (defaults in brackets): EPOCHS [20], SAMPLES_PER_EPOCH [200], BATCH [4], LR [1e-4],
 # DEVICE [cuda if available], EVAL_FLAGS [""] (extra main_eval.py flags, e.g. "--num_prompts 4").
-# The architecture is read from the checkpoint (model name, canvas size, depth, masking).
+# The model, canvas size, depth and label encoding come from the checkpoint's record (main_eval.py and
+# main_pretrain.py --finetune read it); its masking flags are passed on from its training arguments.
+# A checkpoint without a record (the authors') needs them as flags: EVAL_FLAGS and the extra arguments.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -25,14 +27,17 @@ device="${DEVICE:-$(python -c 'import torch; print("cuda" if torch.cuda.is_avail
 read -r -a eval_flags <<< "${EVAL_FLAGS:-}"
 mkdir -p "$out"
 
-# The architecture (and masking) the checkpoint records, as main_pretrain.py flags.
-read -r -a arch < <(cd "$repo_root" && python - "$checkpoint" <<'PY'
+# The masking the checkpoint was trained with, as main_pretrain.py flags.
+read -r -a masking < <(cd "$repo_root" && python - "$checkpoint" <<'PY'
 import sys
-from util.checkpoint import load_weights_only, recorded_args
-args = recorded_args(load_weights_only(sys.argv[1]))
-height, width = args.get('input_size') or (896, 448)
-flags = ['--model', args.get('model') or 'mvg_vit_large_patch16', '--input_size', str(height), str(width)]
-for name in ('depth', 'num_mask_patches', 'min_mask_patches_per_block', 'max_mask_patches_per_block'):
+from util.checkpoint import read_checkpoint, recorded_args
+from util.cli import UsageError
+try:
+    args = recorded_args(read_checkpoint(sys.argv[1]))
+except UsageError as error:
+    sys.exit(f"error: {error}")
+flags = []
+for name in ('num_mask_patches', 'min_mask_patches_per_block', 'max_mask_patches_per_block'):
     if args.get(name):
         flags += [f'--{name}', str(args[name])]
 print(' '.join(flags))
@@ -49,7 +54,7 @@ evaluate "$checkpoint" "$out/before"
 
 echo "== finetuning on the first $k training cases of $dataset"
 printf '{"datasets": [{"path": "%s", "num_cases": %d}]}\n' "$(cd "$root/$dataset" && pwd)" "$k" > "$out/mixture.json"
-python "$repo_root/main_pretrain.py" "${arch[@]}" --finetune "$checkpoint" --mixture "$out/mixture.json" \
+python "$repo_root/main_pretrain.py" ${masking[@]+"${masking[@]}"} --finetune "$checkpoint" --mixture "$out/mixture.json" \
   --epochs "${EPOCHS:-20}" --samples_per_epoch "${SAMPLES_PER_EPOCH:-200}" --batch_size "${BATCH:-4}" \
   --lr "${LR:-1e-4}" --warmup_epochs 1 --device "$device" --output_dir "$out/finetune" \
   --save_every_epochs 0 --vis_every_steps 0 "$@"

@@ -131,20 +131,22 @@ def train(prepared, out, config, args):
     return os.path.join(run_dir, 'checkpoint-last.pth')
 
 
-def evaluate(checkpoint, prepared, out, fast, label_encoding):
+def evaluate(checkpoint, prepared, out, fast):
+    """main_eval.py's results {(dataset, protocol): summary}; the label encoding and the rest come from
+    the checkpoint's record."""
     eval_dir = os.path.join(out, 'eval')
     argv = ['--checkpoint', checkpoint, '--data_path', prepared, '--output_dir', eval_dir, '--device', 'cpu',
-            '--label_encoding', label_encoding,
             '--context', 'retrieval', '--baselines', '--grids', '4', '--batch_size', '8']
     if fast:
         argv += ['--max_cases', '1']
-    main_eval.main(argv)
+    if main_eval.main(argv) != 0:
+        sys.exit('the evaluation failed; see the error above')
     with open(os.path.join(eval_dir, 'results.json')) as handle:
-        return {d['dataset']: d for d in json.load(handle)['datasets']}, eval_dir
+        return {(d['dataset'], d['protocol']): d for d in json.load(handle)['datasets']}, eval_dir
 
 
 def report(results, eval_dir, out, timings):
-    tissue, denoise = results['MNI_tissue'], results['MNI_denoise']
+    tissue, denoise = results['MNI_tissue', 'foreground'], results['MNI_denoise', 'foreground']
     model_dice, copy_dice = tissue['dice'], tissue['baselines']['copy_context']['dice']
     model_psnr, noisy_psnr = denoise['psnr'], denoise['baselines']['identity']['psnr']
     lines = [
@@ -155,6 +157,11 @@ def report(results, eval_dir, out, timings):
     for c, v in tissue['classes'].items():
         lines.append(f"| Dice {v['name']} | {v['dice']:.3f} | {tissue['baselines']['copy_context']['classes'][c]['dice']:.3f} "
                      f"| {tissue['baselines']['intensity']['classes'][c]['dice']:.3f} | - |")
+    whole = results.get(('MNI_tissue', 'volume'))
+    if whole is not None:  # every slice of the held-out slabs, background-only ones included
+        lines.append(f"| tissue mean Dice, whole slabs | {whole['dice']:.3f} | "
+                     f"{whole['baselines']['copy_context']['dice']:.3f} | "
+                     f"{whole['baselines']['intensity']['dice']:.3f} | - |")
     lines.append(f'| denoising PSNR (dB) | {model_psnr:.2f} | - | - | {noisy_psnr:.2f} |')
     lines.append(f"| denoising SSIM | {denoise['ssim']:.3f} | - | - | {denoise['baselines']['identity']['ssim']:.3f} |")
     verdicts = [f"Dice: MVG {'beats' if model_dice > copy_dice else 'does NOT beat'} copying the context label "
@@ -193,7 +200,7 @@ def main(argv=None):
     timings['training'] = time.perf_counter() - start
     stage('3/3 evaluation on the held-out slabs (main_eval.py, with baselines)')
     start = time.perf_counter()
-    results, eval_dir = evaluate(checkpoint, prepared, args.out, args.fast, args.label_encoding)
+    results, eval_dir = evaluate(checkpoint, prepared, args.out, args.fast)
     timings['evaluation'] = time.perf_counter() - start
     report(results, eval_dir, args.out, timings)
     return 0

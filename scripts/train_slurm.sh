@@ -16,8 +16,12 @@
 #   DATA=/data/prepared MAE=/ckpt/mae_pretrain_vit_large.pth OUT=runs/mvg_l sbatch scripts/train_slurm.sh
 #
 # Ten minutes before the time limit SLURM sends SIGUSR1: training writes checkpoint-last.pth at the
-# next step and exits, and the job requeues itself unless the last epoch is done; --auto_resume then
-# continues at the exact sample. A crash loses at most --save_every_steps steps.
+# next step and exits with status 0, and the job requeues itself unless the run is finished, as
+# checkpoint-last.pth records it (all of its --epochs, or its --stop_after_steps: python -m util.cli
+# finished); --auto_resume then continues at the exact sample. Extra arguments go to main_pretrain.py;
+# give the output folder as OUT, not --output_dir, since OUT is where the run's progress is read. A
+# run that fails (non-zero status) is not requeued, as it would only fail again: fix it and resubmit;
+# --auto_resume continues from its last checkpoint, and a crash loses at most --save_every_steps steps.
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "${BASH_SOURCE[0]}")/..}"
 
@@ -36,16 +40,23 @@ export MASTER_ADDR MASTER_PORT
 # Data-loading workers are processes; keep each training process's own CPU threads modest.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 
+status=0
 srun --kill-on-bad-exit=1 python main_pretrain.py \
   --model mvg_vit_large_patch16 --input_size 896 448 \
   --batch_size 16 --epochs "$EPOCHS" --warmup_epochs 5 --lr 1e-3 --weight_decay 0.05 --layer_decay 0.8 \
   --num_mask_patches 256 --half_mask_ratio 1.0 --max_mask_patches_per_block 128 --min_mask_patches_per_block 16 \
   --precision fp16 --num_workers 8 --save_every_steps 1000 \
   --data_path "${data_paths[@]}" --output_dir "$OUT" --auto_resume \
-  ${init[@]+"${init[@]}"} "$@"
+  ${init[@]+"${init[@]}"} "$@" || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "training failed with status $status; not requeued" >&2
+  exit "$status"
+fi
 
-# The final numbered checkpoint is always written (and never pruned): without it, training stopped
-# early on the signal, so go round again.
-if [ ! -f "$OUT/checkpoint-$((EPOCHS - 1)).pth" ]; then
+# Status 0 also ends a run stopped by the signal. The run's own record says whether it is done; a
+# missing or unreadable checkpoint-last.pth is an error (status 2, one line), and set -e then ends the
+# job without requeueing it.
+progress="$(python -m util.cli finished "$OUT")"
+if [ "$progress" = unfinished ]; then
   scontrol requeue "$SLURM_JOB_ID"
 fi

@@ -6,12 +6,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy.stats import chisquare
 
 from datasets import prepare
 from datasets.canvas import (
     Augment, InContextDataset, Mixture, MixtureEntry, load_mixture, random_palette, render_labels,
 )
-from masking_generator import TASKS, MaskPolicy
+from masking_generator import TASKS, MaskPolicy, sample_rng
+from util.cli import UsageError
 
 CANVAS = (64, 32)  # two 32x32 pairs; a 4x2 token grid
 SLICE = 40  # prepared slice size, so crops move
@@ -168,7 +170,7 @@ def test_mixture_weights_and_balance(prepared):
     drawn = np.array([data[i]["dataset"] for i in range(400)])
     assert abs((drawn == 0).mean() - 0.75) < 0.08
     by_slices = dataset(prepared, mixture=Mixture(mixture.entries, balance="slices"))
-    counts = np.array([sum(map(len, s.slice_paths.values())) for s in by_slices.sources])
+    counts = np.array([sum(map(len, s.slices.values())) for s in by_slices.sources])
     np.testing.assert_allclose(by_slices.probabilities, counts * [3, 1] / (counts * [3, 1]).sum())
 
 
@@ -206,9 +208,9 @@ def test_context_policies_and_the_one_slice_case(prepared):
     source = data.sources[0]
     for index in range(20):
         query, context = data._pick_pairs(source, np.random.default_rng(index))
-        assert query[0].split(os.sep)[-2] != context[0].split(os.sep)[-2]
+        assert query.case_id != context.case_id
     same = dataset(prepared, ["Seg"], context="same_case")
-    one_slice = source.slice_paths["c2"]
+    one_slice = source.slices["c2"]
     assert len(one_slice) == 1
     rng = np.random.default_rng(0)
     picks = [same._pick_pairs(same.sources[0], rng) for _ in range(60)]
@@ -223,6 +225,7 @@ def test_augment_crops_pairs_identically():
     for _ in range(10):
         out_image, out_target = augment(image, image.copy(), True, rng)
         assert out_image.shape == (32, 32)
+        assert out_image.flags.c_contiguous and out_target.flags.c_contiguous  # torch refuses flipped views
         np.testing.assert_array_equal(out_image, out_target)
     small = np.zeros((20, 24), dtype=np.uint8)
     out_image, out_target = Augment(crop_size=(32, 32), scale_jitter=0.1)(small, small, True, rng)
@@ -235,5 +238,158 @@ def test_missing_slice_files_are_reported_up_front(prepared, tmp_path):
     shutil.copytree(prepared / "Denoise", copy / "Denoise")
     first = sorted((copy / "Denoise" / "image" / "p0").iterdir())[0]
     first.unlink()
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(UsageError, match="missing"):
         dataset(copy, ["Denoise"])
+
+
+# A flip probability that draws the same random numbers as a certain flip but never flips (rng.random()
+# would have to return exactly 0), so an item built with it matches a flipped one in every other choice.
+NEVER = 1e-300
+
+
+@pytest.mark.parametrize("name", ["Seg", "Synth"])
+def test_flipped_items_reach_a_batch_through_a_data_loader(prepared, name):
+    crop = (CANVAS[0] // 2, CANVAS[1])
+    flipped = dataset(prepared, [name], augment=Augment(crop_size=crop, hflip=1.0, vflip=1.0), seed=3)
+    reference = dataset(prepared, [name], augment=Augment(crop_size=crop, hflip=NEVER, vflip=NEVER), seed=3)
+    batch = next(iter(torch.utils.data.DataLoader(flipped, batch_size=4, num_workers=0)))
+    assert batch["imgs"].shape == (4, 3, *CANVAS)
+    for position in range(4):
+        unflipped = reference[position]
+        assert not torch.equal(batch["imgs"][position], unflipped["imgs"])
+        for key in ("imgs", "tgts", "valid"):
+            # context pair over query pair: each is flipped on its own, in both directions
+            context, query = unflipped[key].split(crop[0], dim=1)
+            expected = torch.cat([context.flip(1, 2), query.flip(1, 2)], dim=1)
+            assert torch.equal(batch[key][position], expected), key
+        assert torch.equal(batch["mask"][position], unflipped["mask"])
+
+
+def prepare_recipe_tree(root):
+    """One dataset per task, cases of different lengths: 3 segmentation cases (2, 3, 5 slices), 8
+    synthesis cases (2 to 5 slices), 4 inpainting cases (2 to 5 slices), 2 denoising cases (2 and 5
+    slices)."""
+    out = root / "prepared"
+    for i, depth in enumerate((2, 3, 5)):
+        image, label = segmentation_case(i, depth)
+        save(root / "seg" / "imagesTr" / f"c{i}.nii.gz", image)
+        save(root / "seg" / "labelsTr" / f"c{i}.nii.gz", label)
+    for i in range(8):
+        base = np.random.default_rng(20 + i).uniform(0, 100, size=(SLICE, SLICE, 2 + i // 2)).astype(np.float32)
+        for contrast, volume in (("t1c", base), ("t2w", 100 - base)):
+            save(root / "brats" / f"S-{i}" / f"S-{i}-{contrast}.nii.gz", volume)
+    for i in range(4):
+        base = np.random.default_rng(30 + i).uniform(0, 100, size=(SLICE, SLICE, 2 + i)).astype(np.float32)
+        hole = np.zeros(base.shape, np.uint8)
+        hole[10:30, 10:30, 1] = 1
+        for suffix, volume in (("t1n", base), ("t1n-voided", base * (1 - hole)), ("mask", hole)):
+            save(root / "local" / f"L-{i}" / f"L-{i}-{suffix}.nii.gz", volume)
+    for i, depth in enumerate((2, 5)):
+        base = np.random.default_rng(40 + i).uniform(0, 100, size=(SLICE, SLICE, depth)).astype(np.float32)
+        save(root / "ldct" / "low" / f"p{i}.nii.gz", base + 5)
+        save(root / "ldct" / "full" / f"p{i}.nii.gz", base)
+    common = ["--out", str(out), "--size", str(SLICE), "--test_fraction", "0"]
+    assert prepare.main(["msd", "--root", str(root / "seg"), "--dataset", "Seg", "--modality", "CT", *common]) == 0
+    assert prepare.main(["brats-synthesis", "--root", str(root / "brats"), "--source", "t1c", "--target", "t2w",
+                         "--dataset", "Synth", *common]) == 0
+    assert prepare.main(["brats-inpainting", "--root", str(root / "local"), "--dataset", "Inpaint", *common]) == 0
+    assert prepare.main(["denoising", "--root", str(root / "ldct"), "--low_dose", "low/*.nii.gz",
+                         "--normal_dose", "full/*.nii.gz", "--modality", "CT", "--dataset", "Denoise",
+                         *common]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def recipe_tree(tmp_path_factory):
+    return prepare_recipe_tree(tmp_path_factory.mktemp("recipes"))
+
+
+def authors_slice_list(root):
+    """{dataset: {case: [slice indices]}} as the authors' training list has it, read straight from the
+    manifests: every training case, but only the first half of the inpainting cases (sorted) and every
+    fourth synthesis case."""
+    listed = {}
+    for name in sorted(os.listdir(root)):
+        with open(root / name / "manifest.json") as handle:
+            manifest = json.load(handle)
+        cases = sorted(c for c, record in manifest["cases"].items() if record["split"] == "train")
+        if manifest["task"] == "inpainting":
+            cases = cases[:len(cases) // 2]
+        elif manifest["task"] == "synthesis":
+            cases = cases[::4]
+        listed[manifest["dataset"]] = ({case: manifest["cases"][case]["slices"] for case in cases},
+                                       2.0 if manifest["task"] == "segmentation" else 1.0)
+    return listed
+
+
+def query_probabilities(listed, slice_rule):
+    """{(dataset, case, slice): probability}: a dataset's share is weight x its listed slices; inside it
+    "listed" makes every slice equally likely, "case_first" draws a case, then one of its slices."""
+    shares = {name: weight * sum(map(len, cases.values())) for name, (cases, weight) in listed.items()}
+    total = sum(shares.values())
+    probabilities = {}
+    for name, (cases, _) in listed.items():
+        num_slices = sum(map(len, cases.values()))
+        for case, indices in cases.items():
+            within = 1 / num_slices if slice_rule == "listed" else 1 / len(cases) / len(indices)
+            probabilities.update({(name, case, index): shares[name] / total * within for index in indices})
+    return probabilities
+
+
+def test_paper_recipe_draws_every_listed_slice_equally_often(recipe_tree):
+    listed = authors_slice_list(recipe_tree)
+    lengths = {len(indices) for cases, _ in listed.values() for indices in cases.values()}
+    assert len(lengths) > 2  # cases of different lengths, or both rules below would agree
+    data = dataset(recipe_tree, mixture=Mixture.of([str(recipe_tree)], recipe="paper"), seed=11)
+    draws = 20000
+    counts = {}
+    for index in range(draws):
+        query = data.choose(index).query
+        key = (query.dataset, query.case_id, query.index)
+        counts[key] = counts.get(key, 0) + 1
+    expected = query_probabilities(listed, "listed")
+    assert set(counts) <= set(expected)  # no slice of a dropped case, nothing outside the list
+    keys = sorted(expected)
+    observed = [counts.get(key, 0) for key in keys]
+    assert chisquare(observed, [draws * expected[key] for key in keys]).pvalue > 1e-3
+    # The sample is large enough to tell this rule from drawing a case first.
+    case_first = query_probabilities(listed, "case_first")
+    assert chisquare(observed, [draws * case_first[key] for key in keys]).pvalue < 1e-9
+    for index in range(3):
+        assert data[index]["dataset"] == data.choose(index).source_id
+
+
+def test_balanced_recipe_is_the_default_and_draws_a_case_then_a_slice(recipe_tree):
+    default = dataset(recipe_tree, seed=4)
+    assert default.mixture == Mixture.of([str(recipe_tree)], recipe="balanced")
+    np.testing.assert_allclose(default.probabilities, 0.25)
+    default.set_epoch(3)
+    for index in range(40):
+        # The draws of every item before recipes existed: dataset, then case, then slice.
+        rng = sample_rng(4, 3, index)
+        source = default.sources[rng.choice(4, p=default.probabilities)]
+        case = source.cases[rng.integers(len(source.cases))]
+        expected = source.slices[case][rng.integers(len(source.slices[case]))]
+        assert default.choose(index).query == expected
+
+
+def test_recipes_set_up_datasets_by_task_and_guard_the_balance(prepared, tmp_path):
+    paper = Mixture.of([str(prepared)], recipe="paper")
+    settings = {os.path.basename(e.path): (e.weight, e.case_fraction, e.case_stride) for e in paper.entries}
+    assert settings == {"Seg": (2, 1, 1), "Synth": (1, 1, 4), "Inpaint": (1, 0.5, 1), "Denoise": (1, 1, 1)}
+    assert (paper.balance, paper.slice_sampling) == ("slices", "uniform")
+    assert Mixture.of([str(prepared)], recipe="paper", balance="slices") == paper
+    with pytest.raises(ValueError, match="stands for balance 'slices'"):
+        Mixture.of([str(prepared)], recipe="paper", balance="datasets")
+    with pytest.raises(ValueError, match="unknown mixture recipe"):
+        Mixture.of([str(prepared)], recipe="cookbook")
+    balanced = Mixture.of([str(prepared)], balance="slices")
+    assert balanced.balance == "slices" and {e.weight for e in balanced.entries} == {1}
+    assert "recipe 'paper'" in dataset(prepared, mixture=paper).describe()
+    (tmp_path / "mix.json").write_text(json.dumps({"slice_sampling": "uniform", "datasets": [
+        {"path": os.path.relpath(prepared / "Seg", tmp_path)}]}))
+    from_file = load_mixture(str(tmp_path / "mix.json"))
+    assert from_file.slice_sampling == "uniform"
+    assert "recipe 'custom'" in dataset(prepared, mixture=from_file).describe()
+    with pytest.raises(ValueError, match="slice_sampling"):
+        dataset(prepared, mixture=Mixture(paper.entries, slice_sampling="by_luck"))

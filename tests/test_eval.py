@@ -11,7 +11,7 @@ from datasets import prepare
 from datasets.manifest import PreparedDataset
 from models_mvg import mvg_vit_tiny_patch16
 from tests.test_canvas import SLICE, save, segmentation_case
-from tests.test_inference import CopyContextModel
+from tests.test_inference import CopyContextModel, stand_in_loader
 
 
 @pytest.fixture(scope='module')
@@ -36,7 +36,8 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = mvg_vit_tiny_patch16(input_size=(64, 32))
     path = tmp_path_factory.mktemp('ckpt') / 'tiny.pth'
-    torch.save({'model': model.state_dict(), 'args': {'model': 'mvg_vit_tiny_patch16', 'input_size': [64, 32]}}, path)
+    torch.save({'model': model.state_dict(), 'args': {'model': 'mvg_vit_tiny_patch16', 'input_size': [64, 32],
+                                                      'label_encoding': 'random_colors'}}, path)
     return path
 
 
@@ -45,8 +46,11 @@ def test_eval_end_to_end_with_a_random_tiny_model(prepared, tiny_checkpoint, tmp
     assert main_eval.main(['--checkpoint', str(tiny_checkpoint), '--data_path', str(prepared), '--output_dir',
                            str(out), '--device', 'cpu', '--grids', '2', '--save_predictions']) == 0
     results = json.loads((out / 'results.json').read_text())
-    by_name = {d['dataset']: d for d in results['datasets']}
-    assert set(by_name) == {'ACDC', 'LDCT'}
+    assert [(d['dataset'], d['protocol']) for d in results['datasets']] == [
+        ('ACDC', 'foreground'), ('ACDC', 'volume'), ('LDCT', 'foreground'), ('LDCT', 'volume')]
+    by_name = {d['dataset']: d for d in results['datasets'] if d['protocol'] == 'foreground'}
+    assert results['settings']['label_encoding'] == 'random_colors' and results['settings']['scale'] == 'training'
+    assert results['settings']['settings_source'] == 'training arguments'
     acdc = by_name['ACDC']
     assert acdc['cases'] == 2 and set(acdc['classes']) == {'1', '2'}
     assert 0.0 <= acdc['dice'] <= 1.0
@@ -54,7 +58,9 @@ def test_eval_end_to_end_with_a_random_tiny_model(prepared, tiny_checkpoint, tmp
     table = (out / 'results.md').read_text()
     assert '| ACDC | 2 |' in table and '0.85 | 0.52 | 0.54 | 0.90' in table  # beside the paper's numbers
     assert 'denoising' in capsys.readouterr().out
-    assert (out / 'ACDC_cases.csv').read_text().startswith('case,mean_dice,dice_1,dice_2,hd95_1,hd95_2')
+    assert (out / 'ACDC_foreground_cases.csv').read_text().startswith('case,mean_dice,dice_1,dice_2,hd95_1,hd95_2')
+    assert (out / 'ACDC_volume_cases.csv').is_file()
+    assert "# Scored on foreground slices (the paper's protocol)" in table and '# Scored on whole volumes' in table
     assert len(list((out / 'grids').glob('ACDC_*.png'))) == 2
     case = PreparedDataset(str(prepared / 'ACDC')).case_ids('test')[0]
     assert len(list((out / 'predictions' / 'ACDC' / case).glob('*.png'))) == 5
@@ -64,11 +70,11 @@ def test_eval_end_to_end_with_a_random_tiny_model(prepared, tiny_checkpoint, tmp
 
 
 def test_a_perfect_model_scores_dice_one(prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(main_eval, 'load_model', lambda *args, **kwargs: CopyContextModel())
+    monkeypatch.setattr(main_eval, 'load_checkpoint', stand_in_loader(CopyContextModel()))
     out = tmp_path / 'eval'
     main_eval.main(['--checkpoint', 'unused', '--data_path', str(prepared), '--output_dir',
                     str(out), '--context', 'retrieval', '--num_prompts', '2', '--baselines'])
-    acdc, ldct = json.loads((out / 'results.json').read_text())['datasets']
+    acdc, _, ldct, _ = json.loads((out / 'results.json').read_text())['datasets']
     assert acdc['dice'] > 0.95  # every case has the same two-class layout; only resizing blurs edges
     assert acdc['hd95'] <= 1.5  # mm, spacing 1 mm at 40 px
     # Copying the context label is exactly right here; intensities are noise, so the classifier is not.
@@ -92,12 +98,15 @@ def test_context_policies_use_training_cases_and_are_seeded(prepared, policy):
         assert all(s == index for _, s in first)
 
 
-def test_few_shot_context_cases_and_errors(prepared):
+def test_few_shot_context_cases(prepared):
     dataset = PreparedDataset(str(prepared / 'ACDC'))
     picker = main_eval.ContextPicker(dataset, 'random', k=1, seed=0, context_cases=1)
     assert picker.cases == dataset.case_ids('train')[:1]
-    with pytest.raises(SystemExit, match='not found'):
-        main_eval.main(['--checkpoint', 'x', '--data_path', str(prepared), '--datasets', 'Nope'])
+
+
+def test_unknown_dataset_is_a_one_line_error(prepared, capsys):
+    assert main_eval.main(['--checkpoint', 'x', '--data_path', str(prepared), '--datasets', 'Nope']) == 2
+    assert capsys.readouterr().err.strip() == f'error: --datasets Nope: not found under {prepared}'
 
 
 def test_eval_script_runs_one_task_and_fails_loudly(prepared, tiny_checkpoint, tmp_path):
@@ -111,7 +120,7 @@ def test_eval_script_runs_one_task_and_fails_loudly(prepared, tiny_checkpoint, t
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     datasets = json.loads((out / 'results.json').read_text())['datasets']
-    assert [d['dataset'] for d in datasets] == ['ACDC']  # the segmentation datasets only
+    assert {d['dataset'] for d in datasets} == {'ACDC'}  # the segmentation datasets only
     missing = subprocess.run(['bash', script, str(tmp_path / 'none.pth'), str(prepared)], capture_output=True,
                              text=True, env=env)
     assert missing.returncode == 2 and 'checkpoint not found' in missing.stderr
@@ -121,9 +130,9 @@ def test_compare_prints_before_and_after(tmp_path, capsys):
     for name, dice in (('before', 0.5), ('after', 0.75)):
         (tmp_path / f'{name}.json').write_text(json.dumps({'datasets': [{'dataset': 'ACDC', 'dice': dice, 'hd95': 4.0}]}))
     assert main_eval.main(['--compare', str(tmp_path / 'before.json'), str(tmp_path / 'after.json')]) == 0
-    assert '| ACDC | dice | 0.5000 | 0.7500 | +0.2500 |' in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main_eval.main(['--data_path', str(tmp_path)])
+    assert '| ACDC | foreground | dice | 0.5000 | 0.7500 | +0.2500 |' in capsys.readouterr().out
+    assert main_eval.main(['--data_path', str(tmp_path)]) == 2
+    assert '--checkpoint and --data_path are required' in capsys.readouterr().err
 
 
 def test_fewshot_adaptation_script_end_to_end(prepared, tiny_checkpoint, tmp_path):
@@ -146,4 +155,130 @@ def test_fewshot_adaptation_script_end_to_end(prepared, tiny_checkpoint, tmp_pat
                    for c, _ in picks)
     mixture = json.loads((out / 'mixture.json').read_text())
     assert mixture['datasets'][0]['num_cases'] == 1
-    assert '| ACDC | dice |' in (out / 'before_after.md').read_text()
+    assert '| ACDC | foreground | dice |' in (out / 'before_after.md').read_text()
+    after = json.loads((out / 'after' / 'results.json').read_text())['settings']
+    assert (after['settings_source'], after['label_encoding']) == ('record', 'random_colors')
+
+
+# ---------------------------------------------------------------------------------------------------
+# whole volumes beside foreground slices
+
+
+@pytest.fixture(scope='module')
+def gapped(tmp_path_factory):
+    """Cases of 8 slices labelled on slices 1, 2, 5 and 6 only (a gap, and empty ends)."""
+    root = tmp_path_factory.mktemp('gapped')
+    for i in range(4):
+        image, label = segmentation_case(i, depth=8)
+        label[..., [0, 3, 4, 7]] = 0
+        save(root / 'src' / 'imagesTr' / f'c{i}.nii.gz', image)
+        save(root / 'src' / 'labelsTr' / f'c{i}.nii.gz', label)
+    assert prepare.main(['msd', '--root', str(root / 'src'), '--dataset', 'Gapped', '--modality', 'MRI', '--out',
+                         str(root / 'prepared'), '--size', str(SLICE), '--test_fraction', '0.5', '--seed', '1']) == 0
+    return root / 'prepared'
+
+
+def test_whole_volume_protocol_counts_false_positives_on_empty_slices(gapped, tmp_path, monkeypatch):
+    monkeypatch.setattr(main_eval, 'load_checkpoint', stand_in_loader(CopyContextModel()))
+    out = tmp_path / 'eval'
+    assert main_eval.main(['--checkpoint', 'unused', '--data_path', str(gapped), '--output_dir', str(out)]) == 0
+    foreground, volume = json.loads((out / 'results.json').read_text())['datasets']
+    assert (foreground['protocol'], volume['protocol']) == ('foreground', 'volume')
+    # Painting the context label is exact on the 4 labelled slices, and a false positive on the other 4
+    # of each volume: Dice 2 * 4 / (8 + 4) per class.
+    assert foreground['dice'] == 1.0 and foreground['hd95'] == 0.0
+    assert math.isclose(volume['dice'], 2 / 3, rel_tol=1e-6)
+    case = next(iter(volume['per_case'].values()))
+    assert sorted(map(int, case['contexts'])) == list(range(8))
+    only = tmp_path / 'foreground_only'
+    assert main_eval.main(['--checkpoint', 'unused', '--data_path', str(gapped), '--output_dir', str(only),
+                           '--protocol', 'foreground']) == 0
+    (alone,) = json.loads((only / 'results.json').read_text())['datasets']
+    assert alone['dice'] == 1.0 and sorted(map(int, next(iter(alone['per_case'].values()))['contexts'])) == [1, 2, 5, 6]
+
+
+def test_whole_volume_protocol_needs_every_slice(tmp_path, monkeypatch, capsys):
+    root = tmp_path / 'src'
+    image, label = segmentation_case(0, depth=4)
+    label[..., 0] = 0
+    for i in range(2):
+        save(root / 'imagesTr' / f'c{i}.nii.gz', image)
+        save(root / 'labelsTr' / f'c{i}.nii.gz', label)
+    assert prepare.main(['msd', '--root', str(root), '--dataset', 'Kept', '--modality', 'MRI', '--out',
+                         str(tmp_path / 'prepared'), '--size', str(SLICE), '--test_fraction', '0.5',
+                         '--test_slices', 'foreground']) == 0
+    monkeypatch.setattr(main_eval, 'load_checkpoint', stand_in_loader(CopyContextModel()))
+    argv = ['--checkpoint', 'unused', '--data_path', str(tmp_path / 'prepared'), '--output_dir', str(tmp_path / 'e')]
+    assert main_eval.main(argv + ['--protocol', 'volume']) == 2
+    assert '--test_slices all' in capsys.readouterr().err
+    assert main_eval.main(argv) == 0  # auto: the foreground protocol alone
+    assert [d['protocol'] for d in json.loads((tmp_path / 'e' / 'results.json').read_text())['datasets']] == ['foreground']
+
+
+# ---------------------------------------------------------------------------------------------------
+# a checkpoint knows how it is used
+
+
+def train_tiny(prepared, out, *flags):
+    import main_pretrain
+    main_pretrain.main(['--model', 'mvg_vit_tiny_patch16', '--input_size', '64', '32', '--batch_size', '2',
+                        '--samples_per_epoch', '2', '--epochs', '1', '--num_workers', '0', '--device', 'cpu',
+                        '--log_dir', '', '--num_mask_patches', '2', '--min_mask_patches_per_block', '1',
+                        '--max_mask_patches_per_block', '2', '--data_path', str(prepared), '--output_dir', str(out),
+                        *flags])
+    return out / 'checkpoint-last.pth'
+
+
+def test_the_checkpoint_records_how_its_canvases_were_made(prepared, tmp_path, capsys):
+    from util.checkpoint import load_weights_only
+    checkpoint = train_tiny(prepared, tmp_path / 'run', '--depth', '4', '--label_encoding', 'grey')
+    record = load_weights_only(str(checkpoint))['canvas_record']
+    assert (record['model'], record['input_size'], record['depth']) == ('mvg_vit_tiny_patch16', [64, 32], 4)
+    assert record['label_encoding'] == 'grey' and record['slice_size'] == SLICE
+    assert record['datasets']['ACDC']['task'] == 'segmentation' and record['datasets']['LDCT']['task'] == 'denoising'
+    assert set(record['datasets']['ACDC']['classes']) == {0, 1, 2}
+
+    base = ['--checkpoint', str(checkpoint), '--data_path', str(prepared), '--device', 'cpu', '--grids', '0',
+            '--max_cases', '1', '--tasks', 'segmentation']
+    assert main_eval.main(base + ['--output_dir', str(tmp_path / 'plain')]) == 0
+    settings = json.loads((tmp_path / 'plain' / 'results.json').read_text())['settings']
+    assert (settings['label_encoding'], settings['depth'], settings['settings_source']) == ('grey', 4, 'record')
+    capsys.readouterr()
+    assert main_eval.main(base + ['--output_dir', str(tmp_path / 'x'), '--label_encoding', 'random_colors']) == 2
+    assert "--label_encoding random_colors contradicts" in capsys.readouterr().err
+    assert main_eval.main(base + ['--output_dir', str(tmp_path / 'forced'), '--label_encoding', 'random_colors',
+                                  '--force']) == 0
+    forced = json.loads((tmp_path / 'forced' / 'results.json').read_text())['settings']
+    assert forced['label_encoding'] == 'random_colors'
+
+    # Finetuning takes the same settings from the checkpoint, so the new run records them again.
+    finetuned = train_tiny(prepared, tmp_path / 'finetune', '--finetune', str(checkpoint))
+    again = load_weights_only(str(finetuned))['canvas_record']
+    assert (again['label_encoding'], again['depth']) == ('grey', 4)
+
+
+def test_a_checkpoint_without_a_record_needs_the_flags(prepared, tmp_path, capsys):
+    import argparse
+    torch.manual_seed(0)
+    path = tmp_path / 'authors.pth'
+    torch.save({'model': mvg_vit_tiny_patch16(input_size=(64, 32), depth=4).state_dict(),
+                'args': argparse.Namespace(model='mvg_vit_tiny_patch16', input_size=[64, 32])}, path)
+    base = ['--checkpoint', str(path), '--data_path', str(prepared), '--device', 'cpu', '--grids', '0',
+            '--max_cases', '1', '--tasks', 'segmentation', '--depth', '4', '--output_dir', str(tmp_path / 'e')]
+    assert main_eval.main(base) == 2
+    assert 'does not record its label encoding' in capsys.readouterr().err
+    assert main_eval.main(base + ['--label_encoding', 'grey']) == 0
+
+
+def test_position_context_uses_the_slice_position_in_the_volume(gapped):
+    """One definition of a slice's relative position, (index + 0.5) / slices, shared with predict.py: a
+    training case labelled on slices 1, 2, 5, 6 of 8 gives slice 1 to a query at slice 1 of its own
+    8 (the labelled-range definition would have given slice 2)."""
+    import predict
+    from datasets.manifest import slice_position
+    dataset = PreparedDataset(str(gapped / 'Gapped'))
+    query_case = dataset.case_ids('test')[0]
+    picker = main_eval.ContextPicker(dataset, 'position', k=1, seed=0)
+    ((case, index),) = picker.pick(query_case, 1, np.zeros((SLICE, SLICE), np.uint8))
+    assert dataset.slice_indices(case) == [1, 2, 5, 6] and index == 1
+    assert predict.slice_position is slice_position and slice_position(1, 8) == 1.5 / 8

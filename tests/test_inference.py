@@ -24,6 +24,18 @@ class CopyContextModel(torch.nn.Module):
         return out.view(-1, num_prompts, *out.shape[1:]).mean(1)
 
 
+def stand_in_loader(model, label_encoding='random_colors'):
+    """Replaces inference.load_checkpoint in an entry point: (model, settings) whatever the path; the
+    settings are the flags given, else what a record of the stand-in would say."""
+    recorded = {'model': 'stand-in', 'input_size': list(model.img_size), 'depth': 0,
+                'label_encoding': label_encoding, 'slice_size': None}
+
+    def load(path, flags, force=False, required=()):
+        given = {name: value for name, value in flags.items() if value is not None}
+        return model, {**recorded, **given, 'settings_source': 'record'}
+    return load
+
+
 def blob_labels(num_classes, shape=HALF, seed=0):
     rng = np.random.default_rng(seed)
     label = np.zeros(shape, dtype=np.int64)
@@ -147,9 +159,10 @@ def test_psnr_and_ssim():
     assert math.isnan(psnr(truth, truth, np.zeros_like(mask)))
 
 
-def test_load_model_reads_our_and_the_authors_checkpoints(tmp_path):
+def test_load_checkpoint_reads_our_and_the_authors_checkpoints(tmp_path):
     import argparse
-    from inference import load_model
+    from inference import load_checkpoint
+    from util.cli import UsageError
     torch.manual_seed(0)
     model = mvg_vit_tiny_patch16(input_size=(64, 32), depth=4).eval()
     imgs, tgts = torch.randn(1, 3, 64, 32), torch.randn(1, 3, 64, 32)
@@ -158,10 +171,83 @@ def test_load_model_reads_our_and_the_authors_checkpoints(tmp_path):
     torch.save({'model': model.state_dict(), 'args': argparse.Namespace(model='mvg_vit_tiny_patch16')}, authors)
     torch.save(model.state_dict(), bare)
     expected = model.predict(imgs, tgts)
+    flags = {'model': 'mvg_vit_tiny_patch16', 'input_size': (64, 32), 'depth': 4}
     for path in (ours, authors, bare):
-        loaded = load_model(str(path), model_name='mvg_vit_tiny_patch16', input_size=(64, 32), depth=4).eval()
-        torch.testing.assert_close(loaded.predict(imgs, tgts), expected)
-    with pytest.raises(ValueError, match='missing keys'):
-        load_model(str(ours))  # the default depth 12 has blocks the checkpoint lacks
-    with pytest.raises(ValueError, match='does not name its model'):
-        load_model(str(bare))
+        loaded, settings = load_checkpoint(str(path), flags)
+        torch.testing.assert_close(loaded.eval().predict(imgs, tgts), expected)
+        assert settings['depth'] == 4 and settings['input_size'] == [64, 32]
+    with pytest.raises(UsageError, match='does not fit mvg_vit_tiny_patch16 with 12 blocks'):
+        load_checkpoint(str(ours), {})  # the default depth 12 has blocks the checkpoint lacks
+    with pytest.raises(UsageError, match='does not record its model'):
+        load_checkpoint(str(bare), {})
+    with pytest.raises(UsageError, match='pass --label_encoding'):
+        load_checkpoint(str(authors), {'depth': 4, 'label_encoding': None}, required=('label_encoding',))
+
+
+# ---------------------------------------------------------------------------------------------------
+# each query decoded with its own context's colours
+
+
+class SwapQueriesModel(CopyContextModel):
+    """Paints each query half with the context target of the OTHER canvas of a batch of two: what a
+    query receives then shows only classes of the other query's context."""
+
+    def predict(self, imgs, tgts, num_prompts=1, ensemble='features'):
+        out = tgts.clone()
+        out[:, :, HALF[0]:] = tgts.flip(0)[:, :, :HALF[0]]
+        return out
+
+
+@pytest.mark.parametrize('encoding', ['random_colors', 'grey', 'binary'])
+def test_a_query_never_receives_a_class_only_another_querys_context_shows(encoding):
+    first, second = np.zeros(HALF, np.int64), np.zeros(HALF, np.int64)
+    first[4:20, 4:20] = 1
+    second[10:30, 8:28] = 2
+    image = np.full(HALF, 90, np.uint8)
+    predictor = Predictor(SwapQueriesModel(), label_encoding=encoding, batch_size=2)
+    out_first, out_second = predictor.segment([[(image, first)], [(image, second)]], [image, image])
+    assert set(np.unique(out_first)) <= {0, 1}
+    assert set(np.unique(out_second)) <= {0, 2}
+
+
+# ---------------------------------------------------------------------------------------------------
+# slices meet the canvas at the training scale
+
+
+class RecordingModel(CopyContextModel):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def predict(self, imgs, tgts, num_prompts=1, ensemble='features'):
+        self.seen.append(imgs.clone())
+        return super().predict(imgs, tgts, num_prompts, ensemble)
+
+
+def test_training_scale_covers_a_larger_slice_with_unresized_windows():
+    from datasets.canvas import to_normalised_tensor
+    from inference import window_starts
+    label = blob_labels(3, shape=(60, 50))
+    image = np.random.default_rng(1).integers(0, 256, size=(60, 50)).astype(np.uint8)
+    model = RecordingModel()
+    (decoded,) = Predictor(model, batch_size=16).segment([(image, label)], [image])
+    np.testing.assert_array_equal(decoded, label)  # no resizing anywhere: exact
+    assert window_starts(60, 32) == [0, 28] and window_starts(50, 32) == [0, 18]
+    canvases = torch.cat(model.seen)
+    assert len(canvases) == 4
+    expected = to_normalised_tensor([image[28:60, 18:50], image[28:60, 18:50]])
+    torch.testing.assert_close(canvases[3], expected)  # context and query windows at the same place
+    (fitted,) = Predictor(CopyContextModel(), scale='fit').segment([(image, label)], [image])
+    assert (fitted != label).any()  # the whole slice squeezed into 32x32 and back loses edges
+
+
+def test_training_scale_enlarges_a_smaller_slice_like_the_training_crop():
+    from inference import training_scale_size
+    assert training_scale_size((20, 40), (32, 32)) == (32, 64)
+    assert training_scale_size((512, 512), (448, 448)) == (512, 512)
+    label = blob_labels(2, shape=(20, 40))
+    image = (label * 70).astype(np.uint8)
+    model = RecordingModel()
+    (decoded,) = Predictor(model).segment([(image, label)], [image])
+    assert decoded.shape == (20, 40) and (decoded == label).mean() > 0.95
+    assert len(torch.cat(model.seen)) == 2  # 32x64 at training scale: two 32x32 windows

@@ -234,7 +234,7 @@ def test_evaluation_on_one_slice_picture_cases(tmp_path, monkeypatch):
     """main_eval on a prepared radiograph set: each case is one slice, contexts come from the other
     (training) cases; a model that paints the context label scores Dice 1 when all masks agree."""
     import main_eval
-    from tests.test_inference import CopyContextModel
+    from tests.test_inference import CopyContextModel, stand_in_loader
     for index in range(4):
         picture, mask = radiograph_and_mask(seed=index)
         save_picture(tmp_path / "img" / f"r{index}.png", picture)
@@ -242,11 +242,13 @@ def test_evaluation_on_one_slice_picture_cases(tmp_path, monkeypatch):
     assert run("glob", "--root", tmp_path, "--images", "img/r*.png", "--labels", "lab/r*.png", "--modality", "XR",
                "--size", 16, "--spacing", 0.2, 0.2, "--test_fraction", 0.5, "--out", tmp_path / "out",
                "--dataset", "CXR") == 0
-    monkeypatch.setattr(main_eval, "load_model", lambda *args, **kwargs: CopyContextModel())
+    monkeypatch.setattr(main_eval, "load_checkpoint", stand_in_loader(CopyContextModel()))
     assert main_eval.main(["--checkpoint", "unused", "--data_path", str(tmp_path / "out"), "--output_dir",
                            str(tmp_path / "eval"), "--baselines"]) == 0
-    (result,) = json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"]
-    assert result["cases"] == 2 and result["dice"] == 1.0 and result["hd95"] == 0.0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"]
+    assert [r["protocol"] for r in results] == ["foreground", "volume"]  # one slice each: both the same
+    result = results[0]
+    assert results[1]["dice"] == result["dice"] and result["cases"] == 2 and result["dice"] == 1.0 and result["hd95"] == 0.0
     assert result["baselines"]["copy_context"]["dice"] == 1.0
 
 

@@ -1,5 +1,7 @@
 """predict.py end to end: NIfTI round trips through RAS and back on a non-RAS grid, PNG in / PNG out,
 a real tiny checkpoint on CPU, and the errors users see for bad inputs."""
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from PIL import Image
 
 import predict
 from models_mvg import mvg_vit_tiny_patch16
-from tests.test_inference import HALF, CopyContextModel, blob_labels
+from tests.test_inference import HALF, CopyContextModel, blob_labels, stand_in_loader
 
 SIDE = HALF[0]  # in-plane size that goes through the stand-in model's canvas without any resize
 CLASS_IDS = (1, 2, 300)  # 300 needs 16 bits
@@ -64,7 +66,7 @@ def ct_image_for(labels, seed=0):
 @pytest.fixture
 def copy_model(monkeypatch, tmp_path):
     """A checkpoint path whose 'model' is the perfect stand-in that paints the context target."""
-    monkeypatch.setattr(predict, 'load_model', lambda *args, **kwargs: CopyContextModel())
+    monkeypatch.setattr(predict, 'load_checkpoint', stand_in_loader(CopyContextModel()))
     checkpoint = tmp_path / 'stand_in.pth'
     checkpoint.write_bytes(b'')
     return str(checkpoint)
@@ -75,8 +77,8 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = mvg_vit_tiny_patch16(input_size=(64, 32), depth=4)
     path = tmp_path_factory.mktemp('checkpoint') / 'tiny.pth'
-    torch.save({'model': model.state_dict(), 'args': {'model': 'mvg_vit_tiny_patch16', 'input_size': [64, 32]}},
-               path)
+    torch.save({'model': model.state_dict(), 'args': {'model': 'mvg_vit_tiny_patch16', 'input_size': [64, 32],
+                                                      'label_encoding': 'random_colors'}}, path)
     return str(path)
 
 
@@ -302,20 +304,20 @@ ERRORS = {
 
 
 @pytest.mark.parametrize('case', list(ERRORS))
-def test_clear_errors(case, inputs, copy_model):
+def test_clear_errors(case, inputs, copy_model, capsys):
     argv, message = ERRORS[case]
     argv = [inputs.get(word, word) for word in argv]
-    with pytest.raises(SystemExit, match=message):
-        predict.main(['--checkpoint', copy_model, *argv])
+    assert predict.main(['--checkpoint', copy_model, *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
-def test_checkpoint_that_does_not_fit_the_model(tiny_checkpoint, inputs):
+def test_checkpoint_that_does_not_fit_the_model(tiny_checkpoint, inputs, capsys):
     argv = ['--context_image', inputs['png'], '--context_label', inputs['png_label'], '--query', inputs['png'],
             '--output', inputs['out_png'], '--device', 'cpu']
-    with pytest.raises(SystemExit, match='missing keys'):  # the factory's 12 blocks, the checkpoint's 4
-        predict.main(['--checkpoint', tiny_checkpoint, *argv])
-    with pytest.raises(SystemExit, match='--checkpoint missing.pth: file not found'):
-        predict.main(['--checkpoint', 'missing.pth', *argv])
+    assert predict.main(['--checkpoint', tiny_checkpoint, *argv]) == 2  # the factory's 12 blocks, the checkpoint's 4
+    assert 'does not fit mvg_vit_tiny_patch16 with 12 blocks' in capsys.readouterr().err
+    assert predict.main(['--checkpoint', 'missing.pth', *argv]) == 2
+    assert '--checkpoint missing.pth: file not found' in capsys.readouterr().err
 
 
 def test_depth_recorded_by_training_needs_no_flag(tmp_path, inputs):
@@ -323,7 +325,7 @@ def test_depth_recorded_by_training_needs_no_flag(tmp_path, inputs):
     model = mvg_vit_tiny_patch16(input_size=(64, 32), depth=4)
     checkpoint = tmp_path / 'trained.pth'
     torch.save({'model': model.state_dict(), 'args': {'model': 'mvg_vit_tiny_patch16', 'input_size': [64, 32],
-                                                      'depth': 4}}, checkpoint)
+                                                      'depth': 4, 'label_encoding': 'grey'}}, checkpoint)
     assert predict.main(['--checkpoint', str(checkpoint), '--context_image', inputs['png'], '--context_label',
                          inputs['png_label'], '--query', inputs['png'], '--output', inputs['out_png'],
                          '--device', 'cpu']) == 0

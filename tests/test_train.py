@@ -22,6 +22,7 @@ from engine_pretrain import NonFiniteError, Progress, train_one_epoch
 from models_mvg import MVG, create_model
 from tests.test_canvas import prepare_all, save
 from util import checkpoint
+from util.cli import UsageError
 from util.lr_sched import lr_at, set_lr
 from util.misc import ShardSampler, _launcher_ranks
 
@@ -108,7 +109,7 @@ def test_seed_command_parses_and_every_authors_flag_is_accepted():
     # Boolean flags are real switches (the authors' --seg_only type=bool could not be turned off).
     assert not main_pretrain.parse_args(["--seg_only", "--no-seg_only"]).seg_only
     assert main_pretrain.parse_args(["--auto_resume", "--compile", "--grad_checkpointing"]).auto_resume
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--precision fp16 needs --device cuda"):
         main_pretrain.parse_args(["--device", "cpu", "--precision", "fp16"])
 
 
@@ -302,9 +303,10 @@ def engine_run(toy, scaler, steps=4):
     """`steps` optimizer steps of the engine on the toy data with the given loss scaler; the initial
     and final weights and the progress."""
     args = main_pretrain.parse_args([*TINY, "--data_path", toy, "--batch_size", "2"])
+    main_pretrain.resolve_model_settings(args)
     main_pretrain.seed_everything(0)
     model = main_pretrain.build_model(args)
-    dataset = main_pretrain.build_dataset(args, model.patch_size)
+    dataset = main_pretrain.build_dataset(args, main_pretrain.build_mixture(args), model.patch_size)
     batches = [torch.utils.data.default_collate([dataset[2 * i], dataset[2 * i + 1]]) for i in range(steps)]
     optimizer = main_pretrain.build_optimizer(model, args, 1e-3, torch.device("cpu"))
     initial = {k: v.clone() for k, v in model.state_dict().items()}

@@ -9,6 +9,7 @@ torch.load(..., weights_only=True):
     global_batch, world_size     to check that a resumed run reads the data the same way
     rng                          one RNG state dict per rank (torch, cuda, numpy, python)
     args                         the command line as a dict
+    canvas_record                how the run draws its canvases, for inference (util/record.py)
 """
 import argparse
 import glob
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
+from util.cli import UsageError
 from util.misc import all_gather_objects, is_main_process, warn0
 
 LAST = "checkpoint-last.pth"
@@ -138,9 +140,11 @@ class CheckpointWriter:
 
 
 def save_training_state(path: str, model, optimizer, scaler, progress, args_dict: dict,
-                        global_batch: int, world_size: int, writer: CheckpointWriter = None, then=None):
+                        global_batch: int, world_size: int, writer: CheckpointWriter = None, then=None,
+                        canvas_record: dict = None):
     """Collective: every rank contributes its RNG state; rank 0 writes the file, through `writer`
-    (in the background) when given, and afterwards calls then() (e.g. a numbered copy and pruning)."""
+    (in the background) when given, and afterwards calls then() (e.g. a numbered copy and pruning).
+    canvas_record: how the run draws its canvases (util/record.py), for inference to do the same."""
     rng_states = all_gather_objects(capture_rng())
     if not is_main_process():
         return
@@ -155,6 +159,8 @@ def save_training_state(path: str, model, optimizer, scaler, progress, args_dict
         "rng": rng_states,
         "args": args_dict,
     }
+    if canvas_record is not None:
+        state["canvas_record"] = canvas_record
     if writer.background:  # training will change the live tensors while this copy is written
         state = to_host(state)
 
@@ -254,6 +260,18 @@ def load_weights_only(path: str):
     authors' training checkpoints pickle next to the weights (only that class is allowed)."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(path: str, flag: str = "--checkpoint") -> dict:
+    """A checkpoint's contents, loaded weights-only; a missing or unreadable file is a one-line error
+    that names the flag it was given with."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: file not found")
+    try:
+        return load_weights_only(path)
+    except Exception as error:  # truncated, random bytes, a pickle with objects: all mean "not usable"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{flag} {path}: not a readable checkpoint ({reason[:200]})") from error
 
 
 def recorded_args(checkpoint) -> dict:

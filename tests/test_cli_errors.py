@@ -1,0 +1,362 @@
+"""The command line's one error path (util/cli.py): bad input becomes one `error:` line and status 2,
+never a traceback; what the data-reading layer says about bad prepared roots and manifests; how a
+SLURM job decides that its training run is finished; and that the installed packages meet the floors
+of requirements.txt."""
+import json
+import os
+import stat
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from datasets import prepare
+from datasets.manifest import PreparedDataset, find_datasets, load_manifest
+from datasets.readers import InputError
+from util import checkpoint
+from util.cli import LAST_CHECKPOINT, UsageError, run_is_finished, run_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(*argv, env=None):
+    """python -m argv... in the repository, with this interpreter (the venv's)."""
+    return subprocess.run([sys.executable, "-m", *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def assert_one_error_line(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+# ---------------------------------------------------------------- run_main
+
+
+def test_run_main_turns_a_usage_error_into_one_line_and_status_2(capsys):
+    def bad_input(argv):
+        raise UsageError(f"--data_path {argv[0]}: not found")
+
+    assert run_main(bad_input, ["/nowhere"]) == 2
+    assert capsys.readouterr().err == "error: --data_path /nowhere: not found\n"
+
+
+def test_run_main_passes_on_exit_statuses_and_bugs():
+    assert run_main(lambda argv: 1) == 1
+    assert run_main(lambda argv: {"progress": "a result, not a status"}) == 0
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run_main(lambda argv: 1 / 0)
+
+
+def test_input_errors_of_the_readers_are_usage_errors(capsys):
+    def unreadable(argv):
+        raise InputError("case 'x', x.nii.gz: cannot read")
+
+    assert issubclass(InputError, UsageError) and run_main(unreadable) == 2
+    assert capsys.readouterr().err == "error: case 'x', x.nii.gz: cannot read\n"
+
+
+# ---------------------------------------------------------------- prepared roots and manifests
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """A prepared root tmp_path/out holding one small segmentation dataset, DS."""
+    image = np.random.default_rng(0).normal(100, 20, (8, 8, 4)).astype(np.float32)
+    label = np.zeros((8, 8, 4), np.int16)
+    label[2:5, 2:5, 1:3] = 1
+    for folder, volume in (("imagesTr", image), ("labelsTr", label)):
+        os.makedirs(tmp_path / "src" / folder)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "src" / folder / "c0.nii.gz")
+    assert prepare.main(["msd", "--root", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                         "--dataset", "DS", "--size", "8", "--modality", "CT", "--test_fraction", "0"]) == 0
+    return tmp_path / "out"
+
+
+def manifest_path(root):
+    return root / "DS" / "manifest.json"
+
+
+def rewrite_manifest(root, edit):
+    manifest = json.loads(manifest_path(root).read_text())
+    edit(manifest)
+    manifest_path(root).write_text(json.dumps(manifest))
+
+
+def usage_error(function, *args) -> str:
+    """The message of the UsageError function(*args) raises; it must be one line."""
+    with pytest.raises(UsageError) as caught:
+        function(*args)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_missing_or_unreadable_root(tmp_path):
+    missing = tmp_path / "nonexistent"
+    assert usage_error(find_datasets, missing) == f"{missing}: prepared root not found"
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    assert usage_error(find_datasets, a_file).startswith(f"{a_file}: not a folder")
+
+
+def test_a_root_without_datasets(tmp_path):
+    assert usage_error(find_datasets, tmp_path).startswith(f"{tmp_path}: no dataset folder with a manifest.json")
+    os.makedirs(tmp_path / "half_prepared" / "meta")
+    assert "(found 1 without one)" in usage_error(find_datasets, tmp_path)
+
+
+def test_a_dataset_folder_given_as_the_root(prepared):
+    assert usage_error(find_datasets, prepared / "DS") == (
+        f"{prepared / 'DS'}: a dataset folder, not a prepared root; give the folder that holds it, {prepared}")
+
+
+def test_a_dataset_folder_without_its_manifest(prepared):
+    os.remove(manifest_path(prepared))
+    message = usage_error(PreparedDataset, prepared / "DS")
+    assert message.startswith(f"{manifest_path(prepared)}: not found")
+    assert usage_error(find_datasets, prepared).startswith(f"{prepared}: no dataset folder")
+
+
+def test_a_manifest_that_is_not_json(prepared):
+    manifest_path(prepared).write_text('{"format_version": 1,\n "dataset": "DS",, }')
+    message = usage_error(load_manifest, prepared / "DS")
+    assert message.startswith(f"{manifest_path(prepared)}: not valid JSON (") and "line 2, column" in message
+    manifest_path(prepared).write_text("[1, 2]")
+    assert usage_error(load_manifest, prepared / "DS").endswith("expected a JSON object, found a list")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m.pop("cases"), "manifest.json lacks the key 'cases'"),
+    (lambda m: m.update(size="512x512"), "manifest.json: 'size' should be a list, not a string"),
+    (lambda m: m.update(classes={}), "manifest.json: 'classes' should be a list or null, not an object"),
+    (lambda m: m["cases"]["c0"].pop("slices"), "manifest.json: cases['c0'] lacks the key 'slices'"),
+    (lambda m: m["cases"]["c0"].update(num_slices="4"),
+     "manifest.json: cases['c0']: 'num_slices' should be a whole number, not a string"),
+    (lambda m: m["cases"]["c0"].update(foreground_slices=None),
+     "manifest.json: cases['c0']: 'foreground_slices' should be a list, not null"),
+    (lambda m: m["cases"].update(c1=[]), "manifest.json: cases['c1'] should be an object, not a list"),
+])
+def test_a_manifest_without_a_required_key_or_of_a_wrong_type(prepared, edit, expected):
+    rewrite_manifest(prepared, edit)
+    message = usage_error(PreparedDataset, prepared / "DS")
+    assert message.startswith(str(manifest_path(prepared))) and message.endswith(expected)
+
+
+def test_an_unsupported_format_version(prepared):
+    rewrite_manifest(prepared, lambda m: m.update(format_version=99))
+    assert usage_error(load_manifest, prepared / "DS").startswith(
+        f"{manifest_path(prepared)}: unsupported format_version 99 (this version of MVG reads 1)")
+    rewrite_manifest(prepared, lambda m: m.pop("format_version"))
+    assert "unsupported format_version null" in usage_error(load_manifest, prepared / "DS")
+
+
+def test_verify_reports_a_bad_manifest_among_its_problems(prepared, capsys):
+    rewrite_manifest(prepared, lambda m: m.pop("cases"))
+    assert prepare.main(["verify", str(prepared)]) == 1
+    assert "manifest.json lacks the key 'cases'" in capsys.readouterr().err
+
+
+def test_verify_of_a_missing_root_is_one_error_line():
+    assert_one_error_line(run_module("datasets.prepare", "verify", "/nonexistent"),
+                          "/nonexistent: prepared root not found")
+    assert_one_error_line(run_module("datasets.verify", "/nonexistent"), "/nonexistent")
+
+
+def test_prepare_with_bad_input_is_one_error_line(tmp_path):
+    result = run_module("datasets.prepare", "msd", "--root", tmp_path / "nothing", "--out", tmp_path / "out",
+                        "--dataset", "X", "--modality", "CT")
+    assert_one_error_line(result, str(tmp_path / "nothing"))
+
+
+# ---------------------------------------------------------------- has a training run finished?
+
+
+def save_last_checkpoint(output_dir, epoch, step_in_epoch, global_step, **args):
+    """checkpoint-last.pth as util.checkpoint.save_training_state writes it, with empty weights."""
+    os.makedirs(output_dir, exist_ok=True)
+    state = {"model": {}, "optimizer": {}, "scaler": {}, "epoch": epoch, "step_in_epoch": step_in_epoch,
+             "global_step": global_step, "skipped_steps": 0, "consecutive_skips": 0, "global_batch": 16,
+             "world_size": 1, "rng": [], "args": {"epochs": 100, "stop_after_steps": 0, **args}}
+    torch.save(state, os.path.join(output_dir, LAST_CHECKPOINT))
+
+
+def test_a_run_is_finished_when_its_own_record_says_so(tmp_path):
+    assert LAST_CHECKPOINT == checkpoint.LAST
+    # --epochs 3 through "$@": no checkpoint-99.pth will ever be written, yet the run is done.
+    save_last_checkpoint(tmp_path / "done", epoch=3, step_in_epoch=0, global_step=30, epochs=3)
+    assert run_is_finished(tmp_path / "done")
+    # Stopped by the signal in the middle of the last epoch.
+    save_last_checkpoint(tmp_path / "signal", epoch=2, step_in_epoch=4, global_step=24, epochs=3)
+    assert not run_is_finished(tmp_path / "signal")
+    # At the end of an epoch that is not the last.
+    save_last_checkpoint(tmp_path / "epoch_end", epoch=2, step_in_epoch=0, global_step=20, epochs=3)
+    assert not run_is_finished(tmp_path / "epoch_end")
+    # Asked to stop after 25 steps: a resumed run would stop again at once.
+    save_last_checkpoint(tmp_path / "steps", epoch=2, step_in_epoch=5, global_step=25, stop_after_steps=25)
+    assert run_is_finished(tmp_path / "steps")
+
+
+def test_a_run_without_a_readable_record_is_an_error(tmp_path):
+    assert usage_error(run_is_finished, tmp_path).startswith(f"{tmp_path / LAST_CHECKPOINT}: not found")
+    (tmp_path / LAST_CHECKPOINT).write_bytes(b"torn")
+    assert usage_error(run_is_finished, tmp_path).startswith(
+        f"{tmp_path / LAST_CHECKPOINT}: cannot be read as a checkpoint")
+    torch.save({"model": {}, "epoch": 1, "global_step": 3, "args": {"epochs": "many"}}, tmp_path / LAST_CHECKPOINT)
+    assert usage_error(run_is_finished, tmp_path).endswith("records no whole number for epochs")
+
+
+def test_the_finished_command(tmp_path):
+    save_last_checkpoint(tmp_path, epoch=1, step_in_epoch=0, global_step=10, epochs=3)
+    result = run_module("util.cli", "finished", tmp_path)
+    assert (result.returncode, result.stdout) == (0, "unfinished\n")
+    assert_one_error_line(run_module("util.cli", "finished", tmp_path / "nothing"), "not found")
+
+
+# ---------------------------------------------------------------- scripts/train_slurm.sh
+
+
+def write_executable(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def run_slurm_script(tmp_path, srun_status):
+    """scripts/train_slurm.sh with srun and scontrol replaced by stand-ins: srun exits with
+    srun_status, scontrol writes what it is asked into requeue.log. (status, requeued)."""
+    bin_dir = tmp_path / "bin"
+    os.makedirs(bin_dir, exist_ok=True)
+    write_executable(bin_dir / "srun", f"#!/bin/sh\nexit {srun_status}\n")
+    write_executable(bin_dir / "scontrol", '#!/bin/sh\nif [ "$1" = show ]; then echo node1; '
+                                           'else echo "$@" >> "$REQUEUE_LOG"; fi\n')
+    log = tmp_path / "requeue.log"
+    env = dict(os.environ, PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
+               DATA="prepared", OUT=str(tmp_path / "run"), SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node1",
+               SLURM_SUBMIT_DIR=REPO, REQUEUE_LOG=str(log))
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "train_slurm.sh"), "--epochs", "3"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, log.read_text() if log.exists() else ""
+
+
+def test_the_slurm_job_requeues_only_an_unfinished_run(tmp_path):
+    save_last_checkpoint(tmp_path / "run", epoch=3, step_in_epoch=0, global_step=30, epochs=3)
+    assert run_slurm_script(tmp_path, srun_status=0) == (0, "")  # done, though checkpoint-99.pth is absent
+    save_last_checkpoint(tmp_path / "run", epoch=2, step_in_epoch=4, global_step=24, epochs=3)
+    assert run_slurm_script(tmp_path, srun_status=0) == (0, "requeue 7\n")  # stopped by the signal
+
+
+def test_the_slurm_job_does_not_requeue_a_failed_run(tmp_path):
+    save_last_checkpoint(tmp_path / "run", epoch=2, step_in_epoch=4, global_step=24, epochs=3)
+    assert run_slurm_script(tmp_path, srun_status=1) == (1, "")
+    os.remove(tmp_path / "run" / LAST_CHECKPOINT)  # nothing recorded: asking again would loop forever
+    assert run_slurm_script(tmp_path, srun_status=0) == (2, "")
+
+
+# ---------------------------------------------------------------- requirements.txt floors
+
+
+def unmet_requirements(lines):
+    """The requirement lines the installed packages do not satisfy, with what is installed."""
+    unmet = []
+    for line in lines:
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        requirement = Requirement(text)
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            unmet.append(f"{text} (not installed)")
+            continue
+        # A local build tag such as torch's +cu130 is the same release.
+        if not requirement.specifier.contains(Version(installed).public, prereleases=True):
+            unmet.append(f"{text} (installed {installed})")
+    return unmet
+
+
+def test_the_installed_packages_meet_the_floors_of_requirements_txt():
+    with open(os.path.join(REPO, "requirements.txt")) as handle:
+        assert unmet_requirements(handle) == []
+
+
+def test_an_unmet_floor_is_found():
+    installed_torch = version("torch")
+    assert unmet_requirements([f"torch>={Version(installed_torch).public}  # the installed release", "torch>=999",
+                               "no-such-package-xyz>=1"]) == [
+        f"torch>=999 (installed {installed_torch})", "no-such-package-xyz>=1 (not installed)"]
+
+
+# ---------------------------------------------------------------- every entry script, bad paths
+
+
+def run_script(*argv):
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_training_on_a_missing_data_path_is_one_error_line(tmp_path):
+    """The seed command's most common mistake, answered before any model is built."""
+    result = run_script("main_pretrain.py", "--device", "cpu", "--model", "mvg_vit_tiny_patch16", "--data_path",
+                        tmp_path / "nowhere", "--output_dir", tmp_path / "out")
+    assert_one_error_line(result, "nowhere: prepared root not found")
+
+
+def test_evaluation_and_prediction_with_a_broken_checkpoint_are_one_error_line(tmp_path, prepared):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(os.urandom(4096))
+    result = run_script("main_eval.py", "--checkpoint", broken, "--data_path", prepared, "--device", "cpu")
+    assert_one_error_line(result, f"--checkpoint {broken}: not a readable checkpoint")
+    result = run_script("predict.py", "--checkpoint", broken, "--context_image", "a.png", "--context_label", "b.png",
+                        "--query", "c.png", "--output", tmp_path / "d.png")
+    assert_one_error_line(result, f"--checkpoint {broken}: not a readable checkpoint")
+
+
+def entry_point_mains():
+    import main_eval
+    import main_pretrain
+    import predict
+    return {"train": lambda argv: run_main(main_pretrain.main, argv), "eval": main_eval.main, "predict": predict.main}
+
+
+BAD_PATHS = {  # entry point, its arguments ({root}: a prepared root, {tmp}: a scratch folder), the message
+    "train, empty root": ("train", ["--data_path", "{tmp}/empty"], "no dataset folder with a manifest.json"),
+    "train, bad manifest": ("train", ["--data_path", "{root}"], "manifest.json: not valid JSON"),
+    "train, missing mixture": ("train", ["--mixture", "{tmp}/mix.json"], "mix.json"),
+    "train, missing finetune": ("train", ["--finetune", "{tmp}/mae.pth", "--data_path", "{root}"],
+                                "--finetune {tmp}/mae.pth: file not found"),
+    "eval, missing root": ("eval", ["--checkpoint", "{tmp}/c.pth", "--data_path", "{tmp}/none"],
+                           "{tmp}/none: prepared root not found"),
+    "eval, bad manifest": ("eval", ["--checkpoint", "{tmp}/c.pth", "--data_path", "{root}"],
+                           "manifest.json: not valid JSON"),
+    "eval, missing checkpoint": ("eval", ["--checkpoint", "{tmp}/c.pth", "--data_path", "{good}"],
+                                 "--checkpoint {tmp}/c.pth: file not found"),
+    "predict, missing checkpoint": ("predict", ["--checkpoint", "{tmp}/c.pth", "--context_image", "{tmp}/a.png",
+                                                "--context_label", "{tmp}/b.png", "--query", "{tmp}/q.png",
+                                                "--output", "{tmp}/o.png"], "--checkpoint {tmp}/c.pth: file not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PATHS))
+def test_bad_paths_are_one_error_line_in_every_entry_point(case, tmp_path, prepared, capsys):
+    entry, argv, message = BAD_PATHS[case]
+    os.makedirs(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    os.makedirs(broken / "DS")
+    (broken / "DS" / "manifest.json").write_text("{not json")
+    names = {"tmp": str(tmp_path), "root": str(broken), "good": str(prepared)}
+    argv = [word.format(**names) for word in argv]
+    if entry == "train":
+        argv += ["--device", "cpu", "--model", "mvg_vit_tiny_patch16", "--output_dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert entry_point_mains()[entry](argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: ") and message.format(**names) in error, error
