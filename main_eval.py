@@ -53,6 +53,7 @@ from datasets.manifest import PreparedDataset, find_datasets, read_png
 from inference import SCALES, Predictor, inference_palette, load_checkpoint
 from masking_generator import TASKS
 from util.cli import UsageError, run_main
+from util.files import atomic_output, path_below, writable_folder
 
 CONTEXT_POLICIES = ('fixed', 'random', 'position', 'retrieval')
 PROTOCOLS = {'foreground': "foreground slices (the paper's protocol)", 'volume': 'whole volumes'}
@@ -287,7 +288,8 @@ def save_grids(out_dir, dataset, case_id, run: CaseRun, class_ids, count: int) -
     for position in shown:
         j = candidates[position]
         grid = grid_picture(dataset, run.contexts[j][0], run.queries[j], run.preds[j], run.truths[j], class_ids)
-        grid.save(os.path.join(out_dir, 'grids', f'{dataset.name}_{case_id}_{run.indices[j]}.png'))
+        with atomic_output(path_below(out_dir, 'grids', f'{dataset.name}_{case_id}_{run.indices[j]}.png')) as handle:
+            grid.save(handle, format='PNG')
     return len(shown)
 
 
@@ -373,12 +375,12 @@ class Baselines:
 
 
 def save_predictions(out_dir, dataset, case_id, indices, preds):
-    folder = os.path.join(out_dir, 'predictions', dataset.name, case_id)
-    os.makedirs(folder, exist_ok=True)
+    folder = path_below(out_dir, 'predictions', dataset.name, case_id)
     digits = dataset.case(case_id)['slice_digits']
     for index, pred in zip(indices, preds):
         array = pred.astype(np.uint16 if pred.max() > 255 else np.uint8)
-        Image.fromarray(array).save(os.path.join(folder, f'{index:0{digits}d}.png'))
+        with atomic_output(os.path.join(folder, f'{index:0{digits}d}.png')) as handle:
+            Image.fromarray(array).save(handle, format='PNG')
 
 
 def summarise(dataset: PreparedDataset, cases: dict, class_ids, protocol: str) -> dict:
@@ -422,7 +424,7 @@ def write_case_csv(out_dir: str, summary: dict):
         rows.append(row)
     if not rows:
         return
-    with open(os.path.join(out_dir, f"{summary['dataset']}_{summary['protocol']}_cases.csv"), 'w', newline='') as handle:
+    with atomic_output(path_below(out_dir, f"{summary['dataset']}_{summary['protocol']}_cases.csv"), 'w') as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -554,16 +556,16 @@ def evaluate(argv=None):
         raise UsageError(f'--num_prompts {args.num_prompts}: must be at least 1')
     datasets = load_datasets(args)
     predictor, settings = build_predictor(args, datasets)
-    os.makedirs(os.path.join(args.output_dir, 'grids'), exist_ok=True)
+    writable_folder(os.path.join(args.output_dir, 'grids'), '--output_dir')
     summaries = []
     for dataset in datasets:
         for summary in evaluate_dataset(args, predictor, dataset, args.output_dir):
             write_case_csv(args.output_dir, summary)
             summaries.append(summary)
-    with open(os.path.join(args.output_dir, 'results.json'), 'w') as handle:
+    with atomic_output(os.path.join(args.output_dir, 'results.json'), 'w') as handle:
         json.dump({'settings': settings, 'args': vars(args), 'datasets': summaries}, handle, indent=1)
     table = markdown_tables(summaries)
-    with open(os.path.join(args.output_dir, 'results.md'), 'w') as handle:
+    with atomic_output(os.path.join(args.output_dir, 'results.md'), 'w') as handle:
         handle.write(table)
     print(table)
     return 0

@@ -60,6 +60,7 @@ query's own window/percentile range, so values outside that range, clipped when 
 A synthesis target has a scale of its own that the query does not tell, hence the 8-bit scale there.
 """
 import argparse
+import gzip
 import os
 import sys
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ from datasets.readers import (DICOM_FILE_EXTENSIONS, PICTURE_EXTENSIONS, InputEr
 from datasets.manifest import slice_position
 from inference import PRECISIONS, SCALES, Predictor, load_checkpoint
 from util.cli import run_main
+from util.files import atomic_output
 
 PNG_SUFFIXES = PICTURE_EXTENSIONS  # read as PNGs are; what is written is always a PNG
 VOLUME_SUFFIXES = ('.nii', '.nii.gz')  # what volumes are written as
@@ -109,7 +111,9 @@ def get_args_parser():
                              'over the labelled range (default: auto:max(3, --num_prompts))')
     inputs.add_argument('--query', required=True, metavar='PATH', help='query PNG or NIfTI volume')
     inputs.add_argument('--output', required=True, metavar='PATH',
-                        help='where to write: .png for a PNG query, .nii or .nii.gz for a volume')
+                        help='where to write: .png for a PNG query, .nii or .nii.gz for a volume; never one '
+                             'of the inputs, and an existing file only with --overwrite')
+    inputs.add_argument('--overwrite', action='store_true', help='replace --output if it exists')
 
     slicing = parser.add_argument_group('volumes: slicing and intensities (as datasets.prepare)')
     slicing.add_argument('--axis', choices=sorted(geometry.AXES), default='axial', help='slicing axis')
@@ -242,7 +246,10 @@ def intensity_method(args, path: str) -> str:
 
 def fit_intensity(data: np.ndarray, args, path: str) -> Tuple[np.ndarray, dict]:
     """The volume with NaN/inf replaced, and the [low, high] that maps it to [0, 1]."""
-    data, _ = intensity.replace_non_finite(data)
+    data, replaced = intensity.replace_non_finite(data)
+    if replaced:
+        print(f"warning: {path}: {replaced} NaN or infinite voxels, set to the volume's smallest finite "
+              f"value before normalising", file=sys.stderr)
     parameters = intensity.fit_parameters(data, intensity_method(args, path), args.window, args.percentiles,
                                           args.percentile_region)
     return data, parameters
@@ -463,7 +470,8 @@ def predict_png(args, predictor: Predictor, pairs: List[ContextPair]) -> np.ndar
         if prediction.max() > 65535:
             raise InputError(f"--output {args.output}: class id {prediction.max()} does not fit a 16-bit PNG")
         prediction = prediction.astype(label_dtype(prediction))
-    Image.fromarray(prediction).save(args.output)
+    with atomic_output(args.output) as handle:
+        Image.fromarray(prediction).save(handle, format='PNG')
     return prediction
 
 
@@ -505,7 +513,18 @@ def save_on_query_grid(volume: np.ndarray, query: Volume, path: str):
     header.set_data_dtype(volume.dtype)
     header.set_slope_inter(1.0, 0.0)
     header['cal_min'] = header['cal_max'] = 0
-    nib.save(nib.Nifti1Image(volume, query.affine, header), path)
+    contents = nib.Nifti1Image(volume, query.affine, header).to_bytes()
+    if path.lower().endswith('.gz'):
+        contents = gzip.compress(contents, compresslevel=6)
+    with atomic_output(path) as handle:
+        handle.write(contents)
+
+
+def same_file(first: str, second: str) -> bool:
+    """The same file, whatever the spelling: one path, a link to it, or a hard link of it."""
+    if os.path.realpath(first) == os.path.realpath(second):
+        return True
+    return os.path.exists(first) and os.path.exists(second) and os.path.samefile(first, second)
 
 
 def check_output_path(args, query_kind: str):
@@ -514,8 +533,13 @@ def check_output_path(args, query_kind: str):
     if output_kind != query_kind or wrong_suffix:
         wanted = '.png' if query_kind == 'png' else ' or '.join(VOLUME_SUFFIXES)
         raise InputError(f"--output {args.output}: a {query_kind} query gives a {wanted} output")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(folder, exist_ok=True)
+    inputs = [('--query', args.query)] + [('--context_image', p) for p in args.context_image] + \
+        [('--context_label', p) for p in args.context_target]
+    for flag, path in inputs:
+        if same_file(path, args.output):
+            raise InputError(f"--output {args.output}: is the {flag} input; an input is never written over")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise InputError(f"--output {args.output}: exists; choose another path, or add --overwrite to replace it")
 
 
 def run(args):

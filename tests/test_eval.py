@@ -282,3 +282,32 @@ def test_position_context_uses_the_slice_position_in_the_volume(gapped):
     ((case, index),) = picker.pick(query_case, 1, np.zeros((SLICE, SLICE), np.uint8))
     assert dataset.slice_indices(case) == [1, 2, 5, 6] and index == 1
     assert predict.slice_position is slice_position and slice_position(1, 8) == 1.5 / 8
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_error_line(prepared, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(main_eval, 'load_checkpoint', stand_in_loader(CopyContextModel()))
+    blocked = tmp_path / 'a_file'
+    blocked.write_text('not a folder')
+    assert main_eval.main(['--checkpoint', 'unused', '--data_path', str(prepared), '--output_dir', str(blocked)]) == 2
+    assert f'--output_dir {blocked}/grids: cannot write there' in capsys.readouterr().err
+    assert blocked.read_text() == 'not a folder'
+
+
+def test_evaluation_writes_are_atomic(prepared, tmp_path, monkeypatch, capsys):
+    """A full disk while results are written leaves the earlier results whole and no temporary files."""
+    import errno
+    monkeypatch.setattr(main_eval, 'load_checkpoint', stand_in_loader(CopyContextModel()))
+    out = tmp_path / 'eval'
+    argv = ['--checkpoint', 'unused', '--data_path', str(prepared), '--output_dir', str(out), '--grids', '0',
+            '--tasks', 'segmentation']
+    assert main_eval.main(argv) == 0
+    earlier = (out / 'results.json').read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    with monkeypatch.context() as patch:
+        patch.setattr('os.fsync', full_disk)
+        assert main_eval.main(argv) == 2
+    assert 'the disk is full' in capsys.readouterr().err
+    assert (out / 'results.json').read_bytes() == earlier
+    assert not [p for p in out.rglob('*.tmp')]

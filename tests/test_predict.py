@@ -1,5 +1,6 @@
 """predict.py end to end: NIfTI round trips through RAS and back on a non-RAS grid, PNG in / PNG out,
 a real tiny checkpoint on CPU, and the errors users see for bad inputs."""
+import os
 import re
 
 import nibabel as nib
@@ -300,6 +301,10 @@ ERRORS = {
                                  '--output', 'out_nifti'], r'--modality'),
     'pair kinds': (['--context_image', 'png', '--context_label', 'nifti_label', '--query', 'png',
                     '--output', 'out_png'], 'one is a PNG, the other a volume'),
+    'output is the query': (['--context_image', 'nifti', '--context_label', 'nifti_label', '--query', 'nifti',
+                             '--output', 'nifti', '--modality', 'CT'], r'is the --query input; an input is never'),
+    'output is a context label': (['--context_image', 'png', '--context_label', 'png_label', '--query', 'png',
+                                   '--output', 'png_label'], r'is the --context_label input'),
 }
 
 
@@ -329,3 +334,47 @@ def test_depth_recorded_by_training_needs_no_flag(tmp_path, inputs):
     assert predict.main(['--checkpoint', str(checkpoint), '--context_image', inputs['png'], '--context_label',
                          inputs['png_label'], '--query', inputs['png'], '--output', inputs['out_png'],
                          '--device', 'cpu']) == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# outputs: never an input, never silently replaced, never torn
+
+
+def test_inputs_survive_an_output_aimed_at_them(inputs, copy_model):
+    before = {name: open(inputs[name], 'rb').read() for name in ('nifti', 'png_label')}
+    predict.main(['--checkpoint', copy_model, '--context_image', inputs['nifti'], '--context_label',
+                  inputs['nifti_label'], '--query', inputs['nifti'], '--output', inputs['nifti'], '--modality', 'CT'])
+    predict.main(['--checkpoint', copy_model, '--context_image', inputs['png'], '--context_label',
+                  inputs['png_label'], '--query', inputs['png'], '--output', inputs['png_label']])
+    assert {name: open(inputs[name], 'rb').read() for name in before} == before
+
+
+def test_an_existing_output_needs_overwrite_and_a_failed_write_keeps_it(inputs, copy_model, monkeypatch, capsys):
+    import errno
+    argv = ['--checkpoint', copy_model, '--context_image', inputs['nifti'], '--context_label', inputs['nifti_label'],
+            '--query', inputs['nifti'], '--output', inputs['out_nifti'], '--modality', 'CT']
+    assert predict.main(argv) == 0
+    first = open(inputs['out_nifti'], 'rb').read()
+    capsys.readouterr()
+    assert predict.main(argv) == 2
+    assert 'exists; choose another path, or add --overwrite' in capsys.readouterr().err
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    with monkeypatch.context() as patch:
+        patch.setattr(os, 'fsync', full_disk)
+        assert predict.main(argv + ['--overwrite']) == 2
+    assert 'the disk is full' in capsys.readouterr().err
+    assert open(inputs['out_nifti'], 'rb').read() == first  # the earlier output, whole
+    assert not [n for n in os.listdir(os.path.dirname(inputs['out_nifti'])) if n.endswith('.tmp')]
+    assert predict.main(argv + ['--overwrite']) == 0
+
+
+def test_non_finite_voxels_are_reported(inputs, copy_model, tmp_path, capsys):
+    data = np.asarray(nib.load(inputs['nifti']).dataobj).astype(np.float32)
+    data[0, 0, 0], data[1, 0, 0] = np.nan, np.inf
+    query = save_nifti(tmp_path / 'nan.nii.gz', data, nib.load(inputs['nifti']).affine)
+    assert predict.main(['--checkpoint', copy_model, '--context_image', inputs['nifti'], '--context_label',
+                         inputs['nifti_label'], '--query', query, '--output', str(tmp_path / 'o.nii.gz'),
+                         '--modality', 'CT']) == 0
+    assert 'nan.nii.gz: 2 NaN or infinite voxels' in capsys.readouterr().err
