@@ -24,6 +24,7 @@ Label encodings of segmentation targets:
 """
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -217,10 +218,12 @@ def _build_source(entry: MixtureEntry, split: str) -> _Source:
     if dataset.task not in TASKS:
         raise MixtureError(f"{entry.path}: unknown task '{dataset.task}' in manifest; expected one of {TASKS}")
     cases = dataset.case_ids(split)
+    if not cases:
+        raise _no_cases_error(entry, dataset, split)
     if not 0 < entry.case_fraction <= 1 or entry.case_stride < 1:
         raise MixtureError(f"{entry.path}: case_fraction must be in (0, 1] and case_stride >= 1")
     cases = cases[::entry.case_stride]
-    cases = cases[:max(1, int(round(len(cases) * entry.case_fraction)))] if cases else cases
+    cases = cases[:max(1, int(round(len(cases) * entry.case_fraction)))]
     if entry.num_cases:
         cases = cases[:entry.num_cases]
     slices = {}
@@ -231,7 +234,8 @@ def _build_source(entry: MixtureEntry, split: str) -> _Source:
         if pairs:
             slices[case] = pairs
     if not slices:
-        raise MixtureError(f"{entry.path}: no {split} slices (cases: {len(cases)}); check the manifest's splits")
+        raise MixtureError(f"{entry.path}: its {len(cases)} {split} cases list no slices; run "
+                           f"`python -m datasets.verify {os.path.dirname(entry.path)}`")
     # Checked up front, cheaply: the first pair of every case exists (`python -m datasets.verify` checks all).
     missing = [p for pairs in slices.values() for p in (pairs[0].input_path, pairs[0].target_path)
                if not os.path.exists(p)]
@@ -240,6 +244,20 @@ def _build_source(entry: MixtureEntry, split: str) -> _Source:
                                 f"e.g. {missing[0]}; run `python -m datasets.verify {os.path.dirname(entry.path)}`")
     swap = entry.swap_prob if entry.swap_prob is not None else (0.5 if dataset.task == "synthesis" else 0.0)
     return _Source(dataset.name, dataset.task, swap, sorted(slices), slices)
+
+
+def _no_cases_error(entry: MixtureEntry, dataset: PreparedDataset, split: str) -> MixtureError:
+    """Why a dataset has no case in the split: which splits its cases are in instead."""
+    sizes = Counter(dataset.case(case_id)["split"] for case_id in dataset.case_ids())
+    if not sizes:
+        held = "the manifest lists no cases"
+    elif len(sizes) == 1:
+        (other, count), = sizes.items()
+        held = f"all its {count} cases are {other}"
+    else:
+        held = "its cases are " + ", ".join(f"{count} {other}" for other, count in sorted(sizes.items()))
+    return MixtureError(f"{entry.path}: dataset '{dataset.name}' has no {split} case ({held}); prepare it again "
+                        f"with a {split} split (--test_fraction, --test_cases) or leave it out of the mixture")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 A prepared root holds one folder per dataset, each with a manifest.json written by
 `python -m datasets.prepare`. Reading one checks it cheaply (valid JSON, a supported format_version, the
-keys and types of MANIFEST_KEYS and CASE_KEYS; no slice is read) and raises util.cli.UsageError, one
-line naming the path and the problem, for a root, folder or manifest that is not what it should be.
-Manifest format (format_version 1):
+keys and types of MANIFEST_KEYS and CASE_KEYS, plain names, splits that agree with the cases; no slice
+is read) and raises util.cli.UsageError, one line naming the path and the problem, for a root, folder
+or manifest that is not what it should be. Manifest format (format_version 1):
 
     format_version     1
     dataset            name, also the folder name
@@ -21,7 +21,8 @@ Manifest format (format_version 1):
     size, fit          slices are size[0] x size[1]; fit "stretch" or "pad" (see datasets/geometry.py)
     slice_axis         0, 1 or 2 of the RAS volume (slice_axis_name: sagittal, coronal, axial)
     slice_orientation  how a picture relates to the canonical volume: picture = flipud(slice.T)
-    splits             {split: [case ids]}, split "train" / "test" (/ "val" if asked for)
+    splits             {split: [case ids]}, split "train" / "test" (/ "val" if asked for): a summary of
+                       the cases' own "split", see below
     cases              {case id: record} of the prepared cases
     skipped            {case id: record with "reason"} of cases with nothing to keep
 
@@ -46,16 +47,30 @@ A case record:
     non_finite_voxels  {image folder: NaN/inf voxels replaced by the volume minimum}
     channel            the 4D index used, or null
 
+Names become paths (<dataset>/<folder>/<case>/<index>.png, and the predictions main_eval writes), so
+the dataset name, input_folder, target_folder, every key of folders and every case id must be a plain
+name: PLAIN_NAME_RULE, one folder level that stays inside the dataset folder. A manifest with any
+other name is refused, so that no reader leaves the dataset folder whatever the manifest says.
+
+Splits have one source of truth: each case's own "split", which prepare writes with the case and which
+every reader uses (training takes the "train" cases, evaluation the "test" ones). The top-level
+"splits" only sums them up for people and tools that read the file. A manifest whose "splits"
+disagree with its cases is refused rather than read by either: someone edited one and not the other,
+and quietly following the cases would train on cases the edit meant to hold out. Edit both (or
+prepare again with --test_cases).
+
 A slice's relative position in its volume, the one definition that evaluation and prediction share to
 pair a query slice with context slices from other volumes: slice_position(index, num_slices) =
 (index + 0.5) / num_slices, the centre of the slice's share of the axis (a one-slice volume: 0.5).
 """
 import json
 import os
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from util.cli import UsageError
 
@@ -78,6 +93,11 @@ CASE_KEYS = {
     "slice_axis": (int,), "resize": (dict,), "canonical": (dict,), "original": (dict,),
 }
 OPTIONAL_CASE_KEYS = {"foreground_slices": (list,)}
+# One folder level: no separator (so no '..'), not hidden, no control characters, no outer spaces.
+# Spaces and brackets inside are fine: public sets name files like "benign (1).png".
+PLAIN_NAME = re.compile(r"(?![.\s])[^\x00-\x1f\x7f/\\]+(?<!\s)")
+PLAIN_NAME_RULE = "one folder level: no '/' or '\\', not starting with '.' or a space, no control characters"
+PREPARE_AGAIN = "prepare the dataset again (python -m datasets.prepare ... --overwrite)"
 
 
 def slice_position(index: int, num_slices: int) -> float:
@@ -86,6 +106,16 @@ def slice_position(index: int, num_slices: int) -> float:
     if not 0 <= index < num_slices:
         raise ValueError(f"slice {index} is outside a volume of {num_slices} slices")
     return (index + 0.5) / num_slices
+
+
+def is_plain_name(name) -> bool:
+    """Whether name is a single folder or file name that stays where it is joined."""
+    return isinstance(name, str) and PLAIN_NAME.fullmatch(name) is not None
+
+
+def quoted(name) -> str:
+    """A name as JSON writes it: quoted, and one line whatever characters it holds."""
+    return json.dumps(name, ensure_ascii=False)
 
 
 def describe_type(value) -> str:
@@ -142,7 +172,45 @@ def load_manifest(dataset_dir):
         if not isinstance(record, dict):
             raise UsageError(f"{where} should be an object, not {describe_type(record)}")
         check_keys(record, CASE_KEYS, OPTIONAL_CASE_KEYS, where)
+    check_names(manifest, path)
+    disagreement = split_disagreement(manifest)
+    if disagreement:
+        raise UsageError(f"{path}: {disagreement}; each case's own 'split' is what training and evaluation "
+                         f"use, 'splits' only sums them up: make the two agree, or {PREPARE_AGAIN}")
     return manifest
+
+
+def check_names(manifest: dict, path: str):
+    """UsageError naming the first dataset, folder or case name that is not a plain name."""
+    named = [("dataset", manifest["dataset"]), ("input_folder", manifest["input_folder"]),
+             ("target_folder", manifest["target_folder"])]
+    named += [("folder", folder) for folder in manifest["folders"]]
+    named += [("case id", case_id) for case_id in manifest["cases"]]
+    for what, name in named:
+        if not is_plain_name(name):
+            raise UsageError(f"{path}: {what} {quoted(name)} is not a plain name ({PLAIN_NAME_RULE}), so "
+                             f"it could lead outside the dataset folder; {PREPARE_AGAIN}")
+
+
+def split_disagreement(manifest: dict) -> Optional[str]:
+    """Where 'splits' and the cases' own 'split' part ways (the first such case), or None."""
+    listed = {}  # case id -> the splits that list it
+    for split, case_ids in manifest["splits"].items():
+        if not isinstance(case_ids, list):
+            return f"splits[{quoted(split)}] should be a list of case ids, not {describe_type(case_ids)}"
+        for case_id in case_ids:
+            if not isinstance(case_id, str):
+                return f"splits[{quoted(split)}] holds {describe_type(case_id)}, not a case id"
+            listed.setdefault(case_id, []).append(split)
+    for case_id, record in manifest["cases"].items():
+        own, in_splits = record["split"], listed.pop(case_id, [])
+        if in_splits != [own]:
+            where = " and ".join(map(quoted, in_splits)) or "no split"
+            return f"case {quoted(case_id)} is {quoted(own)} by its own 'split' but under {where} in 'splits'"
+    if listed:
+        case_id, in_splits = next(iter(listed.items()))
+        return f"'splits' lists {quoted(case_id)} under {quoted(in_splits[0])}, which is not among the cases"
+    return None
 
 
 def dataset_folders(root):
@@ -175,11 +243,33 @@ def find_datasets(root):
     return prepared
 
 
-def read_png(path):
-    """A PNG as a numpy array: uint8 for 8-bit files, uint16 for 16-bit labels."""
+def decode_png(path):
+    """A PNG as a numpy array: uint8 for 8-bit files, uint16 for 16-bit labels. Pillow's own error
+    for a file that cannot be decoded (verify reports those as they come)."""
     with Image.open(path) as image:
         array = np.asarray(image)
     return array.astype(np.uint16) if array.dtype.kind in "iu" and array.dtype.itemsize > 1 else array
+
+
+def prepared_root_of(slice_path) -> str:
+    """The prepared root a slice file lies in: <root>/<dataset>/<folder>/<case>/<index>.png."""
+    return os.path.normpath(os.path.join(slice_path, *[os.pardir] * 4))
+
+
+def read_png(path):
+    """decode_png, with a UsageError naming the file and the check to run when it is damaged (truncated
+    by a full disk or a copy that stopped, overwritten, missing)."""
+    try:
+        return decode_png(path)
+    except (OSError, SyntaxError) as error:  # Pillow raises both for files it cannot decode
+        raise UsageError(f"{path}: not a readable PNG ({png_problem(error)}); run `python -m datasets.prepare "
+                         f"verify {prepared_root_of(path)}` to find every damaged slice") from None
+
+
+def png_problem(error) -> str:
+    if isinstance(error, UnidentifiedImageError):  # Pillow's message only repeats the path
+        return "not a picture, or cut short before its pixels"
+    return getattr(error, "strerror", None) or str(error)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,13 @@ Resuming and interruptions: a case is written to <dataset>/.partial/<case>/ and 
 complete; its meta/<case>.json is written after that and marks it finished. A rerun skips finished
 cases whose kept slices are still the ones wanted (a rerun may change the splits or --test_slices, and
 with them whether a case keeps all its slices; such a case is prepared again) and removes anything an
-interrupted run left of the others.
+interrupted run left of the others. Every PNG and JSON file is written to a temporary file, synced to
+disk and renamed, so a crash or power loss never leaves a finished case with empty slices.
+
+Safety: --dataset and every case id must be plain names (letters, digits, '-', '_', '.', not starting
+with '.'), one folder level below --out. A run writes into <out>/<dataset> (and --overwrite deletes
+it) only when that folder is empty or holds a preparation of this very dataset: a manifest.json or
+prepare_settings.json that names it; anything else is refused.
 """
 import argparse
 import json
@@ -80,10 +86,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from util.cli import run_main
+from util.cli import UsageError, run_main
+from util.files import atomic_output, describe_os_error, fsync_folder
 
 from . import geometry, intensity, layouts, verify
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, PLAIN_NAME_RULE, is_plain_name, quoted
 from .readers import (FORMATS_WITHOUT_SPACING, InputError, check_lossless, read_header, read_volume,
                       volume_format)
 
@@ -175,6 +182,16 @@ def find_cases(args):
         return layouts.pair_globs(args.root, [args.low_dose, args.normal_dose],
                                   ["image", "target"], skip_unpaired=args.skip_unpaired), {}, "CT"
     raise ValueError(args.command)
+
+
+def check_plain_case_ids(cases):
+    """Case ids become folder names (<dataset>/<folder>/<case>/); they come from source file and folder
+    names, which may hold anything, e.g. '..' that would lead out of the dataset folder."""
+    refused = [case for case in cases if not is_plain_name(case.case_id)]
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise InputError(f"case id {quoted(refused[0].case_id)} from {next(iter(refused[0].sources.values()))} "
+                         f"is not a plain name ({PLAIN_NAME_RULE}){more}; rename the source file or folder")
 
 
 def check_unique_ids(cases):
@@ -370,14 +387,20 @@ def picture_for(volume, kind, index, config, plan, parameters, label_dtype):
 
 
 def write_png(path, picture):
-    Image.fromarray(picture).save(path)
+    """Through a temporary file, fsync and rename (util.files), like every file prepare writes: a case's
+    record may mark it finished only once its slices are on disk, not in a cache a power loss empties."""
+    with atomic_output(path) as handle:
+        Image.fromarray(picture).save(handle, format="PNG")
 
 
-def write_json_atomically(path, content):
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
+def write_json(path, content):
+    with atomic_output(path, "w") as handle:
         json.dump(content, handle, indent=1)
-    os.replace(temporary, path)
+
+
+def output_error(error, path):
+    """An OSError of writing the output (read-only folder, full disk) as one line naming the path."""
+    return UsageError(f"{error.filename or path}: cannot write ({describe_os_error(error)})")
 
 
 def slice_digits(depth):
@@ -431,12 +454,20 @@ def write_slices(case, volumes, slices, names, plan, parameters, label_dtype, co
                                       label_dtype)
                 write_png(os.path.join(partial, folder, name), picture)
         for folder in config["folders"]:
-            final = os.path.join(dataset_dir, folder, case.case_id)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(os.path.join(partial, folder), final)
+            move_into_place(os.path.join(partial, folder), os.path.join(dataset_dir, folder, case.case_id))
+    except OSError as error:
+        raise output_error(error, partial) from error
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def move_into_place(finished, final):
+    """Replaces a case's folder by its finished one; the parent's fsync makes the rename durable before
+    the case's record is written."""
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(finished, final)
+    fsync_folder(os.path.dirname(final))
 
 
 def slice_selection(split, test_slices):
@@ -449,7 +480,7 @@ def prepare_case(case, config, dataset_dir, selection):
     record, written to meta/ last."""
     volumes, canonical_affine, original, non_finite = load_case(case, config)
     record = {"case": case.case_id, "sources": {f: str(s) for f, s in case.sources.items()},
-              "source_notes": case.notes, "original": original}
+              "source_notes": case.notes, "original": original, "non_finite_voxels": non_finite}
     if "label" in volumes:
         record.update(label_summary(case, volumes["label"], config))
     parameters = fit_intensities(volumes, config)
@@ -461,7 +492,7 @@ def prepare_case(case, config, dataset_dir, selection):
         reason = ("no foreground label in any slice" if config["task"] == "segmentation"
                   else "no slice with enough body (--min_body_fraction)")
         record.update(status="skipped", reason=reason)
-        write_json_atomically(meta_path, record)
+        write_json(meta_path, record)
         return record
 
     rows, cols = geometry.slice_for_display(input_volume, axis, 0).shape
@@ -474,8 +505,8 @@ def prepare_case(case, config, dataset_dir, selection):
         status="done", canonical=geometry_record(input_volume.shape, canonical_affine),
         slice_axis=axis, slice_axis_name=config["axis_name"], num_slices=int(input_volume.shape[axis]),
         slice_digits=digits, slices=slices, foreground_slices=foreground, resize=plan, intensity=parameters,
-        non_finite_voxels=non_finite, channel=config["channel"])
-    write_json_atomically(meta_path, record)
+        channel=config["channel"])
+    write_json(meta_path, record)
     return record
 
 
@@ -483,8 +514,10 @@ def prepare_case_reporting(case, config, dataset_dir, selection):
     """Process-pool entry: (case id, error message or None, record or None)."""
     try:
         return case.case_id, None, prepare_case(case, config, dataset_dir, selection)
-    except InputError as error:
+    except InputError as error:  # this case's input: reported with the others, the other cases go on
         return case.case_id, str(error), None
+    except UsageError:  # the output cannot be written (read-only, disk full): no other case can be
+        raise
     except Exception as error:  # a bug or an unexpected file: keep the other cases going, name this one
         return case.case_id, f"case '{case.case_id}': {type(error).__name__}: {error}", None
 
@@ -526,10 +559,55 @@ def recorded_settings(args):
     return {key: value for key, value in sorted(vars(args).items()) if key not in RUN_ONLY_SETTINGS}
 
 
+def check_dataset_name(name):
+    """The dataset goes to <out>/<name>: one plain folder, not '..', '' (--out itself) or a path."""
+    if not is_plain_name(name):
+        raise UsageError(f"--dataset {quoted(name)}: not a plain folder name ({PLAIN_NAME_RULE}); the "
+                         f"dataset goes to <out>/<dataset>, one folder below --out")
+
+
+def recorded_dataset(path):
+    """The "dataset" a manifest or settings file records; None when there is no such readable file."""
+    try:
+        with open(path) as handle:
+            content = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return content.get("dataset") if isinstance(content, dict) else None
+
+
+def is_preparation_of(dataset_dir, name):
+    """Whether the folder holds a preparation of the dataset `name`: a finished one has a manifest that
+    names it, an unfinished one the settings file a run writes before anything else, which names it too."""
+    return any(recorded_dataset(os.path.join(dataset_dir, marker)) == name
+               for marker in (MANIFEST_NAME, SETTINGS_NAME))
+
+
+def claim_dataset_folder(dataset_dir, args):
+    """Makes sure that the run writes into, and --overwrite deletes, only a folder that is missing, empty
+    or a preparation of this very dataset, whatever else lies where --out and --dataset point."""
+    if not os.path.lexists(dataset_dir):
+        return
+    action = "delete (--overwrite)" if args.overwrite else "write into"
+    if not os.path.isdir(dataset_dir):
+        raise UsageError(f"{dataset_dir}: not a folder; refusing to {action} it, choose another --dataset or --out")
+    try:
+        empty = not os.listdir(dataset_dir)
+        if not empty and not is_preparation_of(dataset_dir, args.dataset):
+            raise UsageError(f"{dataset_dir}: holds files that are not a preparation of dataset '{args.dataset}' "
+                             f"(no {MANIFEST_NAME} or {SETTINGS_NAME} naming it); refusing to {action} it, "
+                             f"choose another --dataset or --out")
+        if args.overwrite:
+            shutil.rmtree(dataset_dir)
+    except OSError as error:
+        verb = "delete" if args.overwrite else "read"
+        raise UsageError(f"{error.filename or dataset_dir}: cannot {verb} ({describe_os_error(error)})") from error
+
+
 def start_dataset_folder(dataset_dir, args):
-    """Creates the folder, or checks that an earlier run used the same settings."""
-    if args.overwrite:
-        shutil.rmtree(dataset_dir, ignore_errors=True)
+    """Creates the folder, or checks that an earlier run used the same settings. The settings file is
+    written first: it marks the folder as this dataset's preparation (is_preparation_of)."""
+    claim_dataset_folder(dataset_dir, args)
     settings_path = os.path.join(dataset_dir, SETTINGS_NAME)
     settings = json.loads(json.dumps(recorded_settings(args)))
     if os.path.exists(settings_path):
@@ -539,8 +617,11 @@ def start_dataset_folder(dataset_dir, args):
         if changed:
             raise InputError(f"{dataset_dir} was prepared with other settings ({', '.join(changed)}); "
                              f"use --overwrite to start again or choose another --dataset/--out")
-    os.makedirs(os.path.join(dataset_dir, META_FOLDER), exist_ok=True)
-    write_json_atomically(settings_path, settings)
+    write_json(settings_path, settings)
+    try:
+        os.makedirs(os.path.join(dataset_dir, META_FOLDER), exist_ok=True)
+    except OSError as error:
+        raise output_error(error, dataset_dir) from error
     shutil.rmtree(os.path.join(dataset_dir, PARTIAL_FOLDER), ignore_errors=True)
 
 
@@ -585,25 +666,29 @@ def run_cases(pending, selections, config, dataset_dir, workers):
     """Prepares the pending cases, each keeping selections[case id]; returns (records by case id, error
     messages)."""
     records, errors = {}, []
-    progress = tqdm(total=len(pending), desc=f"preparing {os.path.basename(dataset_dir)}", unit="case")
-    if workers <= 1:
-        results = (prepare_case_reporting(case, config, dataset_dir, selections[case.case_id])
-                   for case in pending)
-        for case_id, error, record in results:
+    # Closed on the way out, an error included, so that the error's line is not glued to the bar.
+    with tqdm(total=len(pending), desc=f"preparing {os.path.basename(dataset_dir)}", unit="case") as progress:
+        for case_id, error, record in case_results(pending, selections, config, dataset_dir, workers):
             progress.update()
             errors += [error] if error else []
             records.update({case_id: record} if record else {})
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(prepare_case_reporting, case, config, dataset_dir, selections[case.case_id])
-                       for case in pending]
-            for future in as_completed(futures):
-                case_id, error, record = future.result()
-                progress.update()
-                errors += [error] if error else []
-                records.update({case_id: record} if record else {})
-    progress.close()
     return records, errors
+
+
+def case_results(pending, selections, config, dataset_dir, workers):
+    """(case id, error message or None, record or None) of each pending case as it finishes."""
+    if workers <= 1:
+        yield from (prepare_case_reporting(case, config, dataset_dir, selections[case.case_id])
+                    for case in pending)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(prepare_case_reporting, case, config, dataset_dir, selections[case.case_id])
+                   for case in pending]
+        try:
+            yield from (future.result() for future in as_completed(futures))
+        except UsageError:  # the output cannot be written: the queued cases would fail the same way
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def class_table(config, records):
@@ -638,7 +723,7 @@ def write_manifest(dataset_dir, dataset_name, config, records, splits):
                    for split in sorted({r["split"] for r in cases.values()})},
         "cases": cases, "skipped": skipped,
     }
-    write_json_atomically(os.path.join(dataset_dir, MANIFEST_NAME), manifest)
+    write_json(os.path.join(dataset_dir, MANIFEST_NAME), manifest)
     return manifest
 
 
@@ -653,6 +738,15 @@ def warn_binary_255(records, config):
                       "rerun with --overwrite --label_map 255:1 to make the foreground class 1", stacklevel=1)
 
 
+def warn_non_finite(record):
+    """Names the files of a case that held NaN or infinite voxels, which prepare replaced."""
+    replaced = {folder: count for folder, count in record["non_finite_voxels"].items() if count}
+    if replaced:
+        files = ", ".join(f"{count} in {record['sources'][folder]}" for folder, count in replaced.items())
+        print(f"warning: case '{record['case']}': NaN or infinite voxels ({files}), set to the volume's "
+              f"smallest finite value before normalising", file=sys.stderr)
+
+
 def summary_line(manifest, dataset_dir):
     kept = manifest["cases"].values()
     without_foreground = sum(not record["foreground_slices"] for record in kept)
@@ -664,7 +758,9 @@ def summary_line(manifest, dataset_dir):
 
 def prepare_dataset(args):
     """The whole run; returns the process exit status."""
+    check_dataset_name(args.dataset)
     cases, class_names, source_modality = find_cases(args)
+    check_plain_case_ids(cases)
     check_unique_ids(cases)
     config = build_config(args, class_names, source_modality)
     splits = assign_splits(cases, args.test_fraction, args.seed, args.test_cases)
@@ -685,6 +781,7 @@ def prepare_dataset(args):
     shutil.rmtree(os.path.join(dataset_dir, PARTIAL_FOLDER), ignore_errors=True)
     records.update(new_records)
     for case_id, record in sorted(new_records.items()):
+        warn_non_finite(record)
         if record["status"] == "skipped":
             warnings.warn(f"case '{case_id}' skipped: {record['reason']}", stacklevel=1)
     if errors:

@@ -2,13 +2,14 @@
 
     python -m datasets.verify <root>            (same as: python -m datasets.prepare verify <root>)
 
-Per dataset: manifest readable; every case of the manifest has the same slice files in each of its
-folders and exactly those the manifest lists; no case without slices; foreground_slices among the
-case's slices, and all of them for cases outside the test split (only test cases keep slices without
-foreground); every PNG readable and of the manifest's size; image folders 8-bit grey; label ids among
-the manifest's classes; masks 0/255; no case folder that the manifest does not know (left by an
-interrupted run). Exits 1 when a problem is found, after listing them all, and 2 when the root itself
-is missing or holds no dataset folder.
+Per dataset: manifest readable and consistent (plain names, a 'splits' summary that agrees with each
+case's own split; see datasets/manifest.py); every case of the manifest has the same slice files in
+each of its folders and exactly those the manifest lists; no case without slices; foreground_slices
+among the case's slices, and all of them for cases outside the test split (only test cases keep slices
+without foreground); every PNG readable and of the manifest's size; image folders 8-bit grey; label
+ids among the manifest's classes; masks 0/255; no case folder that the manifest does not know (left by
+an interrupted run). Exits 1 when a problem is found, after listing them all, and 2 when the root
+itself is missing or holds no dataset folder.
 """
 import argparse
 import os
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from util.cli import UsageError, run_main
 
-from .manifest import HIDDEN_PREFIX, PreparedDataset, dataset_folders, read_png
+from .manifest import HIDDEN_PREFIX, PreparedDataset, dataset_folders, decode_png
 
 SUMMARY_LIMIT = 20
 
@@ -27,7 +28,7 @@ SUMMARY_LIMIT = 20
 def check_picture(path, kind, size, class_ids, label_bits=8):
     """The problem with one slice file, or None."""
     try:
-        picture = read_png(path)
+        picture = decode_png(path)
     except Exception as error:  # unreadable or truncated files are reported, not raised
         return f"{path}: unreadable PNG ({type(error).__name__}: {error})"
     if picture.ndim != 2:
