@@ -12,6 +12,7 @@ import torch
 
 from datasets.canvas import denormalise
 from masking_generator import TASKS
+from models_mvg import LOSS_WEIGHT_EPS
 from util.lr_sched import set_lr
 from util.misc import MetricLogger, all_reduce_sum, print0, warn0
 
@@ -90,29 +91,56 @@ def visual_grid(model, batch, pred, mask, rows: int = 4) -> torch.Tensor:
     return torch.cat(list(panels), dim=1)  # samples stacked top to bottom
 
 
-def forward_backward(model, batches, scaler, autocast, accum: int, grouped: GroupedLoss):
+def fetch_step(batches, accum: int, device):
+    """The step's accum micro-batches on the device, and the seconds spent waiting for them.
+
+    All of them are fetched before the first forward because the loss divisor needs their weights.
+    Holding them costs little: about 11 MB a sample at 896x448 (imgs, tgts, valid in fp32), small next
+    to the activations of one forward.
+    """
+    start = time.perf_counter()
+    micro_batches = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()} for _ in range(accum)]
+    return micro_batches, time.perf_counter() - start
+
+
+def global_batch_weight(mvg, micro_batches) -> torch.Tensor:
+    """The total loss weight of the global batch: every micro-batch of every rank, in float64 so that
+    however the batch is split, the totals differ only far below fp32 rounding. One all-reduce of
+    one number."""
+    with torch.no_grad():
+        local = sum(mvg.loss_weights(batch["tgts"], batch["mask"], batch["valid"]).sum(dtype=torch.float64)
+                    for batch in micro_batches)
+    return all_reduce_sum(local)
+
+
+def forward_backward(model, batches, scaler, autocast, accum: int, grouped: GroupedLoss, world_size: int):
     """accum micro-batches of forward and backward; DDP all-reduces gradients on the last one.
 
-    Returns (mean loss as a device tensor, seconds spent waiting for data, the last micro-batch
-    with its prediction and mask for pictures).
+    Each micro-batch's weighted loss sum is divided by the weight W of the whole global batch, times
+    world_size because DDP averages the ranks' gradients: the gradients then add up to those of one
+    weighted mean over the global batch, however it is split into micro-batches and ranks. W is
+    totalled before the first backward, not applied to the gradients afterwards: with fp16 the loss
+    scale times the gradient of a raw sum would overflow.
+
+    Returns (this rank's micro-batch losses summed, a device tensor whose mean over the ranks is the
+    step's loss; W as a device tensor; seconds spent waiting for data; the last micro-batch with its
+    prediction and mask for pictures).
     """
     mvg = unwrap(model)
-    device = next(mvg.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    data_time = 0.0
-    for micro in range(accum):
-        fetch_start = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        data_time += time.perf_counter() - fetch_start
+    micro_batches, data_time = fetch_step(batches, accum, next(mvg.parameters()).device)
+    weight = global_batch_weight(mvg, micro_batches)
+    divisor = (weight + LOSS_WEIGHT_EPS) / world_size
+    step_loss = torch.zeros((), device=weight.device)
+    for micro, batch in enumerate(micro_batches):
         with _no_sync(model, sync=micro == accum - 1):
             with autocast:
                 loss, pred, mask, per_sample = model(batch["imgs"], batch["tgts"], batch["mask"], batch["valid"],
-                                                     return_per_sample=True)
-            scaler.scale(loss / accum).backward()
-        loss_sum += loss.detach().float()
+                                                     return_per_sample=True, loss_divisor=divisor)
+            scaler.scale(loss).backward()
+        step_loss += loss.detach().float()
         # A sample without weight (e.g. dropped by min_visible_target) or with a non-finite loss is not counted.
         grouped.add(per_sample, torch.isfinite(per_sample), batch["task"], batch["dataset"])
-    return loss_sum / accum, data_time, (batch, pred, mask)
+    return step_loss, weight, data_time, (batch, pred, mask)
 
 
 def gradient_norm(scaler, optimizer, parameters, clip_grad):
@@ -125,10 +153,23 @@ def gradient_norm(scaler, optimizer, parameters, clip_grad):
 
 def agree_across_ranks(loss, grad_norm, stop_requested: bool, world_size: int):
     """(mean loss, grad norm, whether any rank wants to stop), the same on every rank: one small
-    all-reduce per step, so every rank takes the same skip and stop decisions."""
+    all-reduce per step, so every rank takes the same skip and stop decisions.
+
+    With forward_backward's losses the mean over the ranks is the weighted mean over the global batch,
+    so the loss needs no collective of its own: a step has two small all-reduces besides DDP's, the
+    batch weight before the backward passes, which need it, and this one after them.
+    """
     stop = torch.tensor(float(stop_requested), device=loss.device)
     total = all_reduce_sum(torch.stack([loss, grad_norm.float(), stop])).tolist()
     return total[0] / world_size, total[1] / world_size, total[2] > 0
+
+
+def skip_reason(weightless: bool, loss: float, grad_norm: float) -> str:
+    """Why a step's update is skipped, for the warning."""
+    if weightless:
+        return ("no weight in the global batch (every hidden pixel has valid 0, or its sample was dropped "
+                "by min_visible_target)")
+    return f"non-finite loss {loss} or grad norm {grad_norm}"
 
 
 def log_window(metrics, grouped, epoch_groups, progress, steps_per_epoch, global_batch, dataset_names,
@@ -184,19 +225,23 @@ def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, 
     for _ in range(steps):
         lr = lr_schedule(progress.global_step)
         set_lr(optimizer, lr)
-        loss, data_time, (batch, pred, mask) = forward_backward(model, batches, scaler, autocast,
-                                                                args.accum_iter, grouped)
+        loss, weight, data_time, (batch, pred, mask) = forward_backward(
+            model, batches, scaler, autocast, args.accum_iter, grouped, world_size)
         grad_norm = gradient_norm(scaler, optimizer, parameters, args.clip_grad)
         loss, grad_norm, signalled = agree_across_ranks(loss, grad_norm, stop_requested(), world_size)
+        weightless = weight.item() == 0  # read once agree_across_ranks has waited for the device anyway
+        if weightless:
+            loss = math.nan  # a mean over no weight: nothing to log, nothing to learn
 
-        # A non-finite loss or gradient leaves the weights and optimizer state untouched.
+        # A non-finite loss or gradient, or a global batch without weight, leaves the weights and
+        # optimizer state untouched (momentum and weight decay would move them even without gradient).
         if math.isfinite(loss) and math.isfinite(grad_norm):
             scaler.step(optimizer)
             progress.consecutive_skips = 0
         else:
             progress.skipped_steps += 1
             progress.consecutive_skips += 1
-            warn0(f"step {progress.global_step}: non-finite loss {loss} or grad norm {grad_norm}; update "
+            warn0(f"step {progress.global_step}: {skip_reason(weightless, loss, grad_norm)}; update "
                   f"skipped ({progress.consecutive_skips} in a row, {progress.skipped_steps} in all)")
         scaler.update()  # with fp16, an overflow lowers the loss scale
         optimizer.zero_grad(set_to_none=True)
@@ -220,9 +265,10 @@ def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, 
             if save_last is not None:
                 save_last()
             raise NonFiniteError(
-                f"{progress.consecutive_skips} consecutive steps had a non-finite loss or gradient (up to "
-                f"step {step}); stopping. The weights are those of the last good step and were saved to "
-                f"checkpoint-last.pth; lower --lr, set --clip_grad or check the data, then --auto_resume.")
+                f"{progress.consecutive_skips} consecutive steps had a non-finite loss or gradient, or no "
+                f"loss weight (up to step {step}); stopping. The weights are those of the last good step and "
+                f"were saved to checkpoint-last.pth; lower --lr, set --clip_grad or check the data, then "
+                f"--auto_resume.")
         stop = signalled or bool(args.stop_after_steps and step >= args.stop_after_steps)
         at_epoch_end = progress.step_in_epoch == steps_per_epoch  # the caller saves there
         if save_last is not None and not at_epoch_end and (

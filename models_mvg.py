@@ -28,6 +28,11 @@ from torch.utils.checkpoint import checkpoint
 # value this is the threshold below; it is the value to pass as `min_visible_target` to reproduce it.
 AUTHORS_MIN_VISIBLE_TARGET = 300.0 / (3 * 448 * 448)
 
+# Added to the total weight a loss sum is divided by, so that a batch whose hidden pixels all weigh 0
+# has loss 0 and a zero gradient instead of 0/0. It is negligible next to any real total: one hidden
+# 16x16 token of 3 channels weighs 768, or 76.8 on segmentation background.
+LOSS_WEIGHT_EPS = 1e-2
+
 
 def default_out_indices(depth: int) -> Tuple[int, ...]:
     """The last block of each quarter of the depth: (5, 11, 17, 23) at depth 24."""
@@ -291,34 +296,53 @@ class MVG(nn.Module):
         mask = bool_masked_pos.reshape(n, 1, *grid_size).float()
         return mask.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
 
-    def forward_loss(self, pred: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: torch.Tensor,
-                     valid: Optional[torch.Tensor] = None, per_sample: bool = False):
-        """Smooth-L1 over masked pixels, weighted by `valid` (N, C, H, W) or (N, 1, H, W).
-
-        With per_sample, also each sample's own loss (N,), detached, NaN for a sample without weight,
-        from the same sums (per-task logging then costs nothing extra).
+    def loss_weights(self, tgts: torch.Tensor, bool_masked_pos: torch.Tensor,
+                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Each target value's weight in the loss, (N, C, H, W): 1 where the token is hidden, times
+        `valid` (N, C, H, W) or (N, 1, H, W), and 0 for every value of a sample that
+        `min_visible_target` drops.
 
         With `min_visible_target` > 0, a sample whose visible (unmasked) target has a mean
         un-normalised intensity (0..1, over visible pixels and channels) below it is left out of the
         loss. Defined per pixel, it means the same at every canvas size; the authors' sum-based rule
         is AUTHORS_MIN_VISIBLE_TARGET at 896x448 with the query target masked.
+
+        The weights depend on the batch alone, not on the prediction, so training can total the
+        weight of a whole global batch before its first forward pass.
         """
-        grid_size = (pred.shape[2] // self.patch_size, pred.shape[3] // self.patch_size)
+        grid_size = (tgts.shape[2] // self.patch_size, tgts.shape[3] // self.patch_size)
         mask = self.pixel_mask(bool_masked_pos, grid_size)  # (N, 1, H, W)
-        weight = mask.expand_as(pred)
+        weight = mask.expand_as(tgts)
         if valid is not None:
             weight = weight * valid.float()
         if self.min_visible_target > 0:
             keep = self.visible_target_mean(tgts, mask) >= self.min_visible_target
             weight = weight * keep.float().view(-1, 1, 1, 1)
+        return weight
+
+    def forward_loss(self, pred: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: torch.Tensor,
+                     valid: Optional[torch.Tensor] = None, per_sample: bool = False,
+                     divisor: Optional[torch.Tensor] = None):
+        """Smooth-L1 over hidden pixels, weighted by loss_weights, summed and divided by `divisor`.
+
+        By default the divisor is this batch's own weight (+ LOSS_WEIGHT_EPS): the weighted mean over
+        the batch. Training passes the weight of its whole global batch instead, so that however that
+        batch is split into micro-batches and ranks, their gradients add up to those of its mean.
+
+        With per_sample, also each sample's own weighted mean (N,), detached, NaN for a sample without
+        weight, from the same sums (per-task logging then costs nothing extra).
+        """
+        weight = self.loss_weights(tgts, bool_masked_pos, valid)
         loss = F.smooth_l1_loss(pred.float(), tgts.float(), reduction='none', beta=self.loss_beta)
         sample_sums = (loss * weight).sum(dim=(1, 2, 3))  # (N,)
         sample_weights = weight.sum(dim=(1, 2, 3))
-        total = sample_sums.sum() / (sample_weights.sum() + 1e-2)
+        if divisor is None:
+            divisor = sample_weights.sum() + LOSS_WEIGHT_EPS
+        total = sample_sums.sum() / divisor
         if not per_sample:
             return total
         with torch.no_grad():
-            own = sample_sums / (sample_weights + 1e-2)
+            own = sample_sums / (sample_weights + LOSS_WEIGHT_EPS)
             own = torch.where(sample_weights > 0, own, torch.full_like(own, float('nan')))
         return total, own
 
@@ -334,15 +358,21 @@ class MVG(nn.Module):
         return total / count.clamp(min=1)
 
     def forward(self, imgs: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None,
-                valid: Optional[torch.Tensor] = None, return_per_sample: bool = False):
+                valid: Optional[torch.Tensor] = None, return_per_sample: bool = False,
+                loss_divisor: Optional[torch.Tensor] = None):
         """Returns (loss, pred patchified (N, L, p*p*3), mask (N, L) bool), and with return_per_sample
-        each sample's loss (N,) last (see forward_loss)."""
+        each sample's loss (N,) last (see forward_loss).
+
+        The loss is the weighted mean over this batch, unless `loss_divisor` (a 0-dim tensor) is given:
+        then the batch's weighted loss sum is divided by it (training's global-batch normalisation).
+        It is a tensor rather than a float so that a compiled model sees no new constant every step.
+        """
         mask = self._check_inputs(imgs, tgts, bool_masked_pos)
         pred = self.forward_decoder(self.forward_encoder(imgs, tgts, mask))
         if return_per_sample:
-            loss, per_sample = self.forward_loss(pred, tgts, mask, valid, per_sample=True)
+            loss, per_sample = self.forward_loss(pred, tgts, mask, valid, per_sample=True, divisor=loss_divisor)
             return loss, self.patchify(pred), mask, per_sample
-        return self.forward_loss(pred, tgts, mask, valid), self.patchify(pred), mask
+        return self.forward_loss(pred, tgts, mask, valid, divisor=loss_divisor), self.patchify(pred), mask
 
     @torch.no_grad()
     def predict(self, imgs: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None,
