@@ -199,7 +199,8 @@ def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, 
                      progress.step_in_epoch of the epoch
     lr_schedule      global step -> lr
     writer           rank 0's RunLogger, or None
-    save_last        collective callable writing checkpoint-last.pth
+    save_last        collective callable writing checkpoint-last.pth, given the statistics of the
+                     steps so far (as this function returns them), for the checkpoint to keep
     stop_requested   -> bool, e.g. a signal was received; honoured at the next step on all ranks
     Returns the epoch's averages, and "stop": whether training should end after this (a signal or
     --stop_after_steps); if that happened before the epoch's last step, checkpoint-last.pth is saved.
@@ -263,7 +264,8 @@ def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, 
 
         if progress.consecutive_skips >= args.max_nonfinite_steps:
             if save_last is not None:
-                save_last()
+                save_last(epoch_stats(metrics, epoch_groups, progress.skipped_steps - skipped_before,
+                                      global_batch, stop))
             raise NonFiniteError(
                 f"{progress.consecutive_skips} consecutive steps had a non-finite loss or gradient, or no "
                 f"loss weight (up to step {step}); stopping. The weights are those of the last good step and "
@@ -273,17 +275,23 @@ def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, 
         at_epoch_end = progress.step_in_epoch == steps_per_epoch  # the caller saves there
         if save_last is not None and not at_epoch_end and (
                 stop or (args.save_every_steps and step % args.save_every_steps == 0)):
-            save_last()
+            save_last(epoch_stats(metrics, epoch_groups, progress.skipped_steps - skipped_before,
+                                  global_batch, stop))
         if stop:
             print0(f"stopping after step {step} ({'signal' if signalled else '--stop_after_steps'}); "
                    "checkpoint-last.pth holds the position")
             break
 
+    return epoch_stats(metrics, epoch_groups, progress.skipped_steps - skipped_before, global_batch, stop)
+
+
+def epoch_stats(metrics, epoch_groups, skipped_steps: int, global_batch: int, stop: bool) -> dict:
+    """The averages over the epoch's steps trained so far, as train_one_epoch returns them."""
     stats = metrics.averages()
     stats.update({name: total / count for name, (total, count) in epoch_groups.items()})
     stats["lr"] = metrics.meters["lr"].value
     stats["samples_per_s"] = global_batch / stats.pop("step_time")
-    stats["skipped_steps"] = progress.skipped_steps - skipped_before
+    stats["skipped_steps"] = skipped_steps
     stats["steps"] = metrics.meters["step_time"].count
     stats["stop"] = stop
     return stats

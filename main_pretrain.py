@@ -12,15 +12,21 @@ See scripts/train_single_node.sh and scripts/train_slurm.sh. Outputs in --output
 checkpoint-last.pth (every --save_every_steps steps and each epoch end), checkpoint-{epoch}.pth
 (every --save_every_epochs epochs, the newest --keep_checkpoints kept), log.txt (one JSON line per
 epoch) and TensorBoard events (in --log_dir, default the same folder).
+
+Stopping: SIGTERM, SIGUSR1 (SLURM) and a first Ctrl-C end the run at the next step with
+checkpoint-last.pth written and exit status 0; a second Ctrl-C aborts at once, losing the steps since
+the last checkpoint (which stays whole: checkpoints are written atomically). --auto_resume continues.
 """
 import argparse
 import contextlib
+import functools
 import json
 import os
 import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -36,6 +42,7 @@ from engine_pretrain import DTYPES, Progress, train_one_epoch
 from masking_generator import MaskPolicy
 from util import checkpoint, misc
 from util.cli import UsageError, run_main
+from util.files import atomic_output, describe_os_error
 from util.record import (
     SETTING_FLAGS, CanvasRecord, DatasetRecord, RecordedSettings, common_slice_size, recorded_settings,
     resolve_settings,
@@ -55,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=16, help="canvases per device per micro-step")
     g.add_argument("--accum_iter", type=int, default=1,
                    help="micro-steps per optimizer step; effective batch = batch_size x accum_iter x processes")
-    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--epochs", type=int, default=100, help="at least 1")
     g.add_argument("--samples_per_epoch", type=int, default=None,
                    help="canvases per epoch (default: the number of training slices)")
     g.add_argument("--start_epoch", type=int, default=0,
@@ -139,7 +146,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="--finetune: keep parameters initialised instead of failing when keys do not fit")
     g.add_argument("--resume", default="", help="training checkpoint to continue from (exact position)")
     g.add_argument("--auto_resume", action=flag, default=False,
-                   help="continue from the newest loadable checkpoint in --output_dir, if any")
+                   help="continue from the newest loadable checkpoint in --output_dir, if any; newer ones that do "
+                        "not load are renamed to <name>.unreadable-<time>, and if none loads the run stops, "
+                        "changing nothing")
+    g.add_argument("--start_over_if_unreadable", action="store_true",
+                   help="--auto_resume: when no checkpoint in --output_dir loads, train from step 0 instead of "
+                        "stopping (the unreadable files are kept under new names)")
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
@@ -185,6 +197,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.log_dir = args.output_dir
     if args.accum_iter < 1 or args.batch_size < 1 or args.print_freq < 1:
         raise UsageError("--batch_size, --accum_iter and --print_freq must be at least 1")
+    # Refused rather than warned about: such a run would train nothing, write nothing and exit 0,
+    # which a job script could not tell from a finished run.
+    if args.epochs < 1:
+        raise UsageError(f"--epochs {args.epochs}: nothing to train; give at least 1")
     return args
 
 
@@ -275,14 +291,18 @@ def build_dataset(args, mixture: Mixture, patch_size: int) -> InContextDataset:
 
 
 def build_loader(dataset, args, dist_info, start_step: int, steps_per_epoch: int, global_batch: int, device):
+    """The epoch's batches from start_step on. Its workers end with this process (even on kill -9) and
+    leave Ctrl-C to it; a UsageError in a worker (e.g. a damaged slice file) is raised here in one line."""
     sampler = misc.ShardSampler(start_step * global_batch, steps_per_epoch * global_batch,
                                 dist_info.rank, dist_info.world_size)
     # Its own generator: creating the iterator then draws no number from the global torch RNG, which
     # a mid-epoch resume would otherwise consume at a different point than the run it continues.
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == "cuda", drop_last=False, persistent_workers=False,
-        generator=torch.Generator())
+    loader = torch.utils.data.DataLoader(
+        misc.CarryUsageErrors(dataset), batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+        collate_fn=misc.collate_carrying_errors, pin_memory=args.pin_mem and device.type == "cuda",
+        drop_last=False, persistent_workers=False, generator=torch.Generator(),
+        worker_init_fn=functools.partial(misc.end_with_trainer, os.getpid()))
+    return misc.RaiseCarriedErrors(loader)
 
 
 def build_optimizer(model, args, lr: float, device) -> torch.optim.Optimizer:
@@ -301,11 +321,23 @@ def seed_everything(seed: int):
 
 
 @contextlib.contextmanager
-def stop_on_signals(signals=(signal.SIGTERM, signal.SIGUSR1)):
-    """Turns SIGTERM / SIGUSR1 (SLURM preemption, `scancel --signal`) into a stop request that the
-    loop honours at the next step, after writing checkpoint-last.pth."""
+def stop_on_signals(signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
+    """Turns SIGTERM / SIGUSR1 (SLURM preemption, `scancel --signal`) and a first Ctrl-C (SIGINT) into
+    a stop request that the loop honours at the next step, after writing checkpoint-last.pth. A second
+    Ctrl-C gets the previous handler back (KeyboardInterrupt): whoever presses again wants out now."""
     received = []
-    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number)) for sig in signals}
+    previous = {}
+
+    def request_stop(number, frame):
+        received.append(number)
+        if number == signal.SIGINT:
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+            if misc.is_main_process():
+                # os.write, not print: a handler may run in the middle of a print to the same stream.
+                os.write(2, b"Ctrl-C: stopping after this step, with checkpoint-last.pth written; press "
+                            b"Ctrl-C again to abort at once, losing the steps since the last checkpoint\n")
+
+    previous.update({sig: signal.signal(sig, request_stop) for sig in signals})
     try:
         yield lambda: bool(received)
     finally:
@@ -326,20 +358,66 @@ def snapshot(src: str, dst: str):
     os.replace(tmp, dst)
 
 
-def resume_state(args, dist_info):
-    """(path, state) of the checkpoint to continue from, or (None, None)."""
+def check_writable(folder: str):
+    """Creates the folder and writes and removes a file there: a read-only or full folder then stops the
+    run before anything is built, not at its first checkpoint, minutes or hours later."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        try:
+            os.write(descriptor, b"probe")
+        finally:
+            os.close(descriptor)
+            os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"--output_dir {folder}: cannot write there ({describe_os_error(error)})") from error
+
+
+def choose_checkpoint(args):
+    """--auto_resume, on rank 0: (path, state) of the newest checkpoint in --output_dir that loads, or
+    (None, None). The newer ones that do not load are set aside, never overwritten; when none loads, the
+    run stops and changes nothing, unless --start_over_if_unreadable."""
+    path, state, unreadable = checkpoint.find_latest_valid(args.output_dir)
+    if unreadable and path is None and not args.start_over_if_unreadable:
+        others = f" (and {len(unreadable) - 1} other checkpoint(s))" if len(unreadable) > 1 else ""
+        raise UsageError(f"--auto_resume: {unreadable[0][1]}{others}, and no checkpoint in {args.output_dir} "
+                         "loads; nothing was changed: rerun if the file system had a passing problem, or pass "
+                         "--start_over_if_unreadable to train from step 0 (the unreadable files are kept, renamed)")
+    for bad, why in unreadable:
+        misc.warn0(f"skipping checkpoint {why}; kept as {checkpoint.set_aside(bad)}")
+    if unreadable and path is None:
+        misc.warn0(f"--start_over_if_unreadable: no checkpoint in {args.output_dir} loads; training from step 0")
+    return path, state
+
+
+def prepare_output_dir(args):
+    """Rank 0, before anything is built: --output_dir exists and is writable, the checkpoint to continue
+    from is chosen (--auto_resume), then leftovers of interrupted writes are removed. Returns (path,
+    state) of that checkpoint, or (None, None)."""
+    check_writable(args.output_dir)
+    path, state = choose_checkpoint(args) if args.auto_resume and not args.resume else (None, None)
+    for leftover in checkpoint.remove_partial_writes(args.output_dir):
+        misc.print0(f"removed {leftover}, a checkpoint write that an earlier run did not finish")
+    return path, state
+
+
+def set_up_output(args, dist_info):
+    """prepare_output_dir on rank 0; every rank gets the checkpoint to resume (--resume or the chosen
+    one) as (path, state), or (None, None). A UsageError of rank 0 is raised on every rank: the others
+    would otherwise wait for rank 0 at the next collective call until the timeout."""
+    path, state, message = None, None, None
+    if args.output_dir and dist_info.is_main:
+        try:
+            path, state = prepare_output_dir(args)
+        except UsageError as error:
+            message = str(error)
+    path, message = misc.broadcast_object((path, message))
+    if message is not None:
+        raise UsageError(message)
     if args.resume:
-        return args.resume, checkpoint.load_training_state(args.resume)
-    if not (args.auto_resume and args.output_dir):
-        return None, None
-    # Rank 0 alone looks at the folder and chooses; every rank takes part in the broadcast, whatever
-    # it would have seen itself (rank 0 may be creating the folder at this moment).
-    path, state = None, None
-    if dist_info.is_main and os.path.isdir(args.output_dir):
-        path, state = checkpoint.find_latest_valid(args.output_dir)
-    path = misc.broadcast_object(path)
-    if path is not None and state is None:
-        state = checkpoint.load_training_state(path)
+        return args.resume, checkpoint.load_training_state(args.resume, "--resume")
+    if path is not None and state is None:  # the ranks other than 0
+        state = checkpoint.load_training_state(path, "--auto_resume")
     return path, state
 
 
@@ -362,12 +440,7 @@ def main(argv=None):
 def train(args, dist_info, device):
     for note in inert_flag_notes(args, dist_info.world_size):
         misc.print0(f"note: {note}")
-    if args.output_dir and dist_info.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        for leftover in checkpoint.remove_partial_writes(args.output_dir):
-            misc.print0(f"removed {leftover}, a checkpoint write that an earlier run did not finish")
-
-    path, state = resume_state(args, dist_info)
+    path, state = set_up_output(args, dist_info)
     # The same initial weights on every rank (DDP would broadcast rank 0's anyway).
     seed_everything(args.seed)
     mvg = build_model(args).to(device)
@@ -400,10 +473,13 @@ def train(args, dist_info, device):
                 f"{dist_info.world_size} process(es) on {device.type}; effective batch {global_batch}, "
                 f"lr {lr:.3g}, {steps_per_epoch} steps per epoch, {warmup_steps} warm-up steps")
 
+    earlier = misc.EpochTotals()  # the statistics of the steps of the current epoch that earlier runs trained
     if state is not None:
         if args.finetune:
             misc.print0(f"note: resuming from {path}; --finetune {args.finetune} is not applied")
+        check_model_fits(state, path, "--resume" if args.resume else "--auto_resume", mvg)
         progress = restore(state, path, mvg, optimizer, scaler, dist_info, global_batch)
+        earlier = misc.EpochTotals.from_dict(state.get("epoch_totals"))
 
     model = mvg
     if dist_info.distributed:
@@ -419,11 +495,17 @@ def train(args, dist_info, device):
 
     checkpoint_writer = checkpoint.CheckpointWriter(background=args.checkpoint_in_background)
 
-    def save(name, then=None):
+    def save(name, epoch_totals, then=None):
         if args.output_dir:
             checkpoint.save_training_state(os.path.join(args.output_dir, name), mvg, optimizer, scaler,
                                            progress, args_dict, global_batch, dist_info.world_size,
-                                           checkpoint_writer, then, record)
+                                           checkpoint_writer, then, record, epoch_totals.as_dict())
+
+    def save_mid_epoch(stats_so_far=None):
+        """save_last of train_one_epoch, which hands the statistics of the steps it trained so far; the
+        checkpoint holds them with the earlier runs' (without them, it holds the earlier runs' only)."""
+        trained = misc.EpochTotals.of_stats(stats_so_far) if stats_so_far else misc.EpochTotals()
+        save(checkpoint.LAST, earlier + trained)
 
     start = time.time()
     try:
@@ -433,19 +515,31 @@ def train(args, dist_info, device):
                 loader = build_loader(dataset, args, dist_info, progress.step_in_epoch, steps_per_epoch,
                                       global_batch, device)
                 stats = train_one_epoch(model, loader, optimizer, scaler, progress, args, schedule,
-                                        dataset.names, writer, lambda: save(checkpoint.LAST), stop_requested)
+                                        dataset.names, writer, save_mid_epoch, stop_requested)
                 if progress.step_in_epoch < steps_per_epoch:  # stopped mid-epoch; the engine saved
                     break
-                finish_epoch(args, progress, stats, save, writer)
+                whole_epoch = (earlier + misc.EpochTotals.of_stats(stats)).stats(stats)
+                finish_epoch(args, progress, whole_epoch, save, writer)
+                earlier = misc.EpochTotals()
                 if stats["stop"]:
                     break
     finally:
-        checkpoint_writer.wait()
+        checkpoint_writer.wait()  # a failed write raises here, once the writer has finished
         if writer is not None:
             writer.close()
     misc.print0(f"training time {time.time() - start:.0f}s, global step {progress.global_step}, "
                 f"{progress.skipped_steps} skipped step(s)")
     return progress
+
+
+def check_model_fits(state, path: str, flag: str, mvg):
+    """A checkpoint of another model (size) is a one-line UsageError that says what the file records."""
+    recorded = state["args"]
+    settings = " ".join(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+                        for name in ("model", "depth", "input_size") if (value := recorded.get(name)) is not None)
+    hint = (f"it records {settings}; resume with the same settings" if settings
+            else "was it trained with another --model, --depth or --input_size?")
+    checkpoint.check_weights_fit(mvg, state["model"], f"{flag} {path}", hint)
 
 
 def restore(state, path, mvg, optimizer, scaler, dist_info, global_batch) -> Progress:
@@ -471,7 +565,8 @@ def restore(state, path, mvg, optimizer, scaler, dist_info, global_batch) -> Pro
 
 
 def finish_epoch(args, progress, stats, save, writer):
-    """Epoch end: checkpoint-last and maybe a numbered one, log.txt, and the summary line."""
+    """Epoch end: the epoch's line in log.txt, checkpoint-last and maybe a numbered one, and the summary
+    line. stats: the whole epoch's, across resumes."""
     finished = progress.epoch
     progress.epoch += 1
     progress.step_in_epoch = 0
@@ -483,16 +578,36 @@ def finish_epoch(args, progress, stats, save, writer):
                  os.path.join(args.output_dir, f"checkpoint-{finished}.pth"))
         checkpoint.prune_numbered(args.output_dir, args.keep_checkpoints)
 
-    save(checkpoint.LAST, keep_numbered_copy if numbered else None)
+    # The line before the checkpoint: a kill between the two leaves the line and an older checkpoint,
+    # and the epoch trained again replaces the line; the other order could leave the epoch without one.
     if args.output_dir and misc.is_main_process():
         record = {"epoch": finished, "global_step": progress.global_step,
                   **{f"train_{k}": v for k, v in stats.items() if k != "stop"}}
-        with open(os.path.join(args.output_dir, "log.txt"), "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        write_epoch_record(os.path.join(args.output_dir, "log.txt"), record)
+    save(checkpoint.LAST, misc.EpochTotals(), keep_numbered_copy if numbered else None)
     if writer is not None:
         writer.flush()
     misc.print0(f"epoch {finished} done: loss {stats.get('loss', float('nan')):.4f}, "
                 f"{stats['samples_per_s']:.1f} samples/s, {stats['skipped_steps']} skipped step(s)")
+
+
+def write_epoch_record(path: str, record: dict):
+    """log.txt with `record` as the line of its epoch, in place of the lines of that epoch and later
+    ones (an epoch trained again after a kill, or after resuming from an older checkpoint): one line
+    per epoch, as the checkpoints' history has it. Rewritten atomically; it is small."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as handle:
+            kept = [line for line in handle.read().splitlines() if not line_of_epoch_or_later(line, record["epoch"])]
+    with atomic_output(path, "w") as handle:
+        handle.write("".join(f"{line}\n" for line in [*kept, json.dumps(record)]))
+
+
+def line_of_epoch_or_later(line: str, epoch: int) -> bool:
+    try:
+        return json.loads(line)["epoch"] >= epoch
+    except (ValueError, KeyError, TypeError):  # not a record (e.g. cut short by a crash of an older version)
+        return False
 
 
 if __name__ == "__main__":

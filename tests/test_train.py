@@ -429,13 +429,20 @@ def test_finetune_loads_mae_timm_and_mvg_checkpoints_with_a_key_report(tmp_path,
     assert sorted(k for k, _, _ in report.adapted) == sorted(f"blocks.{i}.attn.rel_pos_h" for i in range(4))
     assert torch.equal(model.decoder_embed.weight, source.decoder_embed.weight)
 
-    # Anything else fails loudly, naming the keys, unless allowed.
+    # Anything else stops the run in one line with counts and an example, the keys listed on stdout,
+    # unless allowed.
     bad = dict(mae, **{"blocks.7.attn.qkv.weight": torch.zeros(576, 192), "norm.weight": torch.ones(100)})
     torch.save({"model": bad}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="does not fit") as error:
+    capsys.readouterr()
+    with pytest.raises(UsageError) as error:
         checkpoint.load_pretrained(model, str(tmp_path / "bad.pth"))
-    assert "blocks.7.attn.qkv.weight: no such key" in str(error.value)
-    assert "norm.weight: shape [100] vs model [192]" in str(error.value)
+    assert str(error.value) == (
+        f"--finetune {tmp_path / 'bad.pth'} does not fit the model: 1 misshapen, 1 unknown weights, e.g. "
+        "norm.weight (shape [100] vs model [192]) (all 2 listed on stdout); pass --allow_key_mismatch to keep "
+        "those parameters initialised")
+    listed = capsys.readouterr().out
+    assert "blocks.7.attn.qkv.weight: no such key" in listed
+    assert "norm.weight: shape [100] vs model [192]" in listed
     report = checkpoint.load_pretrained(model, str(tmp_path / "bad.pth"), allow_mismatch=True)
     assert {k for k, _ in report.unexpected} == {"blocks.7.attn.qkv.weight", "norm.weight"}
 
@@ -486,9 +493,16 @@ def test_background_checkpoint_holds_the_state_of_its_step_and_errors_surface(tm
     def full_disk(state, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "atomic_save", full_disk)
-    checkpoint.save_training_state(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), Progress(),
-                                   {}, global_batch=1, world_size=1, writer=writer)
-    with pytest.raises(RuntimeError, match="writing a checkpoint failed: OSError.*No space left"):
-        writer.wait()
-    writer.wait()  # reported once
+    def bug(state, path):
+        raise ValueError("a bug")
+
+    # A file system error is the user's to fix: one line naming the file; anything else keeps its traceback.
+    for failing, error, message in ((full_disk, UsageError, f"{path}: cannot write the checkpoint (the disk is full)"),
+                                    (bug, RuntimeError, "writing a checkpoint failed: ValueError: a bug")):
+        monkeypatch.setattr(checkpoint, "atomic_save", failing)
+        checkpoint.save_training_state(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                       Progress(), {}, global_batch=1, world_size=1, writer=writer)
+        with pytest.raises(error) as raised:
+            writer.wait()
+        assert str(raised.value).startswith(message)
+        writer.wait()  # reported once

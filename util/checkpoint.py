@@ -10,6 +10,8 @@ torch.load(..., weights_only=True):
     rng                          one RNG state dict per rank (torch, cuda, numpy, python)
     args                         the command line as a dict
     canvas_record                how the run draws its canvases, for inference (util/record.py)
+    epoch_totals                 the statistics of `epoch`'s steps so far (util.misc.EpochTotals.as_dict), so
+                                 that its line in log.txt covers all of them across a resume
 """
 import argparse
 import glob
@@ -19,6 +21,8 @@ import random
 import re
 import tempfile
 import threading
+import time
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +31,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from util.cli import UsageError
-from util.misc import all_gather_objects, is_main_process, warn0
+from util.files import describe_os_error
+from util.misc import all_gather_objects, is_main_process, print0
 
 LAST = "checkpoint-last.pth"
 NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
@@ -105,8 +110,9 @@ class CheckpointWriter:
     copied to host memory (about a second for ViT-L), not while gigabytes reach the disk.
 
     One write at a time: a new one first waits for the last. `wait()` blocks until the last write is
-    on disk and raises its error, if it had one; main calls it before exiting, also on errors and
-    signals, so a run never ends with a checkpoint half-written. With background=False every write
+    on disk and raises its error, if it had one: a UsageError as it is (e.g. a full disk, in one line
+    that names the file), anything else as a RuntimeError; main calls it before exiting, also on errors
+    and signals, so a run never ends with a checkpoint half-written. With background=False every write
     happens in the caller, as a plain function call.
     """
 
@@ -136,15 +142,19 @@ class CheckpointWriter:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, UsageError):
+                raise error
             raise RuntimeError(f"writing a checkpoint failed: {type(error).__name__}: {error}") from error
 
 
 def save_training_state(path: str, model, optimizer, scaler, progress, args_dict: dict,
                         global_batch: int, world_size: int, writer: CheckpointWriter = None, then=None,
-                        canvas_record: dict = None):
+                        canvas_record: dict = None, epoch_totals: dict = None):
     """Collective: every rank contributes its RNG state; rank 0 writes the file, through `writer`
     (in the background) when given, and afterwards calls then() (e.g. a numbered copy and pruning).
-    canvas_record: how the run draws its canvases (util/record.py), for inference to do the same."""
+    canvas_record: how the run draws its canvases (util/record.py), for inference to do the same;
+    epoch_totals: the statistics of the epoch's steps so far (util.misc.EpochTotals.as_dict).
+    A file system error (a full disk, a folder turned read-only) is a UsageError naming the file."""
     rng_states = all_gather_objects(capture_rng())
     if not is_main_process():
         return
@@ -161,40 +171,60 @@ def save_training_state(path: str, model, optimizer, scaler, progress, args_dict
     }
     if canvas_record is not None:
         state["canvas_record"] = canvas_record
+    if epoch_totals is not None:
+        state["epoch_totals"] = epoch_totals
     if writer.background:  # training will change the live tensors while this copy is written
         state = to_host(state)
 
     def write():
-        atomic_save(state, path)
-        if then is not None:
-            then()
+        try:
+            atomic_save(state, path)
+            if then is not None:
+                then()
+        except OSError as error:
+            raise UsageError(f"{error.filename or path}: cannot write the checkpoint ({describe_os_error(error)}); "
+                             "training stopped: make room or fix the folder, then continue with --auto_resume"
+                             ) from error
 
     writer.submit(write)
 
 
-def load_training_state(path: str) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [key for key in REQUIRED_KEYS if key not in state]
+def load_training_state(path: str, flag: str = "--resume") -> dict:
+    """A training checkpoint of this project; a missing, unreadable or foreign file is a one-line
+    UsageError naming the flag (none: the path alone) and the file."""
+    state = read_checkpoint(path, flag)
+    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
-        raise ValueError(f"{path} is not a training checkpoint of this project (missing {missing})")
+        raise UsageError(f"{where(flag, path)}: not a training checkpoint of this project (no {', '.join(missing)})")
     return state
 
 
 def find_latest_valid(output_dir: str):
-    """(path, state) of the newest checkpoint in output_dir that loads, or (None, None).
+    """(path, state, unreadable): the newest checkpoint in output_dir that loads, or None, None when none
+    does; unreadable lists (path, why) for each newer one that does not load (all, when none does).
 
-    Newest by modification time; a file that fails to load (e.g. truncated by a crash of an
-    older, non-atomic writer, or a full disk) is skipped with a warning.
+    Newest by modification time, checkpoint-last.pth first among equals. A file may not load because a
+    crash or a full disk cut it short, or because the file system failed to read it this time.
     """
     paths = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))
              if os.path.basename(p) == LAST or NUMBERED.match(os.path.basename(p))]
     paths.sort(key=lambda p: (os.path.getmtime(p), os.path.basename(p) == LAST), reverse=True)
+    unreadable = []
     for path in paths:
         try:
-            return path, load_training_state(path)
-        except Exception as error:  # any unreadable file: fall back to an older one
-            warn0(f"skipping checkpoint {path}: it does not load ({type(error).__name__}: {error})")
-    return None, None
+            return path, load_training_state(path, flag=""), unreadable
+        except UsageError as error:
+            unreadable.append((path, str(error)))
+    return None, None, unreadable
+
+
+def set_aside(path: str) -> str:
+    """Renames an unreadable checkpoint to <name>.unreadable-<time>, out of the way of the names that
+    training writes, prunes and resumes from, and never deleted: a read error may have been passing.
+    Returns the new path."""
+    kept = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, kept)
+    return kept
 
 
 def remove_partial_writes(output_dir: str) -> list:
@@ -215,6 +245,26 @@ def prune_numbered(output_dir: str, keep: int):
                       if (m := NUMBERED.match(name)))
     for _, name in numbered[:-keep]:
         os.remove(os.path.join(output_dir, name))
+
+
+def check_weights_fit(model: torch.nn.Module, weights: dict, source: str, hint: str):
+    """A UsageError in one line when `weights` (a state dict) do not fit `model` key for key and shape
+    for shape, as load_state_dict would demand: counts, an example, then `hint`; not the full key list."""
+    own = model.state_dict()
+    missing = [f"{name} (not in the file)" for name in own if name not in weights]
+    unknown = [f"{name} (not in the model)" for name in weights if name not in own]
+    misshapen = [f"{name} ({list(weights[name].shape)} in the file, {list(target.shape)} in the model)"
+                 for name, target in own.items() if name in weights and weights[name].shape != target.shape]
+    if missing or misshapen or unknown:
+        raise UsageError(f"{source} does not fit the model: {mismatch_summary(missing, misshapen, unknown)}; {hint}")
+
+
+def mismatch_summary(missing: list, misshapen: list, unknown: list) -> str:
+    """'12 missing, 3 misshapen weights, e.g. <the first misshapen one>': each list holds descriptions."""
+    kinds = (("misshapen", misshapen), ("missing", missing), ("unknown", unknown))
+    counts = ", ".join(f"{len(described)} {kind}" for kind, described in kinds if described)
+    example = next(described[0] for _, described in kinds if described)
+    return f"{counts} weights, e.g. {example}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,16 +312,34 @@ def load_weights_only(path: str):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def where(flag: str, path: str) -> str:
+    """How a message names a file: with the flag it was given with, if any."""
+    return f"{flag} {path}" if flag else path
+
+
 def read_checkpoint(path: str, flag: str = "--checkpoint") -> dict:
     """A checkpoint's contents, loaded weights-only; a missing or unreadable file is a one-line error
     that names the flag it was given with."""
     if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path}: file not found")
+        raise UsageError(f"{where(flag, path)}: file not found")
     try:
         return load_weights_only(path)
     except Exception as error:  # truncated, random bytes, a pickle with objects: all mean "not usable"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{flag} {path}: not a readable checkpoint ({reason[:200]})") from error
+        raise UsageError(f"{where(flag, path)}: not a readable checkpoint ({unreadable_reason(path, error)})"
+                         ) from error
+
+
+def unreadable_reason(path: str, error: Exception) -> str:
+    """Why torch.load failed, in a few words: torch's own messages run over lines of advice."""
+    if isinstance(error, OSError):  # the file system's failure, e.g. an input/output error
+        return error.strerror or str(error)
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+    # torch.save writes a zip archive (whose directory is at the end) or, before PyTorch 1.6, a pickle.
+    if not zipfile.is_zipfile(path) and start != b"\x80\x02":
+        return "not a whole PyTorch file: cut short, or another kind of file"
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return first_line.split(". ")[0][:200]
 
 
 def recorded_args(checkpoint) -> dict:
@@ -327,13 +395,15 @@ def _adapt(name: str, value: torch.Tensor, target: torch.Tensor):
     return None
 
 
-def load_pretrained(model: torch.nn.Module, path: str, allow_mismatch: bool = False) -> LoadReport:
+def load_pretrained(model: torch.nn.Module, path: str, allow_mismatch: bool = False,
+                    flag: str = "--finetune") -> LoadReport:
     """Initialises `model` from an MAE, timm-ViT, Painter or MVG checkpoint (weights only).
 
     Keys that fit load; the position embedding and rel-pos tables are resampled when their sizes
     differ; MAE's decoder and ViT-only tokens are skipped; MVG-only keys may be missing. Anything
-    else (an unknown key, a shape that cannot be adapted, a missing backbone key) raises a
-    ValueError naming the keys, unless `allow_mismatch`, which keeps those parameters initialised.
+    else (an unknown key, a shape that cannot be adapted, a missing backbone key) is a one-line
+    UsageError with counts and an example, after every such key is listed on stdout, unless
+    `allow_mismatch`, which keeps those parameters initialised.
     """
     state = strip_prefixes(state_dict_of(load_weights_only(path)))
     own = model.state_dict()
@@ -369,8 +439,13 @@ def load_pretrained(model: torch.nn.Module, path: str, allow_mismatch: bool = Fa
             else:
                 report.unexpected.append((name, "missing from the checkpoint"))
     if report.unexpected and not allow_mismatch:
-        raise ValueError(f"{path} does not fit the model ({len(report.unexpected)} keys; pass "
-                         "--allow_key_mismatch to keep those parameters initialised):\n"
-                         + "\n".join(f"  {name}: {why}" for name, why in report.unexpected))
+        print0(f"{path}: the weights that do not fit the model\n"
+               + "\n".join(f"  {name}: {why}" for name, why in report.unexpected))
+        missing = [f"{name} ({why})" for name, why in report.unexpected if name not in state]
+        unknown = [f"{name} ({why})" for name, why in report.unexpected if name not in own]
+        misshapen = [f"{name} ({why})" for name, why in report.unexpected if name in state and name in own]
+        raise UsageError(f"{where(flag, path)} does not fit the model: {mismatch_summary(missing, misshapen, unknown)}"
+                         f" (all {len(report.unexpected)} listed on stdout); pass --allow_key_mismatch to keep "
+                         "those parameters initialised")
     model.load_state_dict(to_load, strict=False)
     return report

@@ -1,12 +1,19 @@
-"""Distributed setup, rank-aware printing, metric smoothing and the index sharding of the loop."""
+"""Distributed setup, rank-aware printing, metric smoothing, the index sharding of the loop, and the
+data-loading processes' behaviour (they end with the trainer; their input errors reach it as one line)."""
+import ctypes
 import datetime
+import math
 import os
+import signal
 import sys
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import default_collate
+
+from util.cli import UsageError
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,6 +151,86 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 # ---------------------------------------------------------------------------------------------------
+# data-loading processes
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def end_with_trainer(trainer_pid: int, worker_id: int):
+    """DataLoader worker_init_fn (bind the trainer's pid with functools.partial): on Linux the worker
+    ends when the trainer does, even on kill -9, instead of lingering until PyTorch's watchdog notices
+    (seconds later); elsewhere only the Ctrl-C part applies. A Ctrl-C in a terminal reaches the whole
+    process group: the worker ignores it, as the trainer stops cleanly and needs its batches until then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not sys.platform.startswith("linux"):
+        return
+    # The kernel sends SIGKILL when the worker's parent dies: the trainer, or with the forkserver start
+    # method the server, which ends with the trainer. prctl cannot fail with these arguments.
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if not process_alive(trainer_pid):  # it died before prctl took effect: no signal will come
+        os._exit(0)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process runs (Linux). A killed process stays a zombie until its parent collects it, so
+    existing is not enough: /proc/<pid>/stat gives its state."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]  # the name in parentheses may hold spaces
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # zombie, dead
+
+
+@dataclass(frozen=True)
+class CarriedUsageError:
+    """A UsageError of a worker, handed to the trainer as data. Raised in a worker, it would arrive as
+    "Caught UsageError in DataLoader worker process 0" followed by the worker's whole traceback (PyTorch
+    re-raises it with that text as its message), while its one line is all the user needs."""
+    message: str
+
+
+class CarryUsageErrors(torch.utils.data.Dataset):
+    """The dataset as a DataLoader should see it: an item whose reading raises UsageError (e.g. a
+    damaged slice file) becomes a CarriedUsageError."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except UsageError as error:
+            return CarriedUsageError(str(error))
+
+
+def collate_carrying_errors(samples: list):
+    """DataLoader collate_fn: default_collate, or the first CarriedUsageError among the samples."""
+    carried = [sample for sample in samples if isinstance(sample, CarriedUsageError)]
+    return carried[0] if carried else default_collate(samples)
+
+
+class RaiseCarriedErrors:
+    """Iterates a DataLoader built with CarryUsageErrors and collate_carrying_errors; a carried error is
+    raised here, in the trainer, as the UsageError it was in the worker."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if isinstance(batch, CarriedUsageError):
+                raise UsageError(batch.message)
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------------
 # metrics
 
 
@@ -199,6 +286,58 @@ class MetricLogger:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             parts.append(f"max mem {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB")
         return "  ".join(parts)
+
+
+class EpochTotals:
+    """An epoch's statistics over all its steps, when several runs trained parts of it (a resume
+    mid-epoch): each average is kept with the number of steps it covers, and parts combine weighted by
+    those. Every checkpoint holds the totals of its epoch's steps so far (as_dict: a plain dict), so the
+    epoch's line in log.txt covers all of them, across kills and resumes.
+
+    A part comes from the statistics train_one_epoch returns (of_stats); `stats` gives the whole epoch in
+    the same layout.
+    """
+
+    # train_one_epoch's statistics that are not averages over steps.
+    NOT_AVERAGED = ("lr", "skipped_steps", "steps", "stop")
+
+    def __init__(self, steps: int = 0, skipped_steps: int = 0, means: dict = None):
+        self.steps = steps
+        self.skipped_steps = skipped_steps
+        self.means = {name: list(mean_and_steps) for name, mean_and_steps in (means or {}).items()}
+
+    @classmethod
+    def of_stats(cls, stats: dict) -> "EpochTotals":
+        steps = stats["steps"]
+        # A non-finite average (e.g. every step of the part had a NaN loss) would spoil the whole epoch's.
+        means = {name: [value, steps] for name, value in stats.items()
+                 if name not in cls.NOT_AVERAGED and math.isfinite(value)}
+        return cls(steps, stats["skipped_steps"], means)
+
+    def __add__(self, later: "EpochTotals") -> "EpochTotals":
+        means = {name: list(mean_and_steps) for name, mean_and_steps in self.means.items()}
+        for name, (mean, steps) in later.means.items():
+            if name not in means:  # taken as it is, bit for bit: a run without a resume logs what it did
+                means[name] = [mean, steps]
+                continue
+            earlier, earlier_steps = means[name]
+            total = earlier_steps + steps
+            means[name] = [earlier + (mean - earlier) * steps / total, total]
+        return EpochTotals(self.steps + later.steps, self.skipped_steps + later.skipped_steps, means)
+
+    def stats(self, latest: dict) -> dict:
+        """train_one_epoch's layout over all the steps; the lr and the stop flag are the latest part's."""
+        averages = {name: mean for name, (mean, _) in self.means.items()}
+        return {**averages, "lr": latest["lr"], "skipped_steps": self.skipped_steps, "steps": self.steps,
+                "stop": latest["stop"]}
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "means": self.means}
+
+    @classmethod
+    def from_dict(cls, saved) -> "EpochTotals":
+        """The totals a checkpoint holds; none (a checkpoint of an older version) start empty."""
+        return cls(**saved) if saved else cls()
 
 
 # ---------------------------------------------------------------------------------------------------
