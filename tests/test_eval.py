@@ -311,3 +311,20 @@ def test_evaluation_writes_are_atomic(prepared, tmp_path, monkeypatch, capsys):
     assert 'the disk is full' in capsys.readouterr().err
     assert (out / 'results.json').read_bytes() == earlier
     assert not [p for p in out.rglob('*.tmp')]
+
+
+def test_a_damaged_slice_is_one_error_line_naming_it(prepared, tmp_path, monkeypatch, capsys):
+    import shutil
+    damaged = tmp_path / 'damaged'
+    shutil.copytree(prepared, damaged)
+    dataset = PreparedDataset(str(damaged / 'ACDC'))
+    case = dataset.case_ids('test')[0]
+    broken = dataset.slice_path(dataset.input_folder, case, dataset.slice_indices(case)[0])
+    with open(broken, 'r+b') as handle:
+        handle.truncate(60)
+    monkeypatch.setattr(main_eval, 'load_checkpoint', stand_in_loader(CopyContextModel()))
+    assert main_eval.main(['--checkpoint', 'unused', '--data_path', str(damaged), '--output_dir',
+                           str(tmp_path / 'e'), '--tasks', 'segmentation']) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar's own line
+    assert error.startswith('error: ') and f'{broken}: not a readable PNG' in error
+    assert 'datasets.prepare verify' in error
