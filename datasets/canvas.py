@@ -22,7 +22,6 @@ Label encodings of segmentation targets:
     grey           class k drawn as grey level 10k (of 255), the authors' code; at most 25 classes
     binary         one class present in the query, drawn white, against everything else in black
 """
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from masking_generator import TASKS, MaskPolicy, sample_rng
 from util.cli import UsageError
 
-from .manifest import PreparedDataset, SlicePair, find_datasets, read_png
+from .manifest import PreparedDataset, SlicePair, find_datasets, read_json_object, read_png
 
 
 class MixtureError(UsageError, ValueError):
@@ -171,15 +170,7 @@ def load_mixture(path: str) -> Mixture:
 
     Relative paths are taken from the file's folder.
     """
-    try:
-        with open(path) as handle:
-            spec = json.load(handle)
-    except OSError as error:
-        raise MixtureError(f"--mixture {path}: cannot read ({error.strerror})") from error
-    except ValueError as error:
-        raise MixtureError(f"--mixture {path}: not valid JSON ({error})") from error
-    if not isinstance(spec, dict):
-        raise MixtureError(f"--mixture {path}: expected a JSON object with a 'datasets' list")
+    spec = read_json_object(path)
     known = set(MixtureEntry.__dataclass_fields__)
     entries = []
     for i, item in enumerate(spec.get("datasets", [])):
