@@ -52,6 +52,7 @@ from datasets.canvas import LABEL_ENCODINGS, resize_picture
 from datasets.manifest import PreparedDataset, find_datasets, read_png
 from inference import SCALES, Predictor, inference_palette, load_checkpoint
 from masking_generator import TASKS
+from models_mvg import ATTENTION_PATHS
 from util.cli import UsageError, run_main
 from util.files import atomic_output, path_below, writable_folder
 
@@ -99,6 +100,8 @@ def get_args_parser():
                         'checkpoints that record none)')
     p.add_argument('--force', action='store_true',
                    help='use --model/--input_size/--depth/--label_encoding even where they contradict the checkpoint')
+    p.add_argument('--attention', default='auto', choices=ATTENTION_PATHS,
+                   help='how attention adds the relative-position bias (all exact); auto: the fastest for the device')
     p.add_argument('--scale', default='training', choices=SCALES,
                    help='training: slices at the scale of the training crops, in overlapping windows; '
                         'fit: each slice resized whole to the canvas half (faster, objects smaller)')
@@ -533,10 +536,12 @@ def build_predictor(args, datasets) -> tuple:
     segments = any(d.task == 'segmentation' for d in datasets)
     model, settings = load_checkpoint(args.checkpoint, flags, args.force,
                                       required=('label_encoding',) if segments else ())
+    model.set_attention(args.attention)
     predictor = Predictor(model, device=args.device, precision=args.precision, batch_size=args.batch_size,
                           label_encoding=settings['label_encoding'] or LABEL_ENCODINGS[0],
                           num_prompts=args.num_prompts, ensemble=args.ensemble, seed=args.seed, scale=args.scale)
-    settings.update(scale=args.scale, context=args.context, num_prompts=args.num_prompts, ensemble=args.ensemble,
+    settings.update(scale=args.scale, attention=args.attention, context=args.context,
+                    num_prompts=args.num_prompts, ensemble=args.ensemble,
                     precision=args.precision, seed=args.seed)
     return predictor, settings
 

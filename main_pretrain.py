@@ -86,6 +86,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad_checkpointing", action=flag, default=False,
                    help="recompute block activations in the backward pass (less memory, ~30%% slower)")
     g.add_argument("--compile", action=flag, default=False, help="torch.compile the model")
+    g.add_argument("--attention", choices=models_mvg.ATTENTION_PATHS, default="auto",
+                   help="how attention adds the relative-position bias (all exact): 'auto' picks the fastest "
+                        "measured path for the device, dtype and grad mode (models_mvg.choose_attention)")
 
     g = p.add_argument_group("masking")
     g.add_argument("--num_mask_patches", type=int, default=256, help="tokens hidden by MIM block masking")
@@ -257,7 +260,9 @@ def build_model(args) -> torch.nn.Module:
         options["depth"] = args.depth
     if args.drop_path is not None:
         options["drop_path_rate"] = args.drop_path
-    return models_mvg.create_model(args.model, **options)
+    model = models_mvg.create_model(args.model, **options)
+    model.set_attention(args.attention)
+    return model
 
 
 def build_mixture(args) -> Mixture:

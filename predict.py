@@ -79,6 +79,7 @@ from datasets.readers import (DICOM_FILE_EXTENSIONS, PICTURE_EXTENSIONS, InputEr
                               read_volume)
 from datasets.manifest import slice_position
 from inference import PRECISIONS, SCALES, Predictor, load_checkpoint
+from models_mvg import ATTENTION_PATHS
 from util.cli import run_main
 from util.files import atomic_output
 
@@ -146,6 +147,9 @@ def get_args_parser():
     model.add_argument('--force', action='store_true',
                        help='use --model/--input_size/--depth/--label_encoding/--slice_size even where they '
                             'contradict the checkpoint')
+    model.add_argument('--attention', choices=ATTENTION_PATHS, default='auto',
+                       help='how attention adds the relative-position bias (all exact); auto: the fastest for '
+                            'the device')
     model.add_argument('--scale', choices=SCALES, default='training',
                        help='training: slices at the scale of the training crops, in overlapping windows; '
                             'fit: each slice resized whole to the canvas half (faster, objects smaller)')
@@ -435,6 +439,7 @@ def load_model_and_settings(args):
              'label_encoding': args.label_encoding, 'slice_size': args.slice_size}
     required = ('label_encoding',) if args.task == 'segmentation' else ()
     model, settings = load_checkpoint(args.checkpoint, flags, args.force, required=required)
+    model.set_attention(args.attention)
     args.label_encoding = settings['label_encoding'] or LABEL_ENCODINGS[0]
     args.slice_size = DEFAULT_SLICE_SIZE if settings['slice_size'] is None else settings['slice_size']
     return model

@@ -1,12 +1,14 @@
 """Model speed and memory: a full training step (forward, backward, AdamW) and an inference forward.
 
-Every combination of precision, attention path (fused scaled_dot_product_attention or eager) and
-activation checkpointing runs in its own subprocess, so peak memory is that configuration's alone.
-Prints a markdown table; --json writes the rows too.
+Each precision and activation-checkpointing setting runs in its own subprocess, in which the
+attention paths (models_mvg.ATTENTION_PATHS) take turns step by step (A B C A B C ...), so that a
+slow spell of a shared machine hits them all alike; medians are reported. Peak memory is the
+accelerator's peak per path, or on a CPU the peak resident memory of a separate one-step process per
+path (weights and imports included). Prints a markdown table; --json writes the rows too.
 
     python bench/bench_model.py --model mvg_vit_base_patch16 --input_size 448 224 --batch_size 2
-    python bench/bench_model.py --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 16 \
-        --device cuda --precision bf16 fp16 --attention fused eager --checkpointing off on
+    python bench/bench_model.py --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
+        --device cuda --precision bf16 --attention fused eager augmented flex --checkpointing off
 """
 import argparse
 import json
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models_mvg import MODELS, create_model  # noqa: E402
+from models_mvg import ATTENTION_PATHS, MODELS, choose_attention, create_model  # noqa: E402
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) for model FLOP utilisation; --peak_tflops overrides.
@@ -35,14 +37,17 @@ def parse_args(argv=None):
     p.add_argument('--batch_size', type=int, default=2)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--precision', nargs='+', default=['fp32', 'bf16'], choices=sorted(DTYPES))
-    p.add_argument('--attention', nargs='+', default=['fused', 'eager'], choices=['fused', 'eager'])
+    p.add_argument('--attention', nargs='+', default=['fused', 'eager', 'augmented'],
+                   choices=ATTENTION_PATHS,
+                   help="attention paths, timed in turns ('flex' on a CPU: forward only, no CPU backward)")
     p.add_argument('--checkpointing', nargs='+', default=['off', 'on'], choices=['off', 'on'])
-    p.add_argument('--warmup', type=int, default=2, help='untimed steps before timing')
-    p.add_argument('--steps', type=int, default=5, help='timed steps; the median is reported')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps per path before timing')
+    p.add_argument('--steps', type=int, default=5, help='timed steps per path; the median is reported')
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
     p.add_argument('--peak_tflops', type=float, default=0.0, help='accelerator peak for MFU (0: by name)')
     p.add_argument('--json', default='', help='also write the rows to this file')
-    p.add_argument('--one', default='', help=argparse.SUPPRESS)  # internal: one configuration
+    p.add_argument('--one', default='', help=argparse.SUPPRESS)  # internal: precision,checkpointing
+    p.add_argument('--memory_of', default='', help=argparse.SUPPRESS)  # internal: one path's memory
     return p.parse_args(argv)
 
 
@@ -51,74 +56,138 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, device, warmup, steps):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def trains_on(device, attention):
+    """PyTorch has no FlexAttention backward on the CPU."""
+    return not (attention == 'flex' and device.type == 'cpu')
 
 
 def forward_flops(model, imgs, tgts, mask):
-    """FLOPs of one forward as counted by torch's FlopCounterMode (matmuls, convs, attention)."""
+    """FLOPs of one forward as torch's FlopCounterMode counts them (matmuls, convs, attention), on
+    the eager path: the model's work, the same for every path, so MFU compares like with like."""
     from torch.utils.flop_counter import FlopCounterMode
+    attention = model.attention
+    model.set_attention('eager')
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(imgs, tgts, mask)
+    model.set_attention(attention)
     return counter.get_total_flops()
 
 
-def run_one(args, precision, attention, checkpointing):
-    device = torch.device(args.device)
+class Bench:
+    """One model, batch and optimizer; a training step and a forward on any attention path."""
+
+    def __init__(self, args, precision, checkpointing):
+        self.device = torch.device(args.device)
+        torch.manual_seed(0)
+        self.model = create_model(args.model, input_size=args.input_size).to(self.device)
+        self.model.set_grad_checkpointing(checkpointing == 'on')
+        n = args.batch_size
+        self.imgs = torch.randn(n, 3, *args.input_size, device=self.device)
+        self.tgts = torch.randn(n, 3, *args.input_size, device=self.device)
+        self.mask = self.model.ar_mask(n, device=self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=self.device.type == 'cuda')
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == 'fp16')
+        self.autocast = dict(device_type=self.device.type, dtype=DTYPES[precision], enabled=precision != 'fp32')
+
+    def train_step(self, attention):
+        self.model.set_attention(attention)
+        self.model.train()
+        with torch.autocast(**self.autocast):
+            loss, _, _ = self.model(self.imgs, self.tgts, self.mask)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def forward(self, attention):
+        self.model.set_attention(attention)
+        self.model.eval()
+        with torch.no_grad(), torch.autocast(**self.autocast):
+            self.model.predict(self.imgs, self.tgts)
+
+    def timed(self, step, attention):
+        """(seconds, accelerator peak bytes or None) of one call."""
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
+        synchronize(self.device)
+        start = time.perf_counter()
+        step(attention)
+        synchronize(self.device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == 'cuda' else None
+        return seconds, peak
+
+    def warms_up(self, step, attention, warmup):
+        """Runs the warm-up steps; False, with the error reported, where the path fails (say, a
+        kernel that does not compile on this device), so that the other paths still get timed."""
+        try:
+            for _ in range(warmup):
+                step(attention)
+        except Exception as error:  # noqa: BLE001 - any failure leaves just this path out
+            print(f'attention {attention}: {step.__name__} failed in the warm-up, left out: {error!r}',
+                  file=sys.stderr, flush=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        return True
+
+    def alternate(self, step, attentions, warmup, steps):
+        """Per path that runs: (every step's seconds, highest accelerator peak), the paths in turns."""
+        attentions = [a for a in attentions if self.warms_up(step, a, warmup)]
+        seconds = {a: [] for a in attentions}
+        peaks = {a: [] for a in attentions}
+        for _ in range(steps):
+            for attention in attentions:
+                s, peak = self.timed(step, attention)
+                seconds[attention].append(s)
+                peaks[attention].append(peak or 0)
+        return {a: (seconds[a], max(peaks[a])) for a in attentions}
+
+
+def run_one(args, precision, checkpointing):
+    """Rows for every attention path at one precision and checkpointing setting."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = create_model(args.model, input_size=args.input_size).to(device)
-    model.set_fused_attn(attention == 'fused')
-    model.set_grad_checkpointing(checkpointing == 'on')
+    bench = Bench(args, precision, checkpointing)
+    trainable = [a for a in args.attention if trains_on(bench.device, a)]
+    train = bench.alternate(bench.train_step, trainable, args.warmup, args.steps)
+    forward = bench.alternate(bench.forward, args.attention, args.warmup, args.steps)
+    with torch.autocast(**bench.autocast):
+        flops = forward_flops(bench.model, bench.imgs, bench.tgts, bench.mask)
     n = args.batch_size
-    imgs = torch.randn(n, 3, *args.input_size, device=device)
-    tgts = torch.randn(n, 3, *args.input_size, device=device)
-    mask = model.ar_mask(n, device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == 'cuda')
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
-    autocast = dict(device_type=device.type, dtype=DTYPES[precision], enabled=precision != 'fp32')
+    rows = []
+    for attention, (forward_times, _) in forward.items():
+        train_times, train_peak = train.get(attention, (None, None))
+        train_s = statistics.median(train_times) if train_times else None
+        forward_s = statistics.median(forward_times)
+        rows.append(dict(
+            model=args.model, input_size=list(args.input_size), batch_size=n,
+            device=device_name(bench.device), precision=precision, attention=attention,
+            resolved=resolved_label(bench.device, precision, attention), checkpointing=checkpointing,
+            train_step_s=train_s, forward_s=forward_s, forward_samples_per_s=n / forward_s,
+            train_samples_per_s=n / train_s if train_s else None,
+            train_step_times_s=train_times, forward_times_s=forward_times,
+            peak_memory_bytes=train_peak if bench.device.type == 'cuda' else None,
+            forward_flops_per_sample=flops / n))
+    return rows
 
-    def train_step():
-        with torch.autocast(**autocast):
-            loss, _, _ = model(imgs, tgts, mask)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
 
-    def forward():
-        with torch.no_grad(), torch.autocast(**autocast):
-            model.predict(imgs, tgts)
+def peak_resident_bytes(args, precision, attention, checkpointing, step):
+    """Peak resident memory of this process after one training step, or one forward for a path that
+    was not trained: weights, imports and that step's activations (KiB on Linux)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench = Bench(args, precision, checkpointing)
+    getattr(bench, step)(attention)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    model.train()
-    train_s = median_seconds(train_step, device, args.warmup, args.steps)
-    train_peak = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None
-    model.eval()
-    forward_s = median_seconds(forward, device, args.warmup, args.steps)
-    if device.type == 'cuda':
-        peak = train_peak
-    else:  # peak resident memory of this process (KiB on Linux), weights and imports included
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with torch.autocast(**autocast):
-        flops = forward_flops(model, imgs, tgts, mask)
-    return dict(model=args.model, input_size=list(args.input_size), batch_size=n, device=device_name(device),
-                precision=precision, attention=attention, checkpointing=checkpointing,
-                train_step_s=train_s, forward_s=forward_s, train_samples_per_s=n / train_s,
-                forward_samples_per_s=n / forward_s, peak_memory_bytes=peak,
-                forward_flops_per_sample=flops / n)
+
+def resolved_label(device, precision, attention):
+    if attention != 'auto':
+        return attention
+    dtype = DTYPES[precision]
+    train, forward = (choose_attention(device.type, dtype, needs_grad) for needs_grad in (True, False))
+    return f'auto: {train}' if train == forward else f'auto: {train} / {forward}'
 
 
 def device_name(device):
@@ -133,46 +202,66 @@ def peak_tflops(args, device_label):
     return next((v for k, v in PEAK_TFLOPS.items() if k in device_label), 0.0)
 
 
+def number(value, spec):
+    return '-' if value is None else format(value, spec)
+
+
 def format_table(rows, args):
     header = ('| precision | attention | act. ckpt | train step (s) | train samples/s | forward (s) | '
               'forward samples/s | peak memory (GiB) | train TFLOP/s | MFU |')
     lines = [header, '|' + '---|' * 10]
     for r in rows:
-        # Training costs about three forwards (forward, and backward at twice the forward).
-        train_tflops = 3 * r['forward_flops_per_sample'] * r['train_samples_per_s'] / 1e12
-        peak = peak_tflops(args, r['device'])
-        mfu = f'{100 * train_tflops / peak:.1f}%' if peak and r['precision'] != 'fp32' else '-'
-        lines.append(
-            f"| {r['precision']} | {r['attention']} | {r['checkpointing']} | {r['train_step_s']:.3f} | "
-            f"{r['train_samples_per_s']:.2f} | {r['forward_s']:.3f} | {r['forward_samples_per_s']:.2f} | "
-            f"{r['peak_memory_bytes'] / 2 ** 30:.2f} | {train_tflops:.2f} | {mfu} |")
+        train_tflops = mfu = None
+        if r['train_step_s'] is not None:
+            # Training costs about three forwards (forward, and backward at twice the forward).
+            train_tflops = 3 * r['forward_flops_per_sample'] * r['train_samples_per_s'] / 1e12
+            peak = peak_tflops(args, r['device'])
+            mfu = train_tflops / peak if peak and r['precision'] != 'fp32' else None
+        cells = (r['precision'], r['resolved'], r['checkpointing'], number(r['train_step_s'], '.3f'),
+                 number(r['train_samples_per_s'], '.2f'), f"{r['forward_s']:.3f}",
+                 f"{r['forward_samples_per_s']:.2f}", f"{r['peak_memory_bytes'] / 2 ** 30:.2f}",
+                 number(train_tflops, '.2f'), number(mfu, '.1%'))
+        lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+def subprocess_result(base, flag, config):
+    cmd = [sys.executable, __file__, *base, flag, config]
+    # stderr passes through: warnings and paths left out are shown as they happen.
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    if done.returncode:
+        sys.exit(f'{flag} {config} failed (exit status {done.returncode}; its error is above)')
+    print(f'done: {flag} {config}', file=sys.stderr, flush=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.one:
-        precision, attention, checkpointing = args.one.split(',')
-        print(json.dumps(run_one(args, precision, attention, checkpointing)))
+        print(json.dumps(run_one(args, *args.one.split(','))))
+        return
+    if args.memory_of:
+        print(json.dumps(peak_resident_bytes(args, *args.memory_of.split(','))))
         return
     if 'fp16' in args.precision and not args.device.startswith('cuda'):
         sys.exit('--precision fp16 needs --device cuda (CPU autocast supports bf16 only)')
     base = list(argv if argv is not None else sys.argv[1:])
     rows = []
     for precision in args.precision:
-        for attention in args.attention:
-            for checkpointing in args.checkpointing:
-                config = f'{precision},{attention},{checkpointing}'
-                cmd = [sys.executable, __file__, *base, '--one', config]
-                done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-                if done.returncode:
-                    sys.exit(f'configuration {config} failed:\n{done.stderr[-3000:]}')
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(f'done: {config}', file=sys.stderr, flush=True)
+        for checkpointing in args.checkpointing:
+            group = subprocess_result(base, '--one', f'{precision},{checkpointing}')
+            for row in group:
+                if row['peak_memory_bytes'] is None:  # a CPU: one process per path
+                    step = 'forward' if row['train_step_s'] is None else 'train_step'
+                    config = f"{precision},{row['attention']},{checkpointing},{step}"
+                    row['peak_memory_bytes'] = subprocess_result(base, '--memory_of', config)
+            rows += group
+    if not rows:
+        sys.exit('no attention path ran (the reasons are above)')
     first = rows[0]
     print(f"{first['model']}, input {first['input_size'][0]}x{first['input_size'][1]}, batch {first['batch_size']}, "
           f"{first['device']}, forward {first['forward_flops_per_sample'] / 1e9:.1f} GFLOP/sample, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+          f"median of {args.steps} steps per path after {args.warmup} warm-up, paths in turns")
     print(format_table(rows, args))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

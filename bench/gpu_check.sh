@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check in about eight minutes: the CUDA paths the CPU tests cannot reach, and the figures
+# One GPU check in about nine minutes: the CUDA paths the CPU tests cannot reach, and the figures
 # bench/README.md asks for. Each stage has its own time limit, so one that hangs does not take the
 # others with it; everything is also written to $LOG.
 #
@@ -7,8 +7,10 @@
 #
 # Stages:
 #   1. the device, torch and CUDA versions
-#   2. bench_model.py: ViT-L at 896x448, batch 8, bf16 and fp16, fused and eager attention,
-#      activation checkpointing on and off (samples/s, memory, MFU)
+#   2. the attention paths (models_mvg.ATTENTION_PATHS): tests/test_attention.py's CUDA tests
+#      (augmented and flex against eager with gradients, augmented in bf16 on a fused kernel), then
+#      bench_model.py, ViT-L at 896x448, batch 8, bf16: fused, eager, augmented and flex in turns
+#      (step time, MFU, peak memory), and 'auto' with activation checkpointing
 #   3. main_pretrain.py under torchrun with nccl: fp16 with the grad scaler, checkpoints every 10
 #      steps in the background, then --auto_resume to step 30
 #   4. main_pretrain.py with --compile, bf16 (ViT-B, so that compiling fits the budget)
@@ -54,11 +56,13 @@ TRAIN=(--data_path "$DATA" --input_size 896 448 --batch_size 8 --num_workers 8 -
        --num_mask_patches 256 --max_mask_patches_per_block 128 --min_mask_patches_per_block 16 --print_freq 5
        --vis_every_steps 0 --save_every_epochs 0)
 
-stage "2. model step, ViT-L 896x448 batch 8"
-run 200 $PY bench/bench_model.py --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
-    --device cuda --precision bf16 fp16 --attention fused eager --checkpointing off --steps 5 --warmup 2
+stage "2. attention paths; model step, ViT-L 896x448 batch 8"
+run 90 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py -k cuda
+# flex compiles its kernels in the warm-up; a path that fails there is left out, the others timed.
+run 240 $PY bench/bench_model.py --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
+    --device cuda --precision bf16 --attention fused eager augmented flex --checkpointing off --steps 5 --warmup 2
 run 90 $PY bench/bench_model.py --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
-    --device cuda --precision bf16 --attention fused --checkpointing on --steps 5 --warmup 2
+    --device cuda --precision bf16 --attention auto --checkpointing on --steps 5 --warmup 2
 
 stage "3. torchrun + nccl, fp16 grad scaler, background checkpoints, resume"
 run 150 torchrun --nproc_per_node=1 --master_port 29533 main_pretrain.py --model mvg_vit_large_patch16 \
