@@ -56,16 +56,22 @@ def cut_short(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def run_with_a_cut_short_last_checkpoint(tmp_path, toy, capsys, steps: int) -> bytes:
+    """Trains `steps` steps, cuts checkpoint-last.pth short; returns its damaged bytes."""
+    train(tmp_path, toy, "--epochs", "2", "--stop_after_steps", str(steps))
+    last = tmp_path / checkpoint.LAST
+    cut_short(last)
+    capsys.readouterr()
+    return last.read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------------
 # checkpoints that do not load
 
 
 def test_auto_resume_falls_back_to_a_readable_checkpoint_and_keeps_the_unreadable_one(tmp_path, toy, capsys):
-    train(tmp_path, toy, "--epochs", "2", "--stop_after_steps", "6")
+    damaged = run_with_a_cut_short_last_checkpoint(tmp_path, toy, capsys, steps=6)
     last = tmp_path / checkpoint.LAST
-    cut_short(last)
-    damaged = last.read_bytes()
-    capsys.readouterr()
     train(tmp_path, toy, "--epochs", "2", "--auto_resume")
     captured = capsys.readouterr()
     assert "resumed from" in captured.out and "checkpoint-0.pth" in captured.out
@@ -106,11 +112,7 @@ def test_auto_resume_stops_and_changes_nothing_when_no_checkpoint_loads(problem,
 
 
 def test_start_over_if_unreadable_trains_from_step_0_and_keeps_the_file(tmp_path, toy, capsys):
-    train(tmp_path, toy, "--epochs", "2", "--stop_after_steps", "2")
-    last = tmp_path / checkpoint.LAST
-    cut_short(last)
-    damaged = last.read_bytes()
-    capsys.readouterr()
+    damaged = run_with_a_cut_short_last_checkpoint(tmp_path, toy, capsys, steps=2)
     progress = train(tmp_path, toy, "--epochs", "1", "--auto_resume", "--start_over_if_unreadable")
     err = capsys.readouterr().err
     assert progress.global_step == 4 and "training from step 0" in err
