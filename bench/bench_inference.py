@@ -5,6 +5,9 @@ the size of prepared slices; the model has random weights (speed does not depend
 
     python bench/bench_inference.py --models mvg_vit_tiny_patch16 mvg_vit_base_patch16 --slices 8
     python bench/bench_inference.py --models mvg_vit_large_patch16 --device cuda --precision bf16 --slices 256
+
+Each model runs at every --scale given (training: overlapping windows at the training-crop scale, four
+per 512 slice on 448 halves; fit: the slice resized whole), timed one after the other.
 """
 import argparse
 import sys
@@ -17,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.mni_demo import load_template, tissue_labels  # noqa: E402
-from inference import Predictor  # noqa: E402
+from inference import SCALES, Predictor  # noqa: E402
 from models_mvg import MODELS, create_model  # noqa: E402
 
 
@@ -30,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument('--num_prompts', type=int, default=1)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--scale', nargs='+', default=list(SCALES), choices=SCALES)
     return p.parse_args(argv)
 
 
@@ -53,20 +57,27 @@ def main(argv=None):
     queries = [image for image, _ in pairs[args.num_prompts:]]
     print(f'{args.slices} query slices of 512x512, canvas {args.input_size[0]}x{args.input_size[1]}, '
           f'{args.num_prompts} prompt(s), batch {args.batch_size}, {args.device}, {args.precision}')
-    print('| model | slices/s | ms per slice |')
-    print('|---|---|---|')
+    print('| model | scale | slices/s | ms per slice |')
+    print('|---|---|---|---|')
     for name in args.models:
-        predictor = Predictor(create_model(name, input_size=args.input_size), device=args.device,
-                              precision=args.precision, batch_size=args.batch_size, num_prompts=args.num_prompts)
-        predictor.segment(contexts, queries[:args.batch_size])  # warm-up
-        if args.device.startswith('cuda'):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        predictor.segment(contexts, queries)
-        if args.device.startswith('cuda'):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        print(f'| {name} | {args.slices / seconds:.2f} | {1000 * seconds / args.slices:.0f} |')
+        model = create_model(name, input_size=args.input_size)
+        for scale in args.scale:
+            predictor = Predictor(model, device=args.device, precision=args.precision, batch_size=args.batch_size,
+                                  num_prompts=args.num_prompts, scale=scale)
+            seconds = time_segmentation(predictor, contexts, queries, args)
+            print(f'| {name} | {scale} | {args.slices / seconds:.2f} | {1000 * seconds / args.slices:.0f} |')
+
+
+def time_segmentation(predictor, contexts, queries, args) -> float:
+    """Seconds to segment every query, after a warm-up batch."""
+    predictor.segment(contexts, queries[:args.batch_size])
+    if args.device.startswith('cuda'):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    predictor.segment(contexts, queries)
+    if args.device.startswith('cuda'):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 if __name__ == '__main__':
