@@ -32,9 +32,10 @@ import torch.nn.functional as F
 
 from datasets.canvas import (
     LABEL_ENCODINGS, MAX_GREY_CLASS, denormalise, random_palette, resize_picture, to_normalised_tensor,
+    training_scale_size,
 )
 from models_mvg import MODELS, MVG, create_model
-from util.checkpoint import read_checkpoint, state_dict_of, strip_prefixes
+from util.checkpoint import check_weights_fit, read_checkpoint, state_dict_of, strip_prefixes
 from util.cli import UsageError
 from util.record import recorded_settings, resolve_settings
 
@@ -56,16 +57,8 @@ def model_from_state(state: dict, where: str, model_name: str, input_size: Seque
     if model_name not in MODELS:
         raise UsageError(f"--model {model_name}: unknown; choose one of {sorted(MODELS)}")
     model = create_model(model_name, input_size=tuple(input_size), **({'depth': depth} if depth else {}))
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    misshapen = [k for k in own if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or misshapen:
-        example = (missing or unexpected or misshapen)[0]
-        raise UsageError(f"{where} does not fit {model_name} with {len(model.blocks)} blocks on a "
-                         f"{input_size[0]}x{input_size[1]} canvas: {len(missing)} missing, {len(unexpected)} "
-                         f"unexpected and {len(misshapen)} misshapen weights (e.g. {example}); check --model, "
-                         f"--depth and --input_size")
+    check_weights_fit(model, weights, where, "check --model, --depth and --input_size",
+                      target=f"{model_name} with {len(model.blocks)} blocks on a {input_size[0]}x{input_size[1]} canvas")
     model.load_state_dict(weights)
     return model
 
@@ -131,16 +124,6 @@ def nearest_colour(picture: np.ndarray, colours: np.ndarray) -> np.ndarray:
 
 
 SCALES = ('training', 'fit')
-
-
-def training_scale_size(shape: Sequence[int], crop: Sequence[int]) -> Tuple[int, int]:
-    """The size of a slice at the scale of the training crops: its own, or enlarged just enough for a
-    crop to fit, as datasets.canvas.Augment does without scale jitter."""
-    rows, cols = shape
-    scale = max(1.0, crop[0] / rows, crop[1] / cols)
-    if scale == 1.0:
-        return rows, cols
-    return max(crop[0], int(round(rows * scale))), max(crop[1], int(round(cols * scale)))
 
 
 def window_starts(length: int, window: int) -> List[int]:

@@ -26,7 +26,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -42,7 +41,7 @@ from engine_pretrain import DTYPES, Progress, train_one_epoch
 from masking_generator import MaskPolicy
 from util import checkpoint, misc
 from util.cli import UsageError, run_main
-from util.files import atomic_output, describe_os_error
+from util.files import atomic_output, writable_folder
 from util.record import (
     SETTING_FLAGS, CanvasRecord, DatasetRecord, RecordedSettings, common_slice_size, recorded_settings,
     resolve_settings,
@@ -212,7 +211,8 @@ def resolve_model_settings(args):
     records (a contradiction needs --force), else the defaults. Resuming uses the same command line."""
     recorded = RecordedSettings(dict.fromkeys(SETTING_FLAGS), "nothing")
     if args.finetune:
-        recorded = recorded_settings(checkpoint.read_checkpoint(args.finetune, '--finetune'), args.finetune)
+        # Mapped, not read: only its record is wanted here; load_pretrained reads the weights once.
+        recorded = recorded_settings(checkpoint.read_checkpoint(args.finetune, '--finetune', mmap=True), args.finetune)
     flags = {name: getattr(args, name) for name in ("model", "input_size", "depth", "label_encoding")}
     resolved = resolve_settings(flags, recorded, args.finetune, args.force, defaults=DEFAULTS)
     if resolved["model"] not in models_mvg.MODELS:
@@ -363,21 +363,6 @@ def snapshot(src: str, dst: str):
     os.replace(tmp, dst)
 
 
-def check_writable(folder: str):
-    """Creates the folder and writes and removes a file there: a read-only or full folder then stops the
-    run before anything is built, not at its first checkpoint, minutes or hours later."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        descriptor, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-        try:
-            os.write(descriptor, b"probe")
-        finally:
-            os.close(descriptor)
-            os.remove(probe)
-    except OSError as error:
-        raise UsageError(f"--output_dir {folder}: cannot write there ({describe_os_error(error)})") from error
-
-
 def choose_checkpoint(args):
     """--auto_resume, on rank 0: (path, state) of the newest checkpoint in --output_dir that loads, or
     (None, None). The newer ones that do not load are set aside, never overwritten; when none loads, the
@@ -399,7 +384,7 @@ def prepare_output_dir(args):
     """Rank 0, before anything is built: --output_dir exists and is writable, the checkpoint to continue
     from is chosen (--auto_resume), then leftovers of interrupted writes are removed. Returns (path,
     state) of that checkpoint, or (None, None)."""
-    check_writable(args.output_dir)
+    writable_folder(args.output_dir, "--output_dir")  # before anything is built, not at the first checkpoint
     path, state = choose_checkpoint(args) if args.auto_resume and not args.resume else (None, None)
     for leftover in checkpoint.remove_partial_writes(args.output_dir):
         misc.print0(f"removed {leftover}, a checkpoint write that an earlier run did not finish")

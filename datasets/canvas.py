@@ -263,6 +263,17 @@ def resize_picture(array: np.ndarray, size: Tuple[int, int], is_label: bool) -> 
     return np.asarray(Image.fromarray(array).resize((size[1], size[0]), resample=resample))
 
 
+def training_scale_size(shape: Sequence[int], crop: Sequence[int], scale: float = 1.0) -> Tuple[int, int]:
+    """The size a (rows, cols) slice is brought to before a crop of `crop` is cut from it: scaled by
+    `scale`, and at least enough on both sides for the crop to fit. Training (Augment) and inference at
+    the training scale (inference.Predictor) share it, so both see objects at the same size."""
+    rows, cols = shape
+    scale = max(scale, crop[0] / rows, crop[1] / cols)
+    if scale == 1.0:
+        return rows, cols
+    return max(crop[0], int(round(rows * scale))), max(crop[1], int(round(cols * scale)))
+
+
 @dataclass
 class Augment:
     """Geometric augmentation, the same for the image and target of a pair.
@@ -277,14 +288,10 @@ class Augment:
     vflip: float = 0.0
 
     def __call__(self, image: np.ndarray, target: np.ndarray, target_is_label: bool, rng: np.random.Generator):
-        rows, cols = image.shape[:2]
         scale = 1.0 + rng.uniform(-self.scale_jitter, self.scale_jitter) if self.scale_jitter else 1.0
-        # At least the crop size on both sides, so a crop always fits.
-        scale = max(scale, self.crop_size[0] / rows, self.crop_size[1] / cols)
-        if scale != 1.0:
-            size = (max(self.crop_size[0], int(round(rows * scale))), max(self.crop_size[1], int(round(cols * scale))))
-            image = resize_picture(image, size, is_label=False)
-            target = resize_picture(target, size, is_label=target_is_label)
+        size = training_scale_size(image.shape[:2], self.crop_size, scale)
+        image = resize_picture(image, size, is_label=False)
+        target = resize_picture(target, size, is_label=target_is_label)
         top = int(rng.integers(0, image.shape[0] - self.crop_size[0] + 1))
         left = int(rng.integers(0, image.shape[1] - self.crop_size[1] + 1))
         window = (slice(top, top + self.crop_size[0]), slice(left, left + self.crop_size[1]))

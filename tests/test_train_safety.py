@@ -85,10 +85,10 @@ def read_error_on(monkeypatch, name):
     """Reading `name` fails as a flaky network file system would."""
     original = checkpoint.load_weights_only
 
-    def flaky(path):
+    def flaky(path, *args, **kwargs):
         if os.path.basename(path) == name:
             raise OSError(errno.EIO, "Input/output error")
-        return original(path)
+        return original(path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "load_weights_only", flaky)
 

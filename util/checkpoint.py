@@ -247,16 +247,17 @@ def prune_numbered(output_dir: str, keep: int):
         os.remove(os.path.join(output_dir, name))
 
 
-def check_weights_fit(model: torch.nn.Module, weights: dict, source: str, hint: str):
+def check_weights_fit(model: torch.nn.Module, weights: dict, source: str, hint: str, target: str = "the model"):
     """A UsageError in one line when `weights` (a state dict) do not fit `model` key for key and shape
-    for shape, as load_state_dict would demand: counts, an example, then `hint`; not the full key list."""
+    for shape, as load_state_dict would demand: counts, an example, then `hint`; not the full key list.
+    `target` names the model in the message."""
     own = model.state_dict()
     missing = [f"{name} (not in the file)" for name in own if name not in weights]
     unknown = [f"{name} (not in the model)" for name in weights if name not in own]
     misshapen = [f"{name} ({list(weights[name].shape)} in the file, {list(target.shape)} in the model)"
                  for name, target in own.items() if name in weights and weights[name].shape != target.shape]
     if missing or misshapen or unknown:
-        raise UsageError(f"{source} does not fit the model: {mismatch_summary(missing, misshapen, unknown)}; {hint}")
+        raise UsageError(f"{source} does not fit {target}: {mismatch_summary(missing, misshapen, unknown)}; {hint}")
 
 
 def mismatch_summary(missing: list, misshapen: list, unknown: list) -> str:
@@ -305,11 +306,13 @@ class LoadReport:
                 + ("; ".join(f"{k} ({why})" for k, why in self.unexpected) or "-"))
 
 
-def load_weights_only(path: str):
+def load_weights_only(path: str, mmap: bool = False):
     """torch.load(weights_only=True), also accepting the argparse.Namespace that MAE's and the
-    authors' training checkpoints pickle next to the weights (only that class is allowed)."""
+    authors' training checkpoints pickle next to the weights (only that class is allowed). mmap: map
+    the tensors instead of reading them, for a look at the other entries of a large file (only
+    torch.save's zip format can be mapped; older files are read whole)."""
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
 
 
 def where(flag: str, path: str) -> str:
@@ -317,13 +320,13 @@ def where(flag: str, path: str) -> str:
     return f"{flag} {path}" if flag else path
 
 
-def read_checkpoint(path: str, flag: str = "--checkpoint") -> dict:
-    """A checkpoint's contents, loaded weights-only; a missing or unreadable file is a one-line error
-    that names the flag it was given with."""
+def read_checkpoint(path: str, flag: str = "--checkpoint", mmap: bool = False) -> dict:
+    """A checkpoint's contents, loaded weights-only (mmap: see load_weights_only); a missing or
+    unreadable file is a one-line error that names the flag it was given with."""
     if not os.path.isfile(path):
         raise UsageError(f"{where(flag, path)}: file not found")
     try:
-        return load_weights_only(path)
+        return load_weights_only(path, mmap)
     except Exception as error:  # truncated, random bytes, a pickle with objects: all mean "not usable"
         raise UsageError(f"{where(flag, path)}: not a readable checkpoint ({unreadable_reason(path, error)})"
                          ) from error

@@ -74,8 +74,12 @@ def writable_folder(path: str, flag: str) -> str:
     read-only or full output folder is reported before any work, naming the flag."""
     try:
         os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        descriptor, probe = tempfile.mkstemp(prefix='.write-test-', dir=path)
+        try:
+            os.write(descriptor, b'probe')
+        finally:
+            os.close(descriptor)
+            os.remove(probe)
     except OSError as error:
         raise UsageError(f"{flag} {path}: cannot write there ({describe_os_error(error)})") from error
     return path
