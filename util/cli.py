@@ -2,8 +2,13 @@
 
 Every entry point's main runs through `run_main`: a UsageError (a problem with the user's input: a
 flag, a file, a folder) is printed as one line, `error: <message>`, on stderr, and the process exits
-with status 2, argparse's own status for a bad command line, without a traceback. Any other exception
-is a bug and keeps its traceback.
+with status 2, argparse's own status for a bad command line, without a traceback. Parsers are made
+with `ArgumentParser`, whose errors (an unknown flag, a bad choice) take that same path. Any other
+exception is a bug and keeps its traceback.
+
+Output goes through `log` (progress and results, stdout) and `warn` (`warning: ...`, stderr), both
+flushed, as logs of cluster jobs are read while they run; in a distributed run only rank 0 speaks
+(`set_rank`).
 
     sys.exit(run_main(main))                  in an entry point
     python -m util.cli finished OUTPUT_DIR    prints 'finished' or 'unfinished' (scripts/train_slurm.sh)
@@ -22,6 +27,34 @@ LAST_CHECKPOINT = "checkpoint-last.pth"  # util.checkpoint.LAST; that module imp
 class UsageError(Exception):
     """A problem with the user's input, flag or file; the message names the flag or path and says
     what is wrong, in one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors raised as UsageError, so they leave through run_main like any other."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+_speaks = True  # False on ranks other than 0 of a distributed run
+
+
+def set_rank(rank: int):
+    """Only rank 0 logs and warns; the others would repeat it world-size times."""
+    global _speaks
+    _speaks = rank == 0
+
+
+def log(message: str = ""):
+    """Progress and results, on stdout."""
+    if _speaks:
+        print(message, flush=True)
+
+
+def warn(message: str):
+    """Something the user should know that does not stop the run, on stderr."""
+    if _speaks:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def run_main(main_function, argv=None) -> int:
@@ -96,7 +129,7 @@ def run_is_finished(output_dir: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m util.cli", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m util.cli", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     finished = commands.add_parser(
         "finished", help="print 'finished' or 'unfinished': has the training run in OUTPUT_DIR done all "
@@ -107,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    print("finished" if run_is_finished(args.output_dir) else "unfinished")
+    log("finished" if run_is_finished(args.output_dir) else "unfinished")
     return 0
 
 
