@@ -7,16 +7,17 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
-from datasets.canvas import denormalise
-from masking_generator import TASKS
 from models_mvg import LOSS_WEIGHT_EPS
+from pixels import denormalise
+from tasks import TASK_NAMES
+from util.cli import log, warn
 from util.lr_sched import set_lr
-from util.misc import MetricLogger, all_reduce_sum, print0, warn0
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from util.misc import MetricLogger, all_reduce_sum
+from util.runtime import autocast
 
 
 @dataclass
@@ -54,7 +55,7 @@ class GroupedLoss:
     collecting them costs no synchronisation per step."""
 
     def __init__(self, num_datasets: int, device):
-        self.sums = torch.zeros(2, max(len(TASKS), num_datasets), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(2, max(len(TASK_NAMES), num_datasets), dtype=torch.float64, device=device)
         self.counts = torch.zeros_like(self.sums)
 
     def add(self, losses, counted, tasks, datasets):
@@ -69,7 +70,7 @@ class GroupedLoss:
         self.sums.zero_()
         self.counts.zero_()
         means = {}
-        for row, (prefix, names) in enumerate((("loss_task", TASKS), ("loss_dataset", dataset_names))):
+        for row, (prefix, names) in enumerate((("loss_task", TASK_NAMES), ("loss_dataset", dataset_names))):
             for i, name in enumerate(names):
                 if both[1][row][i] > 0:
                     means[f"{prefix}/{name}"] = both[0][row][i] / both[1][row][i]
@@ -89,6 +90,10 @@ def visual_grid(model, batch, pred, mask, rows: int = 4) -> torch.Tensor:
     prediction = pictures(model.unpatchify(pred[:rows].detach().float()))
     panels = torch.cat([imgs, masked, prediction, tgts], dim=3)  # side by side
     return torch.cat(list(panels), dim=1)  # samples stacked top to bottom
+
+
+# ---------------------------------------------------------------------------------------------------
+# one step
 
 
 def fetch_step(batches, accum: int, device):
@@ -172,22 +177,109 @@ def skip_reason(weightless: bool, loss: float, grad_norm: float) -> str:
     return f"non-finite loss {loss} or grad norm {grad_norm}"
 
 
-def log_window(metrics, grouped, epoch_groups, progress, steps_per_epoch, global_batch, dataset_names,
-               writer):
-    """The progress line and TensorBoard scalars for the steps since the last call."""
-    window = grouped.collect(dataset_names)
-    for name, value in window.items():
-        total = epoch_groups.setdefault(name, [0.0, 0])
-        total[0] += value
-        total[1] += 1
-    print0(metrics.progress_line(f"Epoch [{progress.epoch}]", progress.step_in_epoch, steps_per_epoch,
-                                 global_batch, progress.skipped_steps))
-    if writer is not None:
-        meters = metrics.meters
-        writer.scalars({"loss": meters["loss"].avg, "lr": meters["lr"].value, "grad_norm": meters["grad_norm"].avg,
-                        "samples_per_s": global_batch / meters["step_time"].avg,
-                        "data_time": meters["data_time"].avg, "skipped_steps": progress.skipped_steps,
-                        **window}, progress.global_step)
+class StepResult(NamedTuple):
+    loss: float        # the weighted mean over the global batch; NaN for a batch without weight
+    grad_norm: float
+    data_time: float   # seconds spent waiting for the step's batches
+    signalled: bool    # some rank was asked to stop
+    shown: tuple       # the last micro-batch, its prediction and its mask, for pictures
+
+
+class OptimisationStep:
+    """One optimizer step of the loop: forward and backward over the step's micro-batches, then the
+    update, or its skip when the loss or gradient is not finite or the global batch has no weight;
+    every rank takes the same decision."""
+
+    def __init__(self, model, optimizer, scaler, args, world_size: int):
+        self.model = model
+        mvg = unwrap(model)
+        self.parameters = [p for p in mvg.parameters() if p.requires_grad]
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.autocast = autocast(next(mvg.parameters()).device, args.precision)
+        self.accum = args.accum_iter
+        self.clip_grad = args.clip_grad
+        self.world_size = world_size
+
+    def __call__(self, batches, lr: float, progress: Progress, grouped: GroupedLoss, stop_requested) -> StepResult:
+        set_lr(self.optimizer, lr)
+        loss, weight, data_time, shown = forward_backward(self.model, batches, self.scaler, self.autocast,
+                                                          self.accum, grouped, self.world_size)
+        grad_norm = gradient_norm(self.scaler, self.optimizer, self.parameters, self.clip_grad)
+        loss, grad_norm, signalled = agree_across_ranks(loss, grad_norm, stop_requested(), self.world_size)
+        weightless = weight.item() == 0  # read once agree_across_ranks has waited for the device anyway
+        if weightless:
+            loss = math.nan  # a mean over no weight: nothing to log, nothing to learn
+
+        # A non-finite loss or gradient, or a global batch without weight, leaves the weights and
+        # optimizer state untouched (momentum and weight decay would move them even without gradient).
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.scaler.step(self.optimizer)
+            progress.consecutive_skips = 0
+        else:
+            progress.skipped_steps += 1
+            progress.consecutive_skips += 1
+            warn(f"step {progress.global_step}: {skip_reason(weightless, loss, grad_norm)}; update "
+                 f"skipped ({progress.consecutive_skips} in a row, {progress.skipped_steps} in all)")
+        self.scaler.update()  # with fp16, an overflow lowers the loss scale
+        self.optimizer.zero_grad(set_to_none=True)
+        progress.global_step += 1
+        progress.step_in_epoch += 1
+        return StepResult(loss, grad_norm, data_time, signalled, shown)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the epoch's measurements
+
+
+class EpochRecord:
+    """What an epoch has measured so far: smoothed step metrics, the per-task and per-dataset losses
+    of the current logging window, and the means of the windows logged so far."""
+
+    def __init__(self, window: int, dataset_names, device, global_batch: int, skipped_before: int):
+        self.metrics = MetricLogger(window=window)
+        self.grouped = GroupedLoss(len(dataset_names), device)
+        self.dataset_names = dataset_names
+        self.window_means = {}  # name -> [sum of window means, windows], for the epoch's per-task losses
+        self.global_batch = global_batch
+        self.skipped_before = skipped_before  # the run's skipped steps when the epoch (part) began
+
+    def add_step(self, step_time: float, result: StepResult, lr: float):
+        self.metrics.update(step_time=step_time, data_time=result.data_time, lr=lr)
+        self.metrics.update(**{name: value for name, value in (("loss", result.loss), ("grad_norm", result.grad_norm))
+                               if math.isfinite(value)})
+
+    def log_window(self, progress: Progress, steps_per_epoch: int, writer):
+        """The progress line and TensorBoard scalars for the steps since the last call."""
+        window = self.grouped.collect(self.dataset_names)
+        for name, value in window.items():
+            total = self.window_means.setdefault(name, [0.0, 0])
+            total[0] += value
+            total[1] += 1
+        log(self.metrics.progress_line(f"Epoch [{progress.epoch}]", progress.step_in_epoch, steps_per_epoch,
+                                       self.global_batch, progress.skipped_steps))
+        if writer is not None:
+            meters = self.metrics.meters
+            writer.scalars({"loss": meters["loss"].avg, "lr": meters["lr"].value,
+                            "grad_norm": meters["grad_norm"].avg,
+                            "samples_per_s": self.global_batch / meters["step_time"].avg,
+                            "data_time": meters["data_time"].avg, "skipped_steps": progress.skipped_steps,
+                            **window}, progress.global_step)
+
+    def stats(self, progress: Progress, stop: bool) -> dict:
+        """The averages over the epoch's steps trained so far, as train_one_epoch returns them."""
+        stats = self.metrics.averages()
+        stats.update({name: total / count for name, (total, count) in self.window_means.items()})
+        stats["lr"] = self.metrics.meters["lr"].value
+        stats["samples_per_s"] = self.global_batch / stats.pop("step_time")
+        stats["skipped_steps"] = progress.skipped_steps - self.skipped_before
+        stats["steps"] = self.metrics.meters["step_time"].count
+        stats["stop"] = stop
+        return stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# the epoch
 
 
 def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, lr_schedule,
@@ -197,6 +289,7 @@ def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, 
     model            the (possibly DDP- and compile-wrapped) model
     loader           yields len(loader) micro-batches, a multiple of args.accum_iter, starting at
                      progress.step_in_epoch of the epoch
+    args             main_pretrain's arguments, args.precision resolved (util.runtime.resolve_precision)
     lr_schedule      global step -> lr
     writer           rank 0's RunLogger, or None
     save_last        collective callable writing checkpoint-last.pth, given the statistics of the
@@ -207,91 +300,51 @@ def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, 
     """
     model.train()
     mvg = unwrap(model)
-    parameters = [p for p in mvg.parameters() if p.requires_grad]
-    autocast = torch.autocast(next(mvg.parameters()).device.type, dtype=DTYPES[args.precision],
-                              enabled=args.precision != "fp32")
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    global_batch = args.batch_size * args.accum_iter * world_size
     steps = len(loader) // args.accum_iter
     steps_per_epoch = progress.step_in_epoch + steps
-
-    metrics = MetricLogger(window=args.print_freq)
-    grouped = GroupedLoss(len(dataset_names), next(mvg.parameters()).device)
-    epoch_groups = {}  # name -> [sum of window means, windows], for the epoch's per-task losses
-    skipped_before = progress.skipped_steps
+    record = EpochRecord(args.print_freq, dataset_names, next(mvg.parameters()).device,
+                         args.batch_size * args.accum_iter * world_size, progress.skipped_steps)
+    optimisation_step = OptimisationStep(model, optimizer, scaler, args, world_size)
     batches = iter(loader)
     step_start = time.perf_counter()
     stop = False
-
     for _ in range(steps):
         lr = lr_schedule(progress.global_step)
-        set_lr(optimizer, lr)
-        loss, weight, data_time, (batch, pred, mask) = forward_backward(
-            model, batches, scaler, autocast, args.accum_iter, grouped, world_size)
-        grad_norm = gradient_norm(scaler, optimizer, parameters, args.clip_grad)
-        loss, grad_norm, signalled = agree_across_ranks(loss, grad_norm, stop_requested(), world_size)
-        weightless = weight.item() == 0  # read once agree_across_ranks has waited for the device anyway
-        if weightless:
-            loss = math.nan  # a mean over no weight: nothing to log, nothing to learn
-
-        # A non-finite loss or gradient, or a global batch without weight, leaves the weights and
-        # optimizer state untouched (momentum and weight decay would move them even without gradient).
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            scaler.step(optimizer)
-            progress.consecutive_skips = 0
-        else:
-            progress.skipped_steps += 1
-            progress.consecutive_skips += 1
-            warn0(f"step {progress.global_step}: {skip_reason(weightless, loss, grad_norm)}; update "
-                  f"skipped ({progress.consecutive_skips} in a row, {progress.skipped_steps} in all)")
-        scaler.update()  # with fp16, an overflow lowers the loss scale
-        optimizer.zero_grad(set_to_none=True)
-        progress.global_step += 1
-        progress.step_in_epoch += 1
-        step = progress.global_step
-
+        result = optimisation_step(batches, lr, progress, record.grouped, stop_requested)
         now = time.perf_counter()
-        metrics.update(step_time=now - step_start, data_time=data_time, lr=lr)
-        metrics.update(**{name: value for name, value in (("loss", loss), ("grad_norm", grad_norm))
-                          if math.isfinite(value)})
+        record.add_step(now - step_start, result, lr)
         step_start = now
+        step = progress.global_step
         if step % args.print_freq == 0 or progress.step_in_epoch == steps_per_epoch:
-            log_window(metrics, grouped, epoch_groups, progress, steps_per_epoch, global_batch,
-                       dataset_names, writer)
+            record.log_window(progress, steps_per_epoch, writer)
         if writer is not None and args.vis_every_steps and step % args.vis_every_steps == 0:
-            writer.image("canvas: image | masked target | prediction | target",
-                         visual_grid(mvg, batch, pred, mask), step)
-
-        if progress.consecutive_skips >= args.max_nonfinite_steps:
-            if save_last is not None:
-                save_last(epoch_stats(metrics, epoch_groups, progress.skipped_steps - skipped_before,
-                                      global_batch, stop))
-            raise NonFiniteError(
-                f"{progress.consecutive_skips} consecutive steps had a non-finite loss or gradient, or no "
-                f"loss weight (up to step {step}); stopping. The weights are those of the last good step and "
-                f"were saved to checkpoint-last.pth; lower --lr, set --clip_grad or check the data, then "
-                f"--auto_resume.")
-        stop = signalled or bool(args.stop_after_steps and step >= args.stop_after_steps)
-        at_epoch_end = progress.step_in_epoch == steps_per_epoch  # the caller saves there
-        if save_last is not None and not at_epoch_end and (
-                stop or (args.save_every_steps and step % args.save_every_steps == 0)):
-            save_last(epoch_stats(metrics, epoch_groups, progress.skipped_steps - skipped_before,
-                                  global_batch, stop))
+            writer.image("canvas: image | masked target | prediction | target", visual_grid(mvg, *result.shown), step)
+        stop = stop_or_save(progress, args, record, save_last, result.signalled, steps_per_epoch)
         if stop:
-            print0(f"stopping after step {step} ({'signal' if signalled else '--stop_after_steps'}); "
-                   "checkpoint-last.pth holds the position")
+            log(f"stopping after step {step} ({'signal' if result.signalled else '--stop_after_steps'}); "
+                "checkpoint-last.pth holds the position")
             break
+    return record.stats(progress, stop)
 
-    return epoch_stats(metrics, epoch_groups, progress.skipped_steps - skipped_before, global_batch, stop)
 
-
-def epoch_stats(metrics, epoch_groups, skipped_steps: int, global_batch: int, stop: bool) -> dict:
-    """The averages over the epoch's steps trained so far, as train_one_epoch returns them."""
-    stats = metrics.averages()
-    stats.update({name: total / count for name, (total, count) in epoch_groups.items()})
-    stats["lr"] = metrics.meters["lr"].value
-    stats["samples_per_s"] = global_batch / stats.pop("step_time")
-    stats["skipped_steps"] = skipped_steps
-    stats["steps"] = metrics.meters["step_time"].count
-    stats["stop"] = stop
-    return stats
+def stop_or_save(progress: Progress, args, record: EpochRecord, save_last, signalled: bool,
+                 steps_per_epoch: int) -> bool:
+    """After a step: whether training stops (a signal or --stop_after_steps). checkpoint-last.pth is
+    written at a stop and every --save_every_steps, except at the epoch's end, where the caller saves.
+    Too many non-finite steps in a row raise NonFiniteError, with the last good state saved first."""
+    step = progress.global_step
+    if progress.consecutive_skips >= args.max_nonfinite_steps:
+        if save_last is not None:
+            save_last(record.stats(progress, stop=False))
+        raise NonFiniteError(
+            f"{progress.consecutive_skips} consecutive steps had a non-finite loss or gradient, or no "
+            f"loss weight (up to step {step}); stopping. The weights are those of the last good step and "
+            f"were saved to checkpoint-last.pth; lower --lr, set --clip_grad or check the data, then "
+            f"--auto_resume.")
+    stop = signalled or bool(args.stop_after_steps and step >= args.stop_after_steps)
+    at_epoch_end = progress.step_in_epoch == steps_per_epoch
+    if save_last is not None and not at_epoch_end and (
+            stop or (args.save_every_steps and step % args.save_every_steps == 0)):
+        save_last(record.stats(progress, stop))
+    return stop

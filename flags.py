@@ -6,7 +6,8 @@ checkpoint records (model, canvas, depth, label encoding) default to None here: 
 decides (util/record.py), a flag that contradicts it needs --force.
 """
 from label_encoding import LABEL_ENCODINGS
-from models_mvg import ATTENTION_PATHS, MODELS
+from models_mvg import MODELS
+from rel_pos_attention import ATTENTION_PATHS
 from util.runtime import PRECISIONS, default_device
 
 ENSEMBLES = ("features", "outputs", "both")
@@ -36,7 +37,7 @@ def add_runtime_flags(group):
                        help="autocast precision; auto: bf16 on GPUs that have it, else fp16 on CUDA, fp32 on the CPU")
     group.add_argument("--attention", default="auto", choices=ATTENTION_PATHS,
                        help="how attention adds the relative-position bias (all exact); auto: the fastest "
-                            "measured path for the device, dtype and grad mode (models_mvg.choose_attention)")
+                            "measured path for the device, dtype and grad mode (rel_pos_attention.choose_attention)")
 
 
 def add_prompt_flags(group):

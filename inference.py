@@ -24,25 +24,23 @@ Predictions are decoded per query:
     image tasks   the mean of the three channels, as the 8-bit grey of the prepared slices
 """
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.canvas import (
-    LABEL_ENCODINGS, MAX_GREY_CLASS, denormalise, random_palette, resize_picture, to_normalised_tensor,
-    training_scale_size,
-)
+from flags import SCALES
+from label_encoding import LABEL_ENCODINGS, decode_brightest, decode_nearest, drawing, inference_palette
 from models_mvg import MODELS, MVG, create_model
+from pixels import as_grey_uint8, as_label, denormalise, resize_picture, to_normalised_tensor, training_scale_size
+from tasks import Task
 from util.checkpoint import check_weights_fit, read_checkpoint, state_dict_of, strip_prefixes
 from util.cli import UsageError
 from util.record import recorded_settings, resolve_settings
+from util.runtime import DTYPES, autocast
 
 PairList = Sequence[Tuple[np.ndarray, np.ndarray]]
-PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
 DEFAULT_INPUT_SIZE = [896, 448]  # the paper's canvas, for checkpoints that do not say theirs
 
 
@@ -79,53 +77,6 @@ def load_checkpoint(path: str, flags: dict, force: bool = False, required: Seque
     return model, settings
 
 
-def as_grey_uint8(image: np.ndarray, name: str = 'image') -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[2] in (3, 4):
-        image = image[..., :3].mean(axis=2)
-    if image.ndim != 2:
-        raise ValueError(f"{name}: expected a 2D grey slice, got shape {image.shape}")
-    if image.dtype != np.uint8:
-        if image.min() < 0 or image.max() > 255:
-            raise ValueError(f"{name}: intensities must be 0..255 like the prepared slices, "
-                             f"got {image.min()}..{image.max()}")
-        image = image.round().astype(np.uint8)
-    return image
-
-
-def as_label(label: np.ndarray, name: str = 'context label') -> np.ndarray:
-    """Class ids as an integer array Pillow can resize (uint8, uint16 or int32)."""
-    label = np.asarray(label)
-    if label.ndim != 2:
-        raise ValueError(f"{name}: expected a 2D map of class ids, got shape {label.shape}")
-    if label.dtype in (np.uint8, np.uint16):
-        return label
-    if not np.all(np.mod(label, 1) == 0) or label.min() < 0 or label.max() >= 2 ** 31:
-        raise ValueError(f"{name}: class ids must be non-negative integers")
-    return label.astype(np.int32)
-
-
-def inference_palette(class_ids: Sequence[int], encoding: str, seed: int = 0) -> np.ndarray:
-    """(len(class_ids), 3) uint8 colours for the foreground classes, fixed for a given seed."""
-    class_ids = np.asarray(class_ids, dtype=np.int64)
-    if encoding == 'grey':
-        if len(class_ids) and class_ids.max() > MAX_GREY_CLASS:
-            raise ValueError(f"label encoding 'grey' stops at class {MAX_GREY_CLASS}, got {class_ids.max()}")
-        return np.repeat((10 * class_ids)[:, None], 3, axis=1).astype(np.uint8)
-    return random_palette(len(class_ids), np.random.default_rng(seed))
-
-
-def nearest_colour(picture: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    """(3, rows, cols) float picture -> index of the nearest of colours (K, 3), per pixel."""
-    flat = picture.reshape(3, -1).T.astype(np.float32)  # (pixels, 3)
-    palette = colours.astype(np.float32)
-    distances = (flat ** 2).sum(1, keepdims=True) - 2 * flat @ palette.T + (palette ** 2).sum(1)
-    return distances.argmin(axis=1).reshape(picture.shape[1:])
-
-
-SCALES = ('training', 'fit')
-
-
 def window_starts(length: int, window: int) -> List[int]:
     """Starts of the fewest `window`-long windows that cover `length`, spread evenly (overlapping)."""
     count = math.ceil(length / window)
@@ -147,8 +98,8 @@ class Predictor:
 
     def __init__(self, model, device='cpu', precision='fp32', batch_size=8, label_encoding='random_colors',
                  num_prompts=1, ensemble='features', seed=0, scale='training'):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got '{precision}'")
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got '{precision}'")
         if label_encoding not in LABEL_ENCODINGS:
             raise ValueError(f"label_encoding must be one of {LABEL_ENCODINGS}, got '{label_encoding}'")
         if scale not in SCALES:
@@ -178,6 +129,12 @@ class Predictor:
         contexts = self._contexts_per_query(contexts, queries, targets_are_labels=False)
         return self._in_chunks(self._translate_chunk, contexts, queries)
 
+    def run(self, task: Task, contexts: Union[PairList, Sequence[PairList]],
+            queries: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """What the task's target is: class ids (segment) or images (translate)."""
+        run = self.segment if task.target_is_label else self.translate
+        return run(contexts, queries)
+
     # ----------------------------------------------------------------------------------------------
     # decoding, a chunk of queries at a time
 
@@ -193,11 +150,10 @@ class Predictor:
     def _segment_chunk(self, contexts, queries, foregrounds) -> List[np.ndarray]:
         if self.label_encoding == 'binary':
             return self._segment_one_class_at_a_time(contexts, queries, foregrounds)
-        palettes = [np.concatenate([np.zeros((1, 3), np.uint8), inference_palette(f, self.label_encoding, self.seed)])
-                    for f in foregrounds]
-        draws = [self._drawing(foreground, palette[1:]) for foreground, palette in zip(foregrounds, palettes)]
+        palettes = [inference_palette(foreground, self.label_encoding, self.seed) for foreground in foregrounds]
+        draws = [drawing(foreground, palette) for foreground, palette in zip(foregrounds, palettes)]
         pictures = self._run(contexts, queries, draws, is_label=True)
-        return [np.concatenate([[0], foreground])[nearest_colour(picture, palette)]
+        return [decode_nearest(picture, foreground, palette)
                 for picture, foreground, palette in zip(pictures, foregrounds, palettes)]
 
     def _translate_chunk(self, contexts, queries) -> List[np.ndarray]:
@@ -237,30 +193,18 @@ class Predictor:
                              f"background (0): nothing to segment")
         return foreground
 
-    @staticmethod
-    def _drawing(class_ids: np.ndarray, colours: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        """Class-id map -> (3, rows, cols) uint8 picture in the given colours, black elsewhere."""
-        lut = np.zeros((int(class_ids.max()) + 1, 3), dtype=np.uint8)
-        lut[class_ids] = colours
-        return lambda label: lut[np.where(label < len(lut), label, 0)].transpose(2, 0, 1)  # others black
-
     def _segment_one_class_at_a_time(self, contexts, queries, foregrounds) -> List[np.ndarray]:
         """Binary encoding: for each class, the queries whose contexts hold it are run with that
         class drawn white; each query takes its brightest class, if above half."""
         brightness = [{} for _ in queries]  # per query: {class id: (rows, cols) brightness}
         for class_id in np.unique(np.concatenate(foregrounds)):
             members = [q for q, foreground in enumerate(foregrounds) if class_id in foreground]
-            draw = self._drawing(np.array([class_id]), np.full((1, 3), 255, np.uint8))
+            draw = drawing(np.array([class_id]), np.full((1, 3), 255, np.uint8))
             pictures = self._run([contexts[q] for q in members], [queries[q] for q in members],
                                  [draw] * len(members), is_label=True)
             for q, picture in zip(members, pictures):
                 brightness[q][int(class_id)] = picture.mean(axis=0)
-        labels = []
-        for per_class in brightness:
-            ids = np.array(sorted(per_class))
-            stack = np.stack([per_class[c] for c in ids])
-            labels.append(np.where(stack.max(axis=0) > 127.5, ids[stack.argmax(axis=0)], 0))
-        return labels
+        return [decode_brightest(per_class) for per_class in brightness]
 
     # ----------------------------------------------------------------------------------------------
     # canvases: views of the slices at the model's scale, batched, stitched back
@@ -322,9 +266,7 @@ class Predictor:
         return outputs
 
     def _predict(self, imgs: torch.Tensor, tgts: torch.Tensor) -> torch.Tensor:
-        autocast = dict(device_type=self.device.type, dtype=PRECISIONS[self.precision],
-                        enabled=self.precision != 'fp32')
-        with torch.inference_mode(), torch.autocast(**autocast):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             pred = self.model.predict(imgs.to(self.device), tgts.to(self.device),
                                       num_prompts=self.num_prompts, ensemble=self.ensemble)
         return denormalise(pred.float().cpu()).clamp(0, 255)

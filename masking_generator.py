@@ -3,8 +3,9 @@
 AR mode ("half mask") hides every token of the bottom half, i.e. the whole query target, which is
 predicted in one pass from the context pair: the setting used at inference. MIM mode hides a fixed
 number of tokens anywhere in the target grid, placed as BEiT-style rectangular blocks. MaskPolicy
-picks the mode per sample: segmentation always trains in AR mode, the other tasks only sometimes.
-All randomness comes from a numpy Generator passed in, so masks are reproducible per sample.
+picks the mode per sample: the tasks the registry marks always_autoregressive (segmentation) always
+train in AR mode, the other tasks only sometimes. All randomness comes from a numpy Generator passed
+in, so masks are reproducible per sample.
 """
 
 import math
@@ -13,7 +14,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-TASKS = ("segmentation", "synthesis", "inpainting", "denoising")
+import tasks
+from tasks import TASK_NAMES
+
+# MaskPolicy's default: the tasks whose every sample hides the whole query target.
+ALWAYS_AUTOREGRESSIVE = tuple(task.name for task in tasks.TASKS.values() if task.always_autoregressive)
 
 # BEiT gives each block this many tries to land somewhere useful before block placement stops.
 MAX_TRIES_PER_BLOCK = 10
@@ -161,11 +166,13 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 class MaskPolicy:
-    """Per-sample choice between the AR half mask and MIM block masking, by task."""
+    """Per-sample choice between the AR half mask and MIM block masking, by task: the tasks named in
+    always_ar_tasks (by default those tasks.py marks always_autoregressive) always take the AR half
+    mask, the others with probability half_mask_ratio."""
 
     def __init__(self, input_size=(56, 28), num_mask_patches=256, min_mask_patches_per_block=16,
                  max_mask_patches_per_block=128, half_mask_ratio=0.1,
-                 always_ar_tasks=("segmentation",)):
+                 always_ar_tasks=ALWAYS_AUTOREGRESSIVE):
         height, width = _grid_size(input_size)
         _require(1 <= num_mask_patches <= height * width,
                  f"num_mask_patches must be in [1, {height * width}], got {num_mask_patches}")
@@ -177,8 +184,8 @@ class MaskPolicy:
         _require(0.0 <= half_mask_ratio <= 1.0,
                  f"half_mask_ratio must be in [0, 1], got {half_mask_ratio}")
         # A bare string would otherwise be read as a collection of one-letter task names.
-        _require(not isinstance(always_ar_tasks, str) and set(always_ar_tasks) <= set(TASKS),
-                 f"always_ar_tasks must be a collection of task names from {TASKS}, "
+        _require(not isinstance(always_ar_tasks, str) and set(always_ar_tasks) <= set(TASK_NAMES),
+                 f"always_ar_tasks must be a collection of task names from {TASK_NAMES}, "
                  f"got {always_ar_tasks!r}")
 
         self.input_size = (height, width)
@@ -198,7 +205,7 @@ class MaskPolicy:
     def __call__(self, task: str, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
         """Return (mask of shape (H, W), True where hidden; whether it is the AR half mask)."""
         # An unknown name would silently train in the wrong mode, e.g. a misspelt segmentation.
-        _require(task in TASKS, f"task must be one of {TASKS}, got {task!r}")
+        _require(task in TASK_NAMES, f"task must be one of {TASK_NAMES}, got {task!r}")
         is_ar = task in self.always_ar_tasks or bool(rng.random() < self.half_mask_ratio)
         if is_ar:
             return self._ar_mask.copy(), True

@@ -29,12 +29,21 @@ def denormalise(canvas: torch.Tensor) -> torch.Tensor:
     return canvas * STD_255.to(canvas) + MEAN_255.to(canvas)
 
 
+def nearest_indices(source_length: int, target_length: int) -> np.ndarray:
+    """For each of target_length pixels, the source pixel whose extent holds its centre (centres aligned)."""
+    centres = (np.arange(target_length) + 0.5) * source_length / target_length
+    return np.minimum(np.floor(centres).astype(int), source_length - 1)
+
+
 def resize_picture(array: np.ndarray, size: Tuple[int, int], is_label: bool) -> np.ndarray:
-    """A 2D picture to size (rows, cols): nearest neighbour for labels, bilinear for intensities."""
+    """A 2D picture to size (rows, cols): nearest neighbour for labels, bilinear for intensities.
+    Labels are gathered by index rather than by Pillow, whose NEAREST picks other pixels for 8- and
+    32-bit arrays than for 16-bit ones (e.g. 512 -> 448), so a label's type never changes its pixels."""
     if array.shape[:2] == tuple(size):
         return array
-    resample = Image.NEAREST if is_label else Image.BILINEAR
-    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), resample=resample))
+    if is_label:
+        return array[np.ix_(nearest_indices(array.shape[0], size[0]), nearest_indices(array.shape[1], size[1]))]
+    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), resample=Image.BILINEAR))
 
 
 def training_scale_size(shape: Sequence[int], crop: Sequence[int], scale: float = 1.0) -> Tuple[int, int]:

@@ -17,7 +17,9 @@ is one entry in TASKS (plus its tests). What an entry says:
                           else only with the run's --half_mask_ratio
     swap_prob             how often a training pair trades input and target (synthesis learns both ways)
     background_weight     loss weight of target pixels that are background (label targets), 1 elsewhere
-    metrics, baselines    what main_eval scores and compares against (names of main_eval's functions)
+    metrics               the summary scores of a dataset (evaluation/scoring.py); a task with a
+                          region_folder is also scored inside the region (<metric>_region)
+    baselines             what evaluation compares the model with (evaluation/baselines.py)
 """
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -40,7 +42,7 @@ class Task:
     swap_prob: float = 0.0
     background_weight: float = 1.0
     metrics: Tuple[str, ...] = ("psnr", "ssim")
-    baselines: Tuple[str, ...] = ("input",)
+    baselines: Tuple[str, ...] = ("identity",)
     notes: Dict[str, str] = field(default_factory=dict)
 
     @property
@@ -66,7 +68,7 @@ TASKS: Dict[str, Task] = {task.name: task for task in (
     Task("segmentation", LABEL, {"image": "image", "label": "label"},
          help="image -> label map (class ids)",
          keep_slices="foreground", always_autoregressive=True, background_weight=0.1,
-         metrics=("dice", "hd95"), baselines=("copy_context", "intensity_classifier")),
+         metrics=("dice", "hd95"), baselines=("copy_context", "intensity")),
     Task("synthesis", IMAGE, {"image": "image", "target": "image"},
          help="one MRI contrast -> another; each contrast on its own intensity scale",
          swap_prob=0.5),

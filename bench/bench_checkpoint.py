@@ -7,27 +7,28 @@ The optimizer state is real: one AdamW step with zero gradients creates both mom
 parameter, as after the first training step. The file goes to --dir (default: a temporary folder
 under the current directory, i.e. the disk a run's output_dir would usually be on).
 
-    python bench/bench_checkpoint.py                                   # ViT-L, CPU
-    python bench/bench_checkpoint.py --model mvg_vit_base_patch16 --step_seconds 0.5 --every 1000
+    python -m bench.bench_checkpoint                                   # ViT-L, CPU
+    python -m bench.bench_checkpoint --model mvg_vit_base_patch16 --step_seconds 0.5 --every 1000
 """
 import argparse
 import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import main_pretrain  # noqa: E402
-from engine_pretrain import Progress  # noqa: E402
-from util import checkpoint  # noqa: E402
+import main_pretrain
+import pretrain_setup
+from engine_pretrain import Progress
+from models_mvg import MODELS
+from util import checkpoint
+from util.cli import ArgumentParser, log, run_main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', default='mvg_vit_large_patch16')
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='mvg_vit_large_patch16', choices=sorted(MODELS))
     p.add_argument('--input_size', type=int, nargs=2, default=(896, 448), metavar=('H', 'W'))
     p.add_argument('--dir', help='where the checkpoint is written (default: a temporary folder here)')
     p.add_argument('--repeats', type=int, default=2)
@@ -41,8 +42,9 @@ def trained_state(args):
     """A model and an AdamW with both moment buffers filled, as main builds them."""
     train_args = main_pretrain.parse_args(['--model', args.model, '--input_size', *map(str, args.input_size),
                                            '--device', 'cpu'])
-    model = main_pretrain.build_model(train_args)
-    optimizer = main_pretrain.build_optimizer(model, train_args, 1e-4, torch.device('cpu'))
+    main_pretrain.resolve_model_settings(train_args)
+    model = pretrain_setup.build_model(train_args)
+    optimizer = pretrain_setup.build_optimizer(model, train_args, 1e-4, torch.device('cpu'))
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()
@@ -74,15 +76,15 @@ def main(argv=None):
             writer.wait()
         size = os.path.getsize(path)
     pause_s, save_s, load_s = min(pauses), min(saves), min(loads)
-    print(f"{args.model}: {parameters:,} parameters; checkpoint {size / 2 ** 30:.2f} GiB (best of {args.repeats})")
-    print(f"atomic save (write, fsync, rename): {save_s:.1f} s ({size / 2 ** 20 / save_s:.0f} MiB/s); "
+    log(f"{args.model}: {parameters:,} parameters; checkpoint {size / 2 ** 30:.2f} GiB (best of {args.repeats})")
+    log(f"atomic save (write, fsync, rename): {save_s:.1f} s ({size / 2 ** 20 / save_s:.0f} MiB/s); "
           f"load with weights_only=True: {load_s:.1f} s")
-    print(f"training pauses for: {save_s:.1f} s with --no-checkpoint_in_background, "
+    log(f"training pauses for: {save_s:.1f} s with --no-checkpoint_in_background, "
           f"{pause_s:.1f} s in the background (the copy to host memory)")
     budget = args.every * args.step_seconds
-    print(f"every {args.every} steps of {args.step_seconds} s: {100 * save_s / budget:.2f}% of training time in "
+    log(f"every {args.every} steps of {args.step_seconds} s: {100 * save_s / budget:.2f}% of training time in "
           f"the loop, {100 * pause_s / budget:.2f}% in the background")
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))

@@ -5,8 +5,8 @@ the authors' slices are, unless --data points at prepared roots; then times InCo
 (four PNG decodes, crops, label rendering, normalisation, mask) in one process, and a DataLoader
 with --workers processes.
 
-    python bench/bench_data.py                          # MNI152 segmentation, 896x448 canvases
-    python bench/bench_data.py --data /data/prepared --workers 8 --model_samples_per_s 20
+    python -m bench.bench_data                          # MNI152 segmentation, 896x448 canvases
+    python -m bench.bench_data --data /data/prepared --workers 8 --model_samples_per_s 20
 """
 import argparse
 import sys
@@ -16,18 +16,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datasets import prepare  # noqa: E402
-from datasets.canvas import InContextDataset, Mixture  # noqa: E402
-from datasets.mni_demo import write_mni152_tissue_case  # noqa: E402
-from masking_generator import MaskPolicy  # noqa: E402
+from datasets import prepare
+from datasets.canvas import InContextDataset, Mixture
+from datasets.mni_demo import write_mni152_tissue_case
+from label_encoding import LABEL_ENCODINGS
+from masking_generator import MaskPolicy
+from util.cli import ArgumentParser, UsageError, log, run_main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', nargs='*', default=[], help='prepared roots (default: prepare MNI152 in a temp dir)')
     p.add_argument('--input_size', type=int, nargs=2, default=(896, 448), metavar=('H', 'W'))
-    p.add_argument('--label_encoding', default='random_colors')
+    p.add_argument('--label_encoding', default='random_colors', choices=LABEL_ENCODINGS)
     p.add_argument('--items', type=int, default=200, help='items timed in the single process')
     p.add_argument('--workers', type=int, default=2, help='DataLoader workers for the second figure')
     p.add_argument('--batch_size', type=int, default=16)
@@ -42,7 +43,7 @@ def prepared_mni(folder: Path) -> Path:
     code = prepare.main(['msd', '--root', str(folder / 'mni'), '--out', str(out), '--dataset', 'MNI152',
                          '--size', '512', '--test_fraction', '0'])
     if code:
-        sys.exit('preparing MNI152 failed')
+        raise UsageError('preparing MNI152 failed (the reason is above)')
     return out
 
 
@@ -54,7 +55,7 @@ def main(argv=None):
         grid = (args.input_size[0] // 16, args.input_size[1] // 16)
         data = InContextDataset(Mixture.of(roots), MaskPolicy(input_size=grid), input_size=args.input_size,
                                 label_encoding=args.label_encoding)
-        print(data.describe())
+        log(data.describe())
         data[0]
         start = time.perf_counter()
         for index in range(args.items):
@@ -67,14 +68,14 @@ def main(argv=None):
         count = sum(batch['imgs'].shape[0] for batch in loader)
         pooled = count / (time.perf_counter() - start)
 
-    print(f'canvases/s in one process (one worker): {single:.1f} ({1000 / single:.1f} ms per canvas)')
-    print(f'canvases/s with {args.workers} DataLoader workers, batch {args.batch_size}: {pooled:.1f} '
+    log(f'canvases/s in one process (one worker): {single:.1f} ({1000 / single:.1f} ms per canvas)')
+    log(f'canvases/s with {args.workers} DataLoader workers, batch {args.batch_size}: {pooled:.1f} '
           f'({pooled / args.workers:.1f} per worker, start-up and collation included)')
     if args.model_samples_per_s:
         needed = args.model_samples_per_s / single
-        print(f'the model trains {args.model_samples_per_s:.1f} samples/s per accelerator: '
+        log(f'the model trains {args.model_samples_per_s:.1f} samples/s per accelerator: '
               f'{needed:.2f} workers of this speed keep up with it')
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))

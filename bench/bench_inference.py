@@ -3,8 +3,8 @@
 Queries and contexts are real MNI152 T1 slices with tissue labels (from the nilearn wheel) at 512x512,
 the size of prepared slices; the model has random weights (speed does not depend on them).
 
-    python bench/bench_inference.py --models mvg_vit_tiny_patch16 mvg_vit_base_patch16 --slices 8
-    python bench/bench_inference.py --models mvg_vit_large_patch16 --device cuda --precision bf16 --slices 256
+    python -m bench.bench_inference --models mvg_vit_tiny_patch16 mvg_vit_base_patch16 --slices 8
+    python -m bench.bench_inference --models mvg_vit_large_patch16 --device cuda --precision bf16 --slices 256
 
 Each model runs at every --scale given (training: overlapping windows at the training-crop scale, four
 per 512 slice on 448 halves; fit: the slice resized whole), timed one after the other.
@@ -12,29 +12,32 @@ per 512 slice on 448 halves; fit: the slice resized whole), timed one after the 
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datasets.mni_demo import load_template, tissue_labels  # noqa: E402
-from inference import SCALES, Predictor  # noqa: E402
-from models_mvg import MODELS, create_model  # noqa: E402
+from datasets.mni_demo import load_template, tissue_labels
+from flags import SCALES, add_runtime_flags
+from inference import Predictor
+from models_mvg import MODELS, create_model
+from util.cli import ArgumentParser, log, run_main
+from util.runtime import resolve_precision
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The arguments, --precision resolved for --device as evaluation resolves it."""
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--models', nargs='+', default=['mvg_vit_tiny_patch16', 'mvg_vit_base_patch16'], choices=sorted(MODELS))
     p.add_argument('--input_size', type=int, nargs=2, default=(896, 448), metavar=('H', 'W'))
     p.add_argument('--slices', type=int, default=8, help='query slices timed per model')
     p.add_argument('--batch_size', type=int, default=4)
     p.add_argument('--num_prompts', type=int, default=1)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--scale', nargs='+', default=list(SCALES), choices=SCALES)
-    return p.parse_args(argv)
+    add_runtime_flags(p)
+    args = p.parse_args(argv)
+    args.precision = resolve_precision(args.precision, args.device)
+    return args
 
 
 def mni_slices(count):
@@ -55,17 +58,18 @@ def main(argv=None):
     pairs = mni_slices(args.slices + args.num_prompts)
     contexts = pairs[:args.num_prompts]
     queries = [image for image, _ in pairs[args.num_prompts:]]
-    print(f'{args.slices} query slices of 512x512, canvas {args.input_size[0]}x{args.input_size[1]}, '
+    log(f'{args.slices} query slices of 512x512, canvas {args.input_size[0]}x{args.input_size[1]}, '
           f'{args.num_prompts} prompt(s), batch {args.batch_size}, {args.device}, {args.precision}')
-    print('| model | scale | slices/s | ms per slice |')
-    print('|---|---|---|---|')
+    log('| model | scale | slices/s | ms per slice |')
+    log('|---|---|---|---|')
     for name in args.models:
         model = create_model(name, input_size=args.input_size)
+        model.set_attention(args.attention)
         for scale in args.scale:
             predictor = Predictor(model, device=args.device, precision=args.precision, batch_size=args.batch_size,
                                   num_prompts=args.num_prompts, scale=scale)
             seconds = time_segmentation(predictor, contexts, queries, args)
-            print(f'| {name} | {scale} | {args.slices / seconds:.2f} | {1000 * seconds / args.slices:.0f} |')
+            log(f'| {name} | {scale} | {args.slices / seconds:.2f} | {1000 * seconds / args.slices:.0f} |')
 
 
 def time_segmentation(predictor, contexts, queries, args) -> float:
@@ -81,4 +85,4 @@ def time_segmentation(predictor, contexts, queries, args) -> float:
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))

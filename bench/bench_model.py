@@ -1,13 +1,13 @@
 """Model speed and memory: a full training step (forward, backward, AdamW) and an inference forward.
 
 Each precision and activation-checkpointing setting runs in its own subprocess, in which the
-attention paths (models_mvg.ATTENTION_PATHS) take turns step by step (A B C A B C ...), so that a
-slow spell of a shared machine hits them all alike; medians are reported. Peak memory is the
+attention paths (rel_pos_attention.ATTENTION_PATHS) take turns step by step (A B C A B C ...), so
+that a slow spell of a shared machine hits them all alike; medians are reported. Peak memory is the
 accelerator's peak per path, or on a CPU the peak resident memory of a separate one-step process per
 path (weights and imports included). Prints a markdown table; --json writes the rows too.
 
-    python bench/bench_model.py --model mvg_vit_base_patch16 --input_size 448 224 --batch_size 2
-    python bench/bench_model.py --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
+    python -m bench.bench_model --model mvg_vit_base_patch16 --input_size 448 224 --batch_size 2
+    python -m bench.bench_model --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
         --device cuda --precision bf16 --attention fused eager augmented flex --checkpointing off
 """
 import argparse
@@ -22,21 +22,24 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models_mvg import ATTENTION_PATHS, MODELS, choose_attention, create_model  # noqa: E402
+from models_mvg import MODELS, create_model
+from rel_pos_attention import ATTENTION_PATHS, choose_attention
+from util.cli import ArgumentParser, UsageError, log, run_main, warn
+from util.runtime import DTYPES, PRECISIONS, autocast, default_device, resolve_precision
 
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) for model FLOP utilisation; --peak_tflops overrides.
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'A5000': 111.0, 'L40S': 362.0}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The arguments, each --precision resolved for --device (util.runtime.resolve_precision)."""
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='mvg_vit_base_patch16', choices=sorted(MODELS))
     p.add_argument('--input_size', type=int, nargs=2, default=(448, 224), metavar=('H', 'W'))
     p.add_argument('--batch_size', type=int, default=2)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--precision', nargs='+', default=['fp32', 'bf16'], choices=sorted(DTYPES))
+    p.add_argument('--device', default=default_device(), help='cuda, cuda:N or cpu (default: cuda if available)')
+    p.add_argument('--precision', nargs='+', default=['fp32', 'bf16'], choices=PRECISIONS,
+                   help='autocast precisions, timed in turn (auto: as training resolves it for the device)')
     p.add_argument('--attention', nargs='+', default=['fused', 'eager', 'augmented'],
                    choices=ATTENTION_PATHS,
                    help="attention paths, timed in turns ('flex' on a CPU: forward only, no CPU backward)")
@@ -48,7 +51,9 @@ def parse_args(argv=None):
     p.add_argument('--json', default='', help='also write the rows to this file')
     p.add_argument('--one', default='', help=argparse.SUPPRESS)  # internal: precision,checkpointing
     p.add_argument('--memory_of', default='', help=argparse.SUPPRESS)  # internal: one path's memory
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.precision = list(dict.fromkeys(resolve_precision(precision, args.device) for precision in args.precision))
+    return args
 
 
 def synchronize(device):
@@ -88,12 +93,12 @@ class Bench:
         self.mask = self.model.ar_mask(n, device=self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=self.device.type == 'cuda')
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == 'fp16')
-        self.autocast = dict(device_type=self.device.type, dtype=DTYPES[precision], enabled=precision != 'fp32')
+        self.precision = precision
 
     def train_step(self, attention):
         self.model.set_attention(attention)
         self.model.train()
-        with torch.autocast(**self.autocast):
+        with autocast(self.device, self.precision):
             loss, _, _ = self.model(self.imgs, self.tgts, self.mask)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -103,7 +108,7 @@ class Bench:
     def forward(self, attention):
         self.model.set_attention(attention)
         self.model.eval()
-        with torch.no_grad(), torch.autocast(**self.autocast):
+        with torch.no_grad(), autocast(self.device, self.precision):
             self.model.predict(self.imgs, self.tgts)
 
     def timed(self, step, attention):
@@ -125,8 +130,7 @@ class Bench:
             for _ in range(warmup):
                 step(attention)
         except Exception as error:  # noqa: BLE001 - any failure leaves just this path out
-            print(f'attention {attention}: {step.__name__} failed in the warm-up, left out: {error!r}',
-                  file=sys.stderr, flush=True)
+            warn(f'attention {attention}: {step.__name__} failed in the warm-up, left out: {error!r}')
             self.optimizer.zero_grad(set_to_none=True)
             return False
         return True
@@ -152,7 +156,7 @@ def run_one(args, precision, checkpointing):
     trainable = [a for a in args.attention if trains_on(bench.device, a)]
     train = bench.alternate(bench.train_step, trainable, args.warmup, args.steps)
     forward = bench.alternate(bench.forward, args.attention, args.warmup, args.steps)
-    with torch.autocast(**bench.autocast):
+    with autocast(bench.device, precision):
         flops = forward_flops(bench.model, bench.imgs, bench.tgts, bench.mask)
     n = args.batch_size
     rows = []
@@ -226,25 +230,24 @@ def format_table(rows, args):
 
 
 def subprocess_result(base, flag, config):
-    cmd = [sys.executable, __file__, *base, flag, config]
+    """The JSON line a child process of this bench prints for `flag config` (--one or --memory_of)."""
+    cmd = [sys.executable, '-m', __spec__.name, *base, flag, config]
     # stderr passes through: warnings and paths left out are shown as they happen.
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     if done.returncode:
-        sys.exit(f'{flag} {config} failed (exit status {done.returncode}; its error is above)')
-    print(f'done: {flag} {config}', file=sys.stderr, flush=True)
+        raise UsageError(f'{flag} {config} failed (exit status {done.returncode}; its error is above)')
+    log(f'done: {flag} {config}')
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args, *args.one.split(','))))
+        log(json.dumps(run_one(args, *args.one.split(','))))
         return
     if args.memory_of:
-        print(json.dumps(peak_resident_bytes(args, *args.memory_of.split(','))))
+        log(json.dumps(peak_resident_bytes(args, *args.memory_of.split(','))))
         return
-    if 'fp16' in args.precision and not args.device.startswith('cuda'):
-        sys.exit('--precision fp16 needs --device cuda (CPU autocast supports bf16 only)')
     base = list(argv if argv is not None else sys.argv[1:])
     rows = []
     for precision in args.precision:
@@ -257,15 +260,15 @@ def main(argv=None):
                     row['peak_memory_bytes'] = subprocess_result(base, '--memory_of', config)
             rows += group
     if not rows:
-        sys.exit('no attention path ran (the reasons are above)')
+        raise UsageError('no attention path ran (the reasons are above)')
     first = rows[0]
-    print(f"{first['model']}, input {first['input_size'][0]}x{first['input_size'][1]}, batch {first['batch_size']}, "
+    log(f"{first['model']}, input {first['input_size'][0]}x{first['input_size'][1]}, batch {first['batch_size']}, "
           f"{first['device']}, forward {first['forward_flops_per_sample'] / 1e9:.1f} GFLOP/sample, "
           f"median of {args.steps} steps per path after {args.warmup} warm-up, paths in turns")
-    print(format_table(rows, args))
+    log(format_table(rows, args))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))

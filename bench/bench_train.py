@@ -4,13 +4,13 @@ The bare step is forward + backward + AdamW on one fixed batch, with the same mo
 (layer-decay groups, fused AdamW) and precision as main builds. The loop adds what training really
 does: loading and collating data, per-task losses, the per-step all-reduce and sync, console and
 TensorBoard logging, checkpoints at their cadence. Its steps are timed inside a real run of main by
-wrapping the lr schedule, which the loop calls once at the start of every step; the first --warmup
-steps of both are left out. Runs alternate with the bare timing (a shared machine's slow spells hit
-both) and medians are reported. Data is the MNI152 template prepared by the project's prepare tool
-(as bench_data.py), unless --data names prepared roots.
+wrapping the lr schedule (pretrain_setup.lr_at), which the loop calls once at the start of every
+step; the first --warmup steps of both are left out. Runs alternate with the bare timing (a shared
+machine's slow spells hit both) and medians are reported. Data is the MNI152 template prepared by
+the project's prepare tool (as bench_data.py), unless --data names prepared roots.
 
-    python bench/bench_train.py                                   # CPU-sized default
-    python bench/bench_train.py --model mvg_vit_base_patch16 --input_size 896 448 --batch_size 8 \
+    python -m bench.bench_train                                   # CPU-sized default
+    python -m bench.bench_train --model mvg_vit_base_patch16 --input_size 896 448 --batch_size 8 \
         --device cuda --precision bf16 --num_workers 8 --steps 60
 """
 import argparse
@@ -23,20 +23,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import main_pretrain  # noqa: E402
-from bench_data import prepared_mni  # noqa: E402
-from engine_pretrain import DTYPES  # noqa: E402
+import main_pretrain
+import pretrain_setup
+from bench.bench_data import prepared_mni
+from flags import add_runtime_flags
+from util.cli import ArgumentParser, log, run_main
+from util.runtime import autocast, resolve_precision
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The arguments, --precision resolved for --device as training resolves it."""
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', nargs='*', default=[], help='prepared roots (default: MNI152 in a temp dir)')
     p.add_argument('--model', default='mvg_vit_tiny_patch16')
     p.add_argument('--input_size', type=int, nargs=2, default=(224, 112), metavar=('H', 'W'))
     p.add_argument('--batch_size', type=int, default=8)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--precision', default='fp32', choices=sorted(DTYPES))
+    add_runtime_flags(p)
     p.add_argument('--num_workers', type=int, default=1)
     p.add_argument('--threads', type=int, default=0,
                    help='intra-op threads of the training process (0: torch default). On a small CPU, leaving '
@@ -46,13 +48,16 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=3, help='untimed steps first')
     p.add_argument('--repeats', type=int, default=3, help='alternating repetitions; medians are reported')
     p.add_argument('--save_every_steps', type=int, default=1000, help="main's default checkpoint cadence")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.precision = resolve_precision(args.precision, args.device)
+    return args
 
 
 def train_argv(args, data, out, steps):
     num_mask = (args.input_size[0] // 16) * (args.input_size[1] // 16) // 6
     return ['--model', args.model, '--input_size', *map(str, args.input_size), '--batch_size', str(args.batch_size),
-            '--device', args.device, '--precision', args.precision, '--num_workers', str(args.num_workers),
+            '--device', args.device, '--precision', args.precision, '--attention', args.attention,
+            '--num_workers', str(args.num_workers),
             '--data_path', *data, '--output_dir', str(out), '--samples_per_epoch', str(steps * args.batch_size),
             '--epochs', '1', '--warmup_epochs', '0.1', '--lr', '1e-4', '--num_mask_patches', str(num_mask),
             '--min_mask_patches_per_block', '4', '--max_mask_patches_per_block', str(num_mask),
@@ -68,18 +73,18 @@ def synchronize(device):
 def loop_seconds_per_step(args, data, folder, repeat):
     """(mean time of the steps after the warm-up, mean wait for data per step) in one run of main."""
     starts = []
-    schedule = main_pretrain.lr_at
+    schedule = pretrain_setup.lr_at
 
     def timed_schedule(*schedule_args):
         starts.append(time.perf_counter())
         return schedule(*schedule_args)
 
-    main_pretrain.lr_at = timed_schedule
+    pretrain_setup.lr_at = timed_schedule
     out = Path(folder) / f'run{repeat}'
     try:
         main_pretrain.main(train_argv(args, data, out, args.warmup + args.steps + 1))
     finally:
-        main_pretrain.lr_at = schedule
+        pretrain_setup.lr_at = schedule
     data_wait = json.loads((out / 'log.txt').read_text().splitlines()[-1])['train_data_time']
     return (starts[-1] - starts[args.warmup]) / (len(starts) - 1 - args.warmup), data_wait
 
@@ -87,17 +92,17 @@ def loop_seconds_per_step(args, data, folder, repeat):
 def bare_seconds_per_step(args, data, folder):
     """The same model, optimizer and precision on one batch of the same data, nothing else."""
     train_args = main_pretrain.parse_args(train_argv(args, data, Path(folder) / 'bare', args.steps))
+    main_pretrain.resolve_model_settings(train_args)
     device = torch.device(args.device)
-    model = main_pretrain.build_model(train_args).to(device).train()
-    dataset = main_pretrain.build_dataset(train_args, model.patch_size)
+    model = pretrain_setup.build_model(train_args).to(device).train()
+    dataset = pretrain_setup.build_dataset(train_args, pretrain_setup.build_mixture(train_args), model.patch_size)
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)))
     batch = {k: v.to(device) for k, v in batch.items()}
-    optimizer = main_pretrain.build_optimizer(model, train_args, 1e-4, device)
+    optimizer = pretrain_setup.build_optimizer(model, train_args, 1e-4, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
-    autocast = torch.autocast(device.type, dtype=DTYPES[args.precision], enabled=args.precision != 'fp32')
 
     def step():
-        with autocast:
+        with autocast(device, args.precision):
             loss, _, _ = model(batch['imgs'], batch['tgts'], batch['mask'], batch['valid'])
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -127,16 +132,16 @@ def main(argv=None):
             loop.append(seconds)
             data_wait.append(wait)
     bare_s, loop_s, wait_s = (statistics.median(x) for x in (bare, loop, data_wait))
-    print(f"\n{args.model}, input {args.input_size[0]}x{args.input_size[1]}, batch {args.batch_size}, "
+    log(f"\n{args.model}, input {args.input_size[0]}x{args.input_size[1]}, batch {args.batch_size}, "
           f"{args.device} ({torch.get_num_threads()} threads), {args.precision}, {args.num_workers} data worker(s), "
           f"median of {args.repeats}")
-    print(f"bare step:  {args.batch_size / bare_s:8.2f} samples/s   "
+    log(f"bare step:  {args.batch_size / bare_s:8.2f} samples/s   "
           f"(runs: {', '.join(f'{args.batch_size / t:.2f}' for t in bare)})")
-    print(f"full loop:  {args.batch_size / loop_s:8.2f} samples/s   "
+    log(f"full loop:  {args.batch_size / loop_s:8.2f} samples/s   "
           f"(runs: {', '.join(f'{args.batch_size / t:.2f}' for t in loop)})")
-    print(f"loop overhead: {100 * (loop_s / bare_s - 1):.1f}% of the bare step time, of which waiting for "
+    log(f"loop overhead: {100 * (loop_s / bare_s - 1):.1f}% of the bare step time, of which waiting for "
           f"data {100 * wait_s / bare_s:.1f}% ({1000 * wait_s:.1f} ms/step)")
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))

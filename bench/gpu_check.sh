@@ -7,7 +7,7 @@
 #
 # Stages:
 #   1. the device, torch and CUDA versions
-#   2. the attention paths (models_mvg.ATTENTION_PATHS): tests/test_attention.py's CUDA tests
+#   2. the attention paths (rel_pos_attention.ATTENTION_PATHS): tests/test_attention.py's CUDA tests
 #      (augmented and flex against eager with gradients, augmented in bf16 on a fused kernel), then
 #      bench_model.py, ViT-L at 896x448, batch 8, bf16: fused, eager, augmented and flex in turns
 #      (step time, MFU, peak memory), and 'auto' with activation checkpointing
@@ -48,7 +48,7 @@ $PY -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.vers
 'device', torch.cuda.get_device_name(0), 'bf16', torch.cuda.is_bf16_supported())"
 
 if [ -z "$DATA" ]; then
-    $PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from bench_data import prepared_mni; \
+    $PY -c "from pathlib import Path; from bench.bench_data import prepared_mni; \
 prepared_mni(Path('$WORK'))" || exit 1
     DATA=$WORK/prepared
 fi
@@ -59,9 +59,9 @@ TRAIN=(--data_path "$DATA" --input_size 896 448 --batch_size 8 --num_workers 8 -
 stage "2. attention paths; model step, ViT-L 896x448 batch 8"
 run 90 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py -k cuda
 # flex compiles its kernels in the warm-up; a path that fails there is left out, the others timed.
-run 240 $PY bench/bench_model.py --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
+run 240 $PY -m bench.bench_model --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
     --device cuda --precision bf16 --attention fused eager augmented flex --checkpointing off --steps 5 --warmup 2
-run 90 $PY bench/bench_model.py --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
+run 90 $PY -m bench.bench_model --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
     --device cuda --precision bf16 --attention auto --checkpointing on --steps 5 --warmup 2
 
 stage "3. torchrun + nccl, fp16 grad scaler, background checkpoints, resume"
@@ -78,7 +78,7 @@ run 150 $PY main_pretrain.py --model mvg_vit_base_patch16 "${TRAIN[@]}" --precis
     --samples_per_epoch 240 --output_dir "$WORK/compiled" --save_every_steps 0
 
 stage "5. loop overhead, ViT-B 896x448 batch 8, 8 workers"
-run 150 $PY bench/bench_train.py --data "$DATA" --model mvg_vit_base_patch16 --input_size 896 448 --batch_size 8 \
+run 150 $PY -m bench.bench_train --data "$DATA" --model mvg_vit_base_patch16 --input_size 896 448 --batch_size 8 \
     --device cuda --precision bf16 --num_workers 8 --steps 20 --warmup 5 --repeats 2
 } 2>&1 | tee "$LOG"
 rm -rf "$WORK"

@@ -6,8 +6,9 @@ half the canvas (448x448 by default) on its own, stacked context on top:
     imgs  (3, H, W)   context image over query image, ImageNet-normalised, grey replicated to 3 channels
     tgts  (3, H, W)   context target over query target, rendered and normalised the same way
     mask  (L,)        bool, True where a target token is hidden (masking_generator.MaskPolicy)
-    valid (1, H, W)   loss weight per pixel: 0.1 on segmentation background, 1 elsewhere
-    task, dataset     int ids into TASKS and into the dataset's `names`, for per-task logging
+    valid (1, H, W)   loss weight per pixel: the task's background_weight on the background of a label
+                      target (0.1 for segmentation), 1 elsewhere
+    task, dataset     int ids into tasks.TASK_NAMES and into the dataset's `names`, for per-task logging
 
 Which datasets take part, and how often, is a mixture (`load_mixture` reads a JSON file, `Mixture.of`
 builds one from prepared roots by a named recipe of MIXTURE_RECIPES: "balanced", every dataset an
@@ -16,11 +17,9 @@ slices, crops, colours, mask) comes from one numpy Generator seeded by (seed, ep
 item is the same whichever worker or rank builds it, and weighted sampling needs no sampler of its
 own: any index sharding (DistributedSampler, a plain range) sees the mixture's weights.
 
-Label encodings of segmentation targets:
-    random_colors  every class present gets a random colour, the same in both pairs of the sample
-                   (the paper's best); background stays black
-    grey           class k drawn as grey level 10k (of 255), the authors' code; at most 25 classes
-    binary         one class present in the query, drawn white, against everything else in black
+What differs between tasks (label or image target, swapping input and target, background weight)
+comes from the task registry (tasks.py); label targets are drawn in a label encoding
+(label_encoding.py), pixels normalised as pixels.py does.
 """
 import os
 from collections import Counter
@@ -29,10 +28,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from masking_generator import TASKS, MaskPolicy, sample_rng
+from label_encoding import LABEL_ENCODINGS, render_labels
+from masking_generator import MaskPolicy, sample_rng
+from pixels import resize_picture, to_normalised_tensor, training_scale_size
+from tasks import TASK_NAMES, TASKS, Task
 from util.cli import UsageError
 
 from .manifest import PreparedDataset, SlicePair, find_datasets, read_json_object, read_png
@@ -41,10 +41,9 @@ from .manifest import PreparedDataset, SlicePair, find_datasets, read_json_objec
 class MixtureError(UsageError, ValueError):
     """A mixture that cannot be built from the given files and settings (one line, naming the file)."""
 
-LABEL_ENCODINGS = ("random_colors", "grey", "binary")
-CONTEXT_POLICIES = ("same_case", "other_case")
-BACKGROUND_WEIGHT = 0.1
-MAX_GREY_CLASS = 25  # 10 * 25 = 250 is the last grey level that fits in 8 bits
+
+# Where an item's context pair comes from: another slice of the query's case, or another case.
+CONTEXT_FROM = ("same_case", "other_case")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -60,7 +59,8 @@ class MixtureEntry:
     case_fraction   use only this fraction of the training cases (the first ones in sorted order)
     case_stride     use every n-th training case
     num_cases       use only the first n training cases in sorted order, after the stride (few-shot)
-    swap_prob       synthesis: probability that input and target swap roles (both directions)
+    swap_prob       probability that input and target swap roles (default: the task's, tasks.Task.swap_prob;
+                    synthesis learns both directions)
     """
     path: str
     weight: float = 1.0
@@ -189,7 +189,7 @@ def load_mixture(path: str) -> Mixture:
 class _Source:
     """A dataset of the mixture, ready to sample from."""
     name: str
-    task: str
+    task: Task
     swap_prob: float
     cases: List[str]  # sorted
     slices: Dict[str, List[SlicePair]]  # case -> its kept slices
@@ -206,8 +206,9 @@ class _Source:
 
 def _build_source(entry: MixtureEntry, split: str) -> _Source:
     dataset = PreparedDataset(entry.path)
-    if dataset.task not in TASKS:
-        raise MixtureError(f"{entry.path}: unknown task '{dataset.task}' in manifest; expected one of {TASKS}")
+    task = TASKS.get(dataset.task)
+    if task is None:
+        raise MixtureError(f"{entry.path}: unknown task '{dataset.task}' in manifest; expected one of {TASK_NAMES}")
     cases = dataset.case_ids(split)
     if not cases:
         raise _no_cases_error(entry, dataset, split)
@@ -233,8 +234,8 @@ def _build_source(entry: MixtureEntry, split: str) -> _Source:
     if missing:
         raise MixtureError(f"{entry.path}: {len(missing)} slice files listed in the manifest are missing, "
                                 f"e.g. {missing[0]}; run `python -m datasets.verify {os.path.dirname(entry.path)}`")
-    swap = entry.swap_prob if entry.swap_prob is not None else (0.5 if dataset.task == "synthesis" else 0.0)
-    return _Source(dataset.name, dataset.task, swap, sorted(slices), slices)
+    swap = entry.swap_prob if entry.swap_prob is not None else task.swap_prob
+    return _Source(dataset.name, task, swap, sorted(slices), slices)
 
 
 def _no_cases_error(entry: MixtureEntry, dataset: PreparedDataset, split: str) -> MixtureError:
@@ -252,26 +253,7 @@ def _no_cases_error(entry: MixtureEntry, dataset: PreparedDataset, split: str) -
 
 
 # ---------------------------------------------------------------------------------------------------
-# pixels
-
-
-def resize_picture(array: np.ndarray, size: Tuple[int, int], is_label: bool) -> np.ndarray:
-    """A 2D picture to size (rows, cols): nearest neighbour for labels, bilinear for intensities."""
-    if array.shape[:2] == tuple(size):
-        return array
-    resample = Image.NEAREST if is_label else Image.BILINEAR
-    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), resample=resample))
-
-
-def training_scale_size(shape: Sequence[int], crop: Sequence[int], scale: float = 1.0) -> Tuple[int, int]:
-    """The size a (rows, cols) slice is brought to before a crop of `crop` is cut from it: scaled by
-    `scale`, and at least enough on both sides for the crop to fit. Training (Augment) and inference at
-    the training scale (inference.Predictor) share it, so both see objects at the same size."""
-    rows, cols = shape
-    scale = max(scale, crop[0] / rows, crop[1] / cols)
-    if scale == 1.0:
-        return rows, cols
-    return max(crop[0], int(round(rows * scale))), max(crop[1], int(round(cols * scale)))
+# augmentation
 
 
 @dataclass
@@ -304,67 +286,6 @@ class Augment:
         return np.ascontiguousarray(image), np.ascontiguousarray(target)
 
 
-def random_palette(num_colors: int, rng: np.random.Generator, tries: int = 8) -> np.ndarray:
-    """(num_colors, 3) uint8 colours, none black, spread apart: the best of a few random draws by the
-    smallest distance between two colours or to black, so nearest-colour decoding stays easy."""
-    best, best_gap = None, -1.0
-    for _ in range(tries if num_colors <= 64 else 1):
-        colors = rng.integers(0, 256, size=(num_colors, 3))
-        points = np.concatenate([np.zeros((1, 3)), colors])
-        gaps = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.eye(len(points)) * 1e9
-        gap = gaps.min()
-        if gap > best_gap and gap > 0:
-            best, best_gap = colors, gap
-    if best is None:  # only possible for thousands of classes: accept a duplicate-free draw instead
-        codes = rng.choice(2 ** 24 - 1, size=num_colors, replace=False) + 1
-        best = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1)
-    return best.astype(np.uint8)
-
-
-def render_labels(labels: Sequence[np.ndarray], encoding: str, rng: np.random.Generator) -> List[np.ndarray]:
-    """Class-id maps -> (3, rows, cols) uint8 pictures, one colour per class shared by all maps."""
-    size = int(max(label.max() for label in labels)) + 1
-    present = np.flatnonzero(sum(np.bincount(label.ravel(), minlength=size) for label in labels))
-    foreground = present[present != 0]
-    lut = np.zeros((size, 3), dtype=np.uint8)
-    if encoding == "random_colors":
-        if len(foreground):
-            lut[foreground] = random_palette(len(foreground), rng)
-    elif encoding == "grey":
-        if len(foreground) and foreground.max() > MAX_GREY_CLASS:
-            raise ValueError(f"label encoding 'grey' draws class k as 10k/255 and stops at class "
-                             f"{MAX_GREY_CLASS}; found class {foreground.max()}: use random_colors or binary")
-        lut[foreground] = (10 * foreground)[:, None]
-    elif encoding == "binary":
-        in_query = np.flatnonzero(np.bincount(labels[-1].ravel()))
-        candidates = in_query[in_query != 0]
-        if not len(candidates):
-            candidates = foreground
-        if len(candidates):
-            lut[rng.choice(candidates)] = 255
-    else:
-        raise ValueError(f"unknown label encoding '{encoding}'; choose one of {LABEL_ENCODINGS}")
-    channels = [np.ascontiguousarray(lut[:, c]) for c in range(3)]
-    return [np.stack([channel.take(label) for channel in channels]) for label in labels]
-
-
-_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1) * 255
-_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) * 255
-
-
-def denormalise(canvas: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) normalised values back to the 0..255 pixel scale (not clamped)."""
-    return canvas * _STD.to(canvas) + _MEAN.to(canvas)
-
-
-def to_normalised_tensor(pictures: Sequence[np.ndarray]) -> torch.Tensor:
-    """Pictures (rows, cols) grey or (3, rows, cols) colour, stacked top to bottom -> (3, H, W) float,
-    ImageNet-normalised; grey is replicated to 3 channels."""
-    parts = [torch.tensor(p) for p in pictures]  # a copy: decoded PNG buffers are read-only
-    parts = [p.expand(3, *p.shape) if p.ndim == 2 else p for p in parts]
-    return torch.cat(parts, dim=1).float().sub_(_MEAN).div_(_STD)
-
-
 # ---------------------------------------------------------------------------------------------------
 # the dataset
 
@@ -383,12 +304,12 @@ class InContextDataset(torch.utils.data.Dataset):
 
     def __init__(self, mixture: Mixture, mask_policy: MaskPolicy, split: str = "train",
                  input_size: Tuple[int, int] = (896, 448), label_encoding: str = "random_colors",
-                 context: str = "same_case", augment: Optional[Augment] = None, seed: int = 0,
+                 context_from: str = "same_case", augment: Optional[Augment] = None, seed: int = 0,
                  samples_per_epoch: Optional[int] = None, patch_size: int = 16):
         if label_encoding not in LABEL_ENCODINGS:
             raise ValueError(f"label_encoding must be one of {LABEL_ENCODINGS}, got '{label_encoding}'")
-        if context not in CONTEXT_POLICIES:
-            raise ValueError(f"context must be one of {CONTEXT_POLICIES}, got '{context}'")
+        if context_from not in CONTEXT_FROM:
+            raise ValueError(f"context_from must be one of {CONTEXT_FROM}, got '{context_from}'")
         if input_size[0] % 2 or input_size[0] // 2 % patch_size or input_size[1] % patch_size:
             raise MixtureError(f"input_size {tuple(input_size)} must stack two pairs of whole {patch_size}-pixel patches")
         grid = (input_size[0] // patch_size, input_size[1] // patch_size)
@@ -413,7 +334,7 @@ class InContextDataset(torch.utils.data.Dataset):
         self.mask_policy = mask_policy
         self.input_size = tuple(input_size)
         self.label_encoding = label_encoding
-        self.context = context
+        self.context_from = context_from
         self.augment = augment or Augment(crop_size=(input_size[0] // 2, input_size[1]))
         if tuple(self.augment.crop_size) != (input_size[0] // 2, input_size[1]):
             raise ValueError(f"augment crop_size {self.augment.crop_size} must be half the canvas "
@@ -432,11 +353,11 @@ class InContextDataset(torch.utils.data.Dataset):
     def describe(self) -> str:
         mixture = self.mixture
         lines = [f"{len(self.sources)} datasets, {self.num_slices} slices, {len(self)} canvases per epoch, "
-                 f"labels '{self.label_encoding}', context '{self.context}', {self.mask_policy}",
+                 f"labels '{self.label_encoding}', context from '{self.context_from}', {self.mask_policy}",
                  f"mixture recipe '{mixture.recipe}': balance '{mixture.balance}', "
                  f"query slices drawn '{mixture.slice_sampling}'"]
         for source, p in zip(self.sources, self.probabilities):
-            lines.append(f"  {source.name:<24} {source.task:<13} cases {len(source.cases):>5}  "
+            lines.append(f"  {source.name:<24} {source.task.name:<13} cases {len(source.cases):>5}  "
                          f"slices {source.num_slices:>7}  share {p:.3f}")
         return "\n".join(lines)
 
@@ -453,7 +374,7 @@ class InContextDataset(torch.utils.data.Dataset):
         """(query pair, context pair)."""
         query_position, query_index = self._pick_query(source, rng)
         query_slices = source.slices[source.cases[query_position]]
-        if self.context == "other_case" and len(source.cases) > 1:
+        if self.context_from == "other_case" and len(source.cases) > 1:
             other = int(rng.integers(len(source.cases) - 1))
             other += other >= query_position  # any case but the query's
             context_slices = source.slices[source.cases[other]]
@@ -479,7 +400,7 @@ class InContextDataset(torch.utils.data.Dataset):
         rng = sample_rng(self.seed, self.epoch, index)
         choice = self._choose(rng)  # the item's further draws continue on the same generator
         source = self.sources[choice.source_id]
-        target_is_label = source.task == "segmentation"
+        target_is_label = source.task.target_is_label
         images, targets = [], []
         for pair in (choice.context, choice.query):
             input_path, target_path = pair.input_path, pair.target_path
@@ -492,15 +413,15 @@ class InContextDataset(torch.utils.data.Dataset):
             targets = render_labels(targets, self.label_encoding, rng)
             # Background is what stays black (with "binary" also the classes not drawn).
             drawn = np.concatenate([t.any(axis=0) for t in targets])
-            valid = np.where(drawn, np.float32(1.0), np.float32(BACKGROUND_WEIGHT))
+            valid = np.where(drawn, np.float32(1.0), np.float32(source.task.background_weight))
         else:
             valid = np.ones(self.input_size, dtype=np.float32)
-        mask, _ = self.mask_policy(source.task, rng)
+        mask, _ = self.mask_policy(source.task.name, rng)
         return {
             "imgs": to_normalised_tensor(images),
             "tgts": to_normalised_tensor(targets),
             "mask": torch.from_numpy(mask.reshape(-1)),
             "valid": torch.from_numpy(valid)[None],
-            "task": TASKS.index(source.task),
+            "task": TASK_NAMES.index(source.task.name),
             "dataset": choice.source_id,
         }

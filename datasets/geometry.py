@@ -12,9 +12,14 @@ Conventions, used by `prepare` and recorded in the manifest:
     Intensities use area averaging when an axis shrinks and bilinear interpolation when it grows;
     labels and masks use nearest neighbour with pixel centres aligned.
 """
+from dataclasses import dataclass
+from typing import Tuple
+
 import nibabel as nib
 import numpy as np
 from PIL import Image
+
+from pixels import nearest_indices
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
@@ -47,6 +52,12 @@ def grids_match(shape_a, affine_a, shape_b, affine_b, tolerance):
                                                                     rtol=0)
 
 
+def grid_difference(shape_a, affine_a, shape_b, affine_b) -> str:
+    """How two voxel grids differ, for the messages that refuse a pair whose grids do not match."""
+    difference = np.abs(np.asarray(affine_a) - np.asarray(affine_b)).max()
+    return f"shapes {tuple(shape_a)} vs {tuple(shape_b)}; largest affine difference {difference:.4g} mm"
+
+
 def slice_for_display(volume, axis, index):
     """The (rows, cols) picture of slice `index` along `axis` (see module docstring)."""
     return np.flipud(np.take(volume, index, axis=axis).T)
@@ -59,25 +70,51 @@ def display_to_slice(picture):
 
 # ---------------------------------------------------------------- square fitting and resizing
 
-def fit_plan(rows, cols, size, fit):
-    """How a (rows, cols) slice becomes size x size: zero padding (top, bottom, left, right) first,
-    then a resize from the padded shape. Recorded per case so predictions can be put back."""
+@dataclass(frozen=True)
+class ResizePlan:
+    """How a (rows, cols) slice becomes size x size: zero padding (top, bottom, left, right) first, then a
+    resize from the padded shape. Recorded per case (the manifest's "resize") so predictions can be put
+    back; to_json gives the recorded form, which readers of older manifests read as a plain dict."""
+    fit: str
+    slice_shape: Tuple[int, int]
+    padding: Tuple[int, int, int, int]
+    resized_from: Tuple[int, int]
+    size: Tuple[int, int]
+
+    def to_json(self) -> dict:
+        return {"fit": self.fit, "slice_shape": list(self.slice_shape), "padding": list(self.padding),
+                "resized_from": list(self.resized_from), "size": list(self.size)}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "ResizePlan":
+        return cls(record["fit"], *(tuple(int(n) for n in record[key])
+                                    for key in ("slice_shape", "padding", "resized_from", "size")))
+
+
+def fit_plan(rows, cols, size, fit) -> ResizePlan:
+    """The plan that brings a (rows, cols) slice to size x size by `fit` ("stretch" or "pad")."""
     if fit == "pad":
         side = max(rows, cols)
         top, left = (side - rows) // 2, (side - cols) // 2
-        padding = [top, side - rows - top, left, side - cols - left]
+        padding = (top, side - rows - top, left, side - cols - left)
     elif fit == "stretch":
-        padding = [0, 0, 0, 0]
+        padding = (0, 0, 0, 0)
     else:
         raise ValueError(f"unknown fit '{fit}'")
-    padded = [rows + padding[0] + padding[1], cols + padding[2] + padding[3]]
-    return {"fit": fit, "slice_shape": [rows, cols], "padding": padding, "resized_from": padded,
-            "size": [size, size]}
+    padded = (rows + padding[0] + padding[1], cols + padding[2] + padding[3])
+    return ResizePlan(fit, (int(rows), int(cols)), tuple(int(n) for n in padding), tuple(int(n) for n in padded),
+                      (int(size), int(size)))
 
 
 def _pad(picture, padding):
     top, bottom, left, right = padding
     return np.pad(picture, ((top, bottom), (left, right)))
+
+
+def _unpad(picture, plan):
+    top, bottom, left, right = plan.padding
+    padded_rows, padded_cols = plan.resized_from
+    return picture[top:padded_rows - bottom, left:padded_cols - right]
 
 
 def _resize_axis(picture, length, axis):
@@ -91,38 +128,31 @@ def _resize_axis(picture, length, axis):
     return np.asarray(Image.fromarray(picture, mode="F").resize(target, method))
 
 
-def resize_intensity(picture, plan):
+def resize_intensity(picture, plan: ResizePlan):
     """A float picture in [0, 1] -> size x size float picture."""
-    picture = _pad(picture.astype(np.float32), plan["padding"])
-    rows, cols = plan["size"]
+    picture = _pad(picture.astype(np.float32), plan.padding)
+    rows, cols = plan.size
     return _resize_axis(_resize_axis(picture, rows, 0), cols, 1)
 
 
-def _nearest_indices(source_length, target_length):
-    centres = (np.arange(target_length) + 0.5) * source_length / target_length
-    return np.minimum(np.floor(centres).astype(int), source_length - 1)
-
-
-def resize_nearest(picture, plan):
+def resize_nearest(picture, plan: ResizePlan):
     """Integer picture (labels, masks) -> size x size, ids unchanged."""
-    picture = _pad(picture, plan["padding"])
-    rows, cols = plan["size"]
-    return picture[np.ix_(_nearest_indices(picture.shape[0], rows),
-                          _nearest_indices(picture.shape[1], cols))]
+    picture = _pad(picture, plan.padding)
+    rows, cols = plan.size
+    return picture[np.ix_(nearest_indices(picture.shape[0], rows),
+                          nearest_indices(picture.shape[1], cols))]
 
 
-def unresize_nearest(picture, plan):
+def unresize_nearest(picture, plan: ResizePlan):
     """size x size integer picture (e.g. a predicted label) -> the slice's (rows, cols)."""
-    padded_rows, padded_cols = plan["resized_from"]
-    picture = picture[np.ix_(_nearest_indices(picture.shape[0], padded_rows),
-                             _nearest_indices(picture.shape[1], padded_cols))]
-    top, bottom, left, right = plan["padding"]
-    return picture[top:padded_rows - bottom, left:padded_cols - right]
+    padded_rows, padded_cols = plan.resized_from
+    picture = picture[np.ix_(nearest_indices(picture.shape[0], padded_rows),
+                             nearest_indices(picture.shape[1], padded_cols))]
+    return _unpad(picture, plan)
 
 
-def unresize_intensity(picture, plan):
+def unresize_intensity(picture, plan: ResizePlan):
     """size x size float picture -> the slice's (rows, cols), the way `resize_intensity` went."""
-    padded_rows, padded_cols = plan["resized_from"]
+    padded_rows, padded_cols = plan.resized_from
     picture = _resize_axis(_resize_axis(picture.astype(np.float32), padded_rows, 0), padded_cols, 1)
-    top, bottom, left, right = plan["padding"]
-    return picture[top:padded_rows - bottom, left:padded_cols - right]
+    return _unpad(picture, plan)

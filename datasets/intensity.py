@@ -10,6 +10,9 @@
 NaN and infinite voxels (seen in some converted MR volumes) are replaced by the volume's smallest
 finite value before any statistic is taken, i.e. they become background.
 """
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
 import numpy as np
 
 MR_MODALITIES = {"MRI", "MR"}
@@ -21,6 +24,26 @@ def default_method(modality):
     if modality.upper() in MR_MODALITIES:
         return "percentile"
     return "minmax"
+
+
+@dataclass(frozen=True)
+class IntensitySettings:
+    """The flags of add_intensity_arguments with --normalization resolved; method None: not known
+    (no --modality), which only a volume to normalise turns into an error."""
+    method: Optional[str]
+    window: Tuple[float, float] = (-100.0, 200.0)
+    percentiles: Tuple[float, float] = (0.5, 99.5)
+    region: str = "body"
+
+    @classmethod
+    def from_args(cls, args, modality: Optional[str]) -> "IntensitySettings":
+        method = args.normalization
+        if method == "auto":
+            method = default_method(modality) if modality else None
+        return cls(method, tuple(args.window), tuple(args.percentiles), args.percentile_region)
+
+    def fit(self, volume) -> dict:
+        return fit_parameters(volume, self.method, self.window, self.percentiles, self.region)
 
 
 def replace_non_finite(volume):
@@ -61,6 +84,13 @@ def normalise(volume, parameters):
 
 def to_uint8(picture):
     return np.round(np.clip(picture, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def from_uint8_scale(values, parameters):
+    """Values on the 0..255 scale of the written slices back to the volume's units (float32); what
+    `normalise` clipped stays clipped."""
+    low, high = parameters["low"], parameters["high"]
+    return (low + values / 255.0 * (high - low)).astype(np.float32)
 
 
 def add_intensity_arguments(group):

@@ -1,8 +1,10 @@
-"""Finding cases in the source layouts. Each finder returns a list of `Case`: an id, the volumes of the
-case by role (the role is also the output folder name), and the split when the source defines one
-(None: assigned later by a seeded random draw).
+"""The source layouts datasets.prepare reads, one entry each in LAYOUTS: a subcommand with its help,
+its task (tasks.py), its own flags, its case finder and its folder names. prepare builds its subcommands
+and finds cases through this registry, so adding a layout is one entry here (plus its tests).
 
-Roles per task:
+Each finder returns the cases (datasets/sources.py: an id, the volume of each folder, the split when the
+source defines one), the class names the source gives ({} when none) and the modality it implies (None
+when it does not say). The folders are the task's (tasks.py), input first and target second:
     segmentation   image, label
     synthesis      <source contrast>, <target contrast>   (e.g. t1c, t2w)
     inpainting     image (voided slice), target (healthy image), mask (region to fill)
@@ -12,115 +14,24 @@ import glob
 import json
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
-from .readers import DICOM_FILE_EXTENSIONS, PICTURE_EXTENSIONS, InputError, Source
+from tasks import TASKS, Task
+from util.cli import log
 
-# nnU-Net's 2D datasets (imagesTr/<case>_0000.png) are found like the volumes.
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mhd", ".mha", ".h5", ".hdf5") + PICTURE_EXTENSIONS + DICOM_FILE_EXTENSIONS
+from .readers import VOLUME_FILE_EXTENSIONS, InputError, Source
+from .sources import Case, pair_globs, problem_list_error, strip_extension, volume_path
+
 NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 DEFAULT_SOURCE_SPLITS = {"Tr": "train", "Va": "test", "Val": "test", "Ts": "test"}
 MR_CHANNEL_NAMES = {"MRI", "MR", "T1", "T1W", "T1C", "T1GD", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD",
                     "T1CE", "T2F", "T1N", "CINE", "LGE", "MPRAGE"}
 
 
-@dataclass
-class Case:
-    case_id: str
-    sources: Dict[str, Source]
-    split: Optional[str] = None
-    notes: dict = field(default_factory=dict)
-
-
-def strip_extension(name):
-    for extension in VOLUME_EXTENSIONS:
-        if name.lower().endswith(extension):
-            return name[:-len(extension)]
-    return name
-
-
-def problem_list_error(header, problems, shown=20):
-    lines = problems[:shown] + ([f"... and {len(problems) - shown} more"] if len(problems) > shown else [])
-    return InputError(header + "\n  " + "\n  ".join(lines))
-
-
-# ---------------------------------------------------------------- glob patterns with case ids
-
-def wildcard_regex(pattern):
-    """A regex for a glob pattern whose groups capture what each run of wildcards matched.
-    `**/` matches any number of folders and captures nothing."""
-    parts, index = [], 0
-    while index < len(pattern):
-        if pattern.startswith("**/", index):
-            parts.append("(?:.*/)?")
-            index += 3
-            continue
-        run_start = index
-        while index < len(pattern) and pattern[index] in "*?[":
-            if pattern[index] == "[":
-                index = pattern.index("]", index) + 1
-            else:
-                index += 1
-        if index > run_start:
-            run = pattern[run_start:index]
-            run = re.sub(r"\[!", "[^", run).replace("*", "[^/]*").replace("?", "[^/]")
-            parts.append(f"({run})")
-        else:
-            parts.append(re.escape(pattern[index]))
-            index += 1
-    return re.compile("".join(parts))
-
-
-def glob_by_case(root, pattern, what):
-    """{case id: path} for the files (or folders) a glob relative to root matches. The case id is
-    what the wildcards matched, joined by '_': 'img/img*.nii.gz' gives img0001.nii.gz -> '0001'."""
-    regex = wildcard_regex(pattern)
-    if not regex.groups:
-        raise InputError(f"{what} glob '{pattern}' has no wildcard (* ? [...]) to take case ids from")
-    found = {}
-    for path in sorted(glob.glob(os.path.join(root, pattern), recursive=True)):
-        relative = os.path.relpath(path, root).replace(os.sep, "/")
-        match = regex.fullmatch(relative)
-        if match is None:
-            continue
-        case_id = "_".join(group for group in match.groups() if group)
-        if case_id in found:
-            raise InputError(f"{what} glob '{pattern}': {found[case_id]} and {path} both give case id "
-                             f"'{case_id}'; make the pattern more specific")
-        found[case_id] = path
-    if not found:
-        raise InputError(f"{what} glob '{pattern}' matches nothing under {root}")
-    return found
-
-
-def pair_globs(root, patterns, roles, split=None, hdf5_keys=None, skip_unpaired=False):
-    """Cases whose files are given by one glob per role, matched by case id. A file without its
-    partners is an error that lists them all, or with skip_unpaired a note (e.g. the radiographs of a
-    set whose masks cover only some images)."""
-    by_role = {role: glob_by_case(root, pattern, role) for role, pattern in zip(roles, patterns)}
-    all_ids = sorted(set().union(*by_role.values()))
-    problems = [f"case '{case_id}': no {role} file (glob '{pattern}')"
-                for case_id in all_ids for role, pattern in zip(roles, patterns)
-                if case_id not in by_role[role]]
-    if problems and not skip_unpaired:
-        raise problem_list_error("files do not pair up by case id (--skip_unpaired leaves such cases "
-                                 "out):", problems)
-    paired = [case_id for case_id in all_ids if all(case_id in by_role[role] for role in roles)]
-    if problems:
-        print(f"note: {len(all_ids) - len(paired)} of {len(all_ids)} case ids lack a partner file and are "
-              f"left out (--skip_unpaired), e.g. {problems[0]}")
-    if not paired:
-        raise InputError(f"{root}: no case has all of {', '.join(roles)}")
-    hdf5_keys = hdf5_keys or {}
-    return [Case(case_id, {role: Source(by_role[role][case_id], _hdf5_key(by_role[role][case_id],
-                                                                          hdf5_keys.get(role)))
-                           for role in roles}, split)
-            for case_id in paired]
-
-
-def _hdf5_key(path, key):
-    return key if path.lower().endswith((".h5", ".hdf5")) else None
+class FoundCases(NamedTuple):
+    cases: list
+    class_names: Dict[int, str]  # {id: name} the source gives; {} when none
+    modality: Optional[str]  # the modality the source implies; None when it does not say
 
 
 # ---------------------------------------------------------------- nnU-Net / Medical Segmentation Decathlon
@@ -164,7 +75,7 @@ def _volume_stems(folder):
     """{file name: name without extension}; skips hidden files such as the '._x.nii.gz' that macOS
     leaves in the MSD archives."""
     return {name: strip_extension(name) for name in sorted(os.listdir(folder))
-            if not name.startswith(".") and name.lower().endswith(VOLUME_EXTENSIONS)}
+            if not name.startswith(".") and name.lower().endswith(VOLUME_FILE_EXTENSIONS)}
 
 
 def _msd_images(folder, label_folder, channel):
@@ -186,14 +97,6 @@ def _msd_images(folder, label_folder, channel):
     return images
 
 
-def _label_path(folder, case_id):
-    for extension in VOLUME_EXTENSIONS:
-        path = os.path.join(folder, case_id + extension)
-        if os.path.exists(path):
-            return path
-    return None
-
-
 def find_msd_cases(root, channel=0, source_splits=None):
     """imagesTr/labelsTr (and Va, Val, Ts when they exist with their labels folder)."""
     source_splits = source_splits or DEFAULT_SOURCE_SPLITS
@@ -204,15 +107,15 @@ def find_msd_cases(root, channel=0, source_splits=None):
         if not os.path.isdir(image_folder) or split == "skip":
             continue
         if not os.path.isdir(label_folder):
-            print(f"note: {image_folder} has no {os.path.basename(label_folder)} next to it; "
-                  f"its images are not used")
+            log(f"note: {image_folder} has no {os.path.basename(label_folder)} next to it; "
+                f"its images are not used")
             continue
         present.append(split)
         images = _msd_images(image_folder, label_folder, channel)
         if not images:
             problems.append(f"{image_folder}: no images (channel {channel})")
         for case_id, image_path in images.items():
-            label_path = _label_path(label_folder, case_id)
+            label_path = volume_path(label_folder, case_id)
             if label_path is None:
                 problems.append(f"case '{case_id}': {image_path} has no label in {label_folder}")
                 continue
@@ -245,7 +148,7 @@ def find_acdc_cases(root):
     pattern = os.path.join(root, "**", "patient*_frame[0-9][0-9].nii*")
     for image_path in sorted(glob.glob(pattern, recursive=True)):
         case_id = strip_extension(os.path.basename(image_path))
-        label_path = _label_path(os.path.dirname(image_path), case_id + "_gt")
+        label_path = volume_path(os.path.dirname(image_path), case_id + "_gt")
         if label_path is None:
             problems.append(f"case '{case_id}': {image_path} has no {case_id}_gt label")
             continue
@@ -301,3 +204,146 @@ def find_brats_cases(root, roles_to_suffixes, fallbacks=None):
     if problems:
         raise problem_list_error(f"{root}: incomplete BraTS cases:", problems)
     return cases
+
+
+# ---------------------------------------------------------------- the registry
+
+class Layout:
+    """A source layout, the subcommand `python -m datasets.prepare <name>`. An entry sets name, help and
+    task and defines find_cases; add_arguments and folders where it has flags or folder names of its own."""
+    name: str
+    help: str
+    task: Task
+
+    def add_arguments(self, parser):
+        """The layout's own flags (the flags every layout takes are datasets.prepare's)."""
+
+    def find_cases(self, args) -> FoundCases:
+        raise NotImplementedError
+
+    def folders(self, args) -> Dict[str, str]:
+        """{folder: kind} of the prepared dataset, input first, target second."""
+        return self.task.folder_kinds()
+
+
+def add_skip_unpaired(parser):
+    parser.add_argument("--skip_unpaired", action="store_true",
+                        help="leave out case ids that lack a partner file (e.g. images without a mask) "
+                             "instead of refusing; the count is printed")
+
+
+def parse_source_splits(text):
+    """'Tr:train,Ts:test' -> {'Tr': 'train', 'Ts': 'test'}."""
+    pairs = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition(":")
+        if not sep or value not in ("train", "test", "val", "skip"):
+            raise InputError(f"--source_splits: '{item}' is not SUFFIX:{{train,test,val,skip}}")
+        pairs[key] = value
+    return pairs
+
+
+class MsdLayout(Layout):
+    name, task = "msd", TASKS["segmentation"]
+    help = "nnU-Net / Medical Segmentation Decathlon folders (AMOS, WORD, MSD)"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--source_splits", default="Tr:train,Va:test,Val:test,Ts:test",
+                            help="images<SUFFIX>/labels<SUFFIX> folders and their split (train, test, val, "
+                                 "skip); with one split present, the test split is drawn (--test_fraction)")
+
+    def find_cases(self, args):
+        description = read_dataset_json(args.root)
+        cases = find_msd_cases(args.root, args.channel or 0, parse_source_splits(args.source_splits))
+        return FoundCases(cases, class_names_from_dataset_json(description),
+                          modality_from_dataset_json(description, args.channel or 0))
+
+
+class GlobLayout(Layout):
+    name, task = "glob", TASKS["segmentation"]
+    help = "an images glob and a labels glob matched by case id (BTCV, MicroSegNet, PROMISE12, LA, ...)"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--images", required=True,
+                            help="glob relative to --root; the case id is what the wildcards match, "
+                                 "e.g. 'img/img*.nii.gz' gives img0001.nii.gz the id 0001")
+        parser.add_argument("--labels", required=True, help="glob of the labels, same case ids")
+        parser.add_argument("--test_images", help="glob of test images (the others become train)")
+        parser.add_argument("--test_labels", help="glob of test labels")
+        parser.add_argument("--hdf5_image_key", default="image", help="HDF5 dataset holding the image")
+        parser.add_argument("--hdf5_label_key", default="label", help="HDF5 dataset holding the label")
+        add_skip_unpaired(parser)
+
+    def find_cases(self, args):
+        roles = list(self.folders(args))
+        keys = {"image": args.hdf5_image_key, "label": args.hdf5_label_key}
+        cases = pair_globs(args.root, [args.images, args.labels], roles, None, keys, args.skip_unpaired)
+        if args.test_images or args.test_labels:
+            if not (args.test_images and args.test_labels):
+                raise InputError("--test_images and --test_labels go together")
+            for case in cases:
+                case.split = "train"
+            cases += pair_globs(args.root, [args.test_images, args.test_labels], roles, "test", keys,
+                                args.skip_unpaired)
+        return FoundCases(cases, {}, None)
+
+
+class AcdcLayout(Layout):
+    name, task = "acdc", TASKS["segmentation"]
+    help = "ACDC patient folders (frames with _gt labels)"
+
+    def find_cases(self, args):
+        return FoundCases(find_acdc_cases(args.root), dict(ACDC_CLASS_NAMES), "MRI")
+
+
+class BratsSynthesisLayout(Layout):
+    name, task = "brats-synthesis", TASKS["synthesis"]
+    help = "BraTS 2023 contrasts, source -> target"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--source", default="t1c", help="input contrast suffix (t1c, t1n, t2f, t2w)")
+        parser.add_argument("--target", default="t2w", help="target contrast suffix")
+
+    def folders(self, args):
+        if args.source == args.target:
+            raise InputError("--source and --target must be different contrasts")
+        return self.task.folder_kinds(args.source, args.target)  # one folder per contrast, named by it
+
+    def find_cases(self, args):
+        return FoundCases(find_brats_cases(args.root, {args.source: args.source, args.target: args.target}),
+                          {}, "MRI")
+
+
+class BratsInpaintingLayout(Layout):
+    name, task = "brats-inpainting", TASKS["inpainting"]
+    help = "BraTS 2023 local synthesis (inpainting)"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--voided_suffix", default="t1n-voided", help="image with the region removed")
+        parser.add_argument("--healthy_suffix", default="t1n", help="complete image (the target)")
+        parser.add_argument("--mask_suffixes", nargs="+", default=["mask", "mask-healthy"],
+                            help="region to fill; the first one present is used")
+
+    def find_cases(self, args):
+        cases = find_brats_cases(args.root, {"image": args.voided_suffix, "target": args.healthy_suffix,
+                                             "mask": args.mask_suffixes[0]}, {"mask": args.mask_suffixes[1:]})
+        return FoundCases(cases, {}, "MRI")
+
+
+class DenoisingLayout(Layout):
+    name, task = "denoising", TASKS["denoising"]
+    help = "low-dose / normal-dose volumes (e.g. CT)"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--low_dose", required=True, help="glob of low-dose volumes or DICOM folders")
+        parser.add_argument("--normal_dose", required=True, help="glob of normal-dose ones, same case ids")
+        add_skip_unpaired(parser)
+
+    def find_cases(self, args):
+        cases = pair_globs(args.root, [args.low_dose, args.normal_dose], list(self.folders(args)),
+                           skip_unpaired=args.skip_unpaired)
+        return FoundCases(cases, {}, "CT")
+
+
+LAYOUTS: Dict[str, Layout] = {layout.name: layout for layout in (
+    MsdLayout(), GlobLayout(), AcdcLayout(), BratsSynthesisLayout(), BratsInpaintingLayout(), DenoisingLayout())}

@@ -1,4 +1,4 @@
-"""Reading a prepared dataset: its manifest, cases per split, slice files, and volumes put back.
+"""Reading a prepared dataset: its manifest, cases per split and slice files.
 
 A prepared root holds one folder per dataset, each with a manifest.json written by
 `python -m datasets.prepare`. Reading one checks it cheaply (valid JSON, a supported format_version, the
@@ -59,6 +59,8 @@ disagree with its cases is refused rather than read by either: someone edited on
 and quietly following the cases would train on cases the edit meant to hold out. Edit both (or
 prepare again with --test_cases).
 
+Predictions go back onto a case's original grid through datasets.slicing.SliceGrid.from_record(record).
+
 A slice's relative position in its volume, the one definition that evaluation and prediction share to
 pair a query slice with context slices from other volumes: slice_position(index, num_slices) =
 (index + 0.5) / num_slices, the centre of the slice's share of the axis (a one-slice volume: 0.5).
@@ -73,8 +75,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from util.cli import UsageError
-
-from . import geometry
 
 MANIFEST_NAME = "manifest.json"
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -327,20 +327,3 @@ class PreparedDataset:
         return [SlicePair(self.name, case_id, index, self.slice_path(self.input_folder, case_id, index),
                           self.slice_path(self.target_folder, case_id, index))
                 for case_id in self.case_ids(split) for index in self.slice_indices(case_id)]
-
-    def restore_volume(self, case_id, pictures, kind="label", fill=0):
-        """Puts size x size pictures back on the case's original voxel grid.
-
-        pictures: {slice index: 2D array}, e.g. predicted labels read with `read_png`. Labels use
-        nearest neighbour, kind="image" bilinear/area. Slices without a picture get `fill`. The result
-        is in the original voxel order, so it can be saved with record["original"]["affine"]."""
-        record = self.case(case_id)
-        plan, axis = record["resize"], record["slice_axis"]
-        canonical_shape = record["canonical"]["shape"]
-        dtype = np.float32 if kind == "image" else np.int64
-        volume = np.full(canonical_shape, fill, dtype=dtype)
-        undo = geometry.unresize_intensity if kind == "image" else geometry.unresize_nearest
-        for index, picture in pictures.items():
-            in_plane = geometry.display_to_slice(undo(np.asarray(picture), plan))
-            np.moveaxis(volume, axis, 0)[index] = in_plane
-        return geometry.from_canonical(volume, np.asarray(record["original"]["affine"]))

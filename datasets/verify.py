@@ -8,8 +8,8 @@ each of its folders and exactly those the manifest lists; no case without slices
 among the case's slices, and all of them for cases outside the test split (only test cases keep slices
 without foreground); every PNG readable and of the manifest's size; image folders 8-bit grey; label
 ids among the manifest's classes; masks 0/255; no case folder that the manifest does not know (left by
-an interrupted run). Exits 1 when a problem is found, after listing them all, and 2 when the root
-itself is missing or holds no dataset folder.
+an interrupted run). Problems are listed as warnings (the first SUMMARY_LIMIT), then the run ends with
+one error line and status 2, as it does when the root itself is missing or holds no dataset folder.
 """
 import argparse
 import os
@@ -18,7 +18,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from util.cli import UsageError, run_main
+from util.cli import ArgumentParser, UsageError, log, run_main, warn
 
 from .manifest import HIDDEN_PREFIX, PreparedDataset, dataset_folders, decode_png
 
@@ -126,23 +126,20 @@ def verify_root(root):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m datasets.verify", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m datasets.verify", description=__doc__.split("\n\n")[0],
+                            epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="the prepared root (the --out of datasets.prepare)")
     args = parser.parse_args(argv)
     summaries, problems = verify_root(args.root)
     for line in summaries:
-        print(line)
+        log(line)
     if problems:
-        print(f"{len(problems)} problems:", file=sys.stderr)
         for problem in problems[:SUMMARY_LIMIT]:
-            print("  " + problem, file=sys.stderr)
+            warn(problem)
         if len(problems) > SUMMARY_LIMIT:
-            print(f"  ... and {len(problems) - SUMMARY_LIMIT} more", file=sys.stderr)
-        return 1
-    print("ok")
-    return 0
+            warn(f"... and {len(problems) - SUMMARY_LIMIT} more problems")
+        raise UsageError(f"{args.root}: {len(problems)} problems (listed above)")
+    log("ok")
 
 
 if __name__ == "__main__":

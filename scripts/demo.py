@@ -13,6 +13,7 @@ main_eval.py on the held-out slabs with baselines on the same queries and contex
     scripts/demo.sh                  # about 10 minutes of training on 2 cores
     scripts/demo.sh --minutes 30     # longer training, better numbers
     scripts/demo.sh --steps 800      # a fixed number of steps: the same numbers on any machine
+    python -m scripts.demo --help    # the same, in an environment that is already set up
 """
 import argparse
 import json
@@ -24,14 +25,15 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import main_eval  # noqa: E402
-import main_pretrain  # noqa: E402
-from datasets import prepare  # noqa: E402
-from datasets.canvas import InContextDataset, Mixture  # noqa: E402
-from datasets.mni_demo import write_demo_sources  # noqa: E402
-from masking_generator import MaskPolicy  # noqa: E402
-from models_mvg import create_model  # noqa: E402
+import main_eval
+import main_pretrain
+from datasets import prepare
+from datasets.canvas import InContextDataset, Mixture
+from datasets.mni_demo import write_demo_sources
+from label_encoding import LABEL_ENCODINGS
+from masking_generator import MaskPolicy
+from models_mvg import create_model
+from util.cli import ArgumentParser, UsageError, log, run_main
 
 # The demo's model and canvas: a 6-block ViT-Ti on 256x128 canvases (two 128x128 pairs cropped from
 # 144x144 slices), small enough to learn on two CPU cores in minutes. --fast shrinks everything
@@ -41,13 +43,13 @@ FAST = dict(size=40, input_size=(64, 32), depth=4, batch_size=2, mask=(2, 1, 2))
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='demo_output', help='everything the demo writes')
     p.add_argument('--minutes', type=float, default=10.0, help='training time budget')
     p.add_argument('--steps', type=int, help='train exactly this many steps instead (reproducible results '
                                              'whatever the machine or its load)')
     p.add_argument('--workers', type=int, default=1, help='data loading processes during training')
-    p.add_argument('--label_encoding', default='grey', choices=['grey', 'random_colors', 'binary'],
+    p.add_argument('--label_encoding', default='grey', choices=LABEL_ENCODINGS,
                    help="how labels are drawn; 'grey' (the authors' code) learns within minutes on a CPU, "
                         "'random_colors' (the paper's best) needs much longer training")
     p.add_argument('--seed', type=int, default=0)
@@ -57,7 +59,7 @@ def get_args_parser():
 
 
 def stage(title):
-    print(f'\n=== {title}', flush=True)
+    log(f'\n=== {title}')
 
 
 def build_data(out, config, seed):
@@ -68,7 +70,7 @@ def build_data(out, config, seed):
                  ['denoising', '--root', denoise, '--low_dose', 'noisy/*.nii.gz', '--normal_dose', 'clean/*.nii.gz',
                   '--modality', 'MRI', '--dataset', 'MNI_denoise', *common]):
         if prepare.main(argv) != 0:
-            sys.exit(f'preparing the demo data failed: {" ".join(argv)}')
+            raise UsageError(f'preparing the demo data failed (the reason is above): {" ".join(argv)}')
     return prepared
 
 
@@ -113,7 +115,7 @@ def train(prepared, out, config, args):
     samples_per_epoch = max(1, steps // epochs) * config['batch_size']
     count, smallest, largest = config['mask']
     run_dir = os.path.join(out, 'train')
-    print(f'{steps} steps of batch {config["batch_size"]} in {epochs} epoch(s)', flush=True)
+    log(f'{steps} steps of batch {config["batch_size"]} in {epochs} epoch(s)')
     argv = ['--model', 'mvg_vit_tiny_patch16', '--depth', str(config['depth']),
             '--input_size', *map(str, config['input_size']), '--batch_size', str(config['batch_size']),
             '--epochs', str(epochs), '--samples_per_epoch', str(samples_per_epoch),
@@ -122,7 +124,7 @@ def train(prepared, out, config, args):
             '--num_mask_patches', str(count), '--min_mask_patches_per_block', str(smallest),
             '--max_mask_patches_per_block', str(largest), '--half_mask_ratio', '0.5',
             # Train as the evaluation asks: the context pair comes from another case (slab).
-            '--context', 'other_case', '--mixture', write_mixture(prepared, out), '--label_encoding', args.label_encoding,
+            '--context_from', 'other_case', '--mixture', write_mixture(prepared, out), '--label_encoding', args.label_encoding,
             '--device', 'cpu', '--precision', 'fp32',
             '--num_workers', str(args.workers), '--seed', str(args.seed), '--output_dir', run_dir,
             '--save_every_epochs', '0', '--save_every_steps', '200', '--print_freq', '20',
@@ -136,11 +138,11 @@ def evaluate(checkpoint, prepared, out, fast):
     the checkpoint's record."""
     eval_dir = os.path.join(out, 'eval')
     argv = ['--checkpoint', checkpoint, '--data_path', prepared, '--output_dir', eval_dir, '--device', 'cpu',
-            '--context', 'retrieval', '--baselines', '--grids', '4', '--batch_size', '8']
+            '--context_policy', 'retrieval', '--baselines', '--grids', '4', '--batch_size', '8']
     if fast:
         argv += ['--max_cases', '1']
     if main_eval.main(argv) != 0:
-        sys.exit('the evaluation failed; see the error above')
+        raise UsageError('the evaluation failed (the reason is above)')
     with open(os.path.join(eval_dir, 'results.json')) as handle:
         return {(d['dataset'], d['protocol']): d for d in json.load(handle)['datasets']}, eval_dir
 
@@ -178,7 +180,7 @@ def report(results, eval_dir, out, timings):
                                                  f'all tables: {eval_dir}/results.md'])
     with open(os.path.join(out, 'summary.md'), 'w') as handle:
         handle.write(text + '\n')
-    print('\n' + text)
+    log('\n' + text)
     return model_dice > copy_dice and model_psnr > noisy_psnr
 
 
@@ -207,4 +209,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(main))

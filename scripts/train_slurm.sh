@@ -11,7 +11,8 @@
 #
 # MVG training under SLURM on several nodes: srun starts one process per GPU and main_pretrain.py
 # takes its rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, and the rendezvous from
-# MASTER_ADDR / MASTER_PORT exported here.
+# MASTER_ADDR / MASTER_PORT exported here. Precision: --precision auto, bf16 where the GPUs have it,
+# else fp16 with loss scaling.
 #
 #   DATA=/data/prepared MAE=/ckpt/mae_pretrain_vit_large.pth OUT=runs/mvg_l sbatch scripts/train_slurm.sh
 #
@@ -45,7 +46,7 @@ srun --kill-on-bad-exit=1 python main_pretrain.py \
   --model mvg_vit_large_patch16 --input_size 896 448 \
   --batch_size 16 --epochs "$EPOCHS" --warmup_epochs 5 --lr 1e-3 --weight_decay 0.05 --layer_decay 0.8 \
   --num_mask_patches 256 --half_mask_ratio 1.0 --max_mask_patches_per_block 128 --min_mask_patches_per_block 16 \
-  --precision fp16 --num_workers 8 --save_every_steps 1000 \
+  --num_workers 8 --save_every_steps 1000 \
   --data_path "${data_paths[@]}" --output_dir "$OUT" --auto_resume \
   ${init[@]+"${init[@]}"} "$@" || status=$?
 if [ "$status" -ne 0 ]; then

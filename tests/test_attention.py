@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import models_mvg
+import rel_pos_attention
 from masking_generator import MaskingGenerator, ar_mask
-from models_mvg import ATTENTION_PATHS, choose_attention, mvg_vit_tiny_patch16
+from models_mvg import mvg_vit_tiny_patch16
+from rel_pos_attention import ATTENTION_PATHS, choose_attention
 
 # (canvas, build options): a 4x2 token grid, a 6x5 one (odd width, rows != 2 x columns), and a model
 # with a windowed block (2x2 windows and their own 3-entry tables).
@@ -144,7 +145,7 @@ def test_augmented_needs_no_math_kernel_on_cpu():
 
 
 def sabotaged_logit_terms(kind):
-    correct = models_mvg.rel_pos_logit_terms
+    correct = rel_pos_attention.rel_pos_logit_terms
 
     def terms(q, rel_pos_h, rel_pos_w, grid):
         if kind == 'negated':
@@ -161,7 +162,7 @@ def test_a_wrong_bias_breaks_the_comparison(kind, monkeypatch):
     model = tiny_model((96, 80))
     batch = hybrid_batch(model)
     reference = train_results(model, *batch, 'eager')
-    monkeypatch.setattr(models_mvg, 'rel_pos_logit_terms', sabotaged_logit_terms(kind))
+    monkeypatch.setattr(rel_pos_attention, 'rel_pos_logit_terms', sabotaged_logit_terms(kind))
     with pytest.raises(AssertionError):
         assert_same(train_results(model, *batch, 'augmented'), reference, atol=1e-5, rtol=1e-5)
 
@@ -195,13 +196,13 @@ def test_auto_rule():
 
 def test_auto_follows_autocast_and_grad_mode(monkeypatch):
     chosen = []
-    real_choice = models_mvg.choose_attention
+    real_choice = rel_pos_attention.choose_attention
 
     def recorded_choice(*key):
         chosen.append(key)
         return real_choice(*key)
 
-    monkeypatch.setattr(models_mvg, 'choose_attention', recorded_choice)
+    monkeypatch.setattr(rel_pos_attention, 'choose_attention', recorded_choice)
     model = tiny_model((64, 32))
     imgs, tgts, mask = hybrid_batch(model)
     model(imgs, tgts, mask)

@@ -1,4 +1,5 @@
 """The training dataset: canvases for every task and label encoding, from data made by the prepare tool."""
+import dataclasses
 import json
 import os
 
@@ -9,10 +10,10 @@ import torch
 from scipy.stats import chisquare
 
 from datasets import prepare
-from datasets.canvas import (
-    Augment, InContextDataset, Mixture, MixtureEntry, load_mixture, random_palette, render_labels,
-)
-from masking_generator import TASKS, MaskPolicy, sample_rng
+from datasets.canvas import Augment, InContextDataset, Mixture, MixtureEntry, load_mixture
+from label_encoding import random_palette, render_labels
+from masking_generator import MaskPolicy, sample_rng
+from tasks import TASK_NAMES, TASKS
 from util.cli import UsageError
 
 CANVAS = (64, 32)  # two 32x32 pairs; a 4x2 token grid
@@ -96,7 +97,7 @@ def test_segmentation_canvas_shapes_mask_valid_and_shared_colours(prepared):
     for index in range(20):
         item = data[index]
         assert item["imgs"].shape == item["tgts"].shape == (3, *CANVAS)
-        assert item["task"] == TASKS.index("segmentation") and data.names[item["dataset"]] == "Seg"
+        assert item["task"] == TASK_NAMES.index("segmentation") and data.names[item["dataset"]] == "Seg"
         mask = item["mask"].reshape(4, 2)
         assert mask[2:].all() and not mask[:2].any()  # segmentation: whole query target hidden
         target = raw_pixels(item["tgts"])
@@ -114,7 +115,7 @@ def test_other_tasks_use_image_targets_and_mim_masks(prepared):
     seen = set()
     for index in range(40):
         item = data[index]
-        seen.add(TASKS[item["task"]])
+        seen.add(TASK_NAMES[item["task"]])
         assert item["mask"].sum() == 3  # MIM: exactly num_mask_patches
         assert torch.all(item["valid"] == 1)
     assert seen == {"synthesis", "denoising", "inpainting"}
@@ -141,7 +142,7 @@ def test_render_labels_many_classes_and_limits():
     assert (first[:, 0, 0] == 0).all()  # background black
     assert len(colours(first.transpose(1, 2, 0))) == 1199  # every class its own colour
     np.testing.assert_array_equal(first[:, ::-1], second)  # same class, same colour in both maps
-    with pytest.raises(ValueError, match="grey"):
+    with pytest.raises(UsageError, match="grey"):
         render_labels([ids], "grey", rng)
     with pytest.raises(ValueError, match="unknown label encoding"):
         render_labels([ids], "rainbow", rng)
@@ -203,13 +204,23 @@ def test_synthesis_swap_reverses_the_direction(prepared):
     assert torch.allclose(a["imgs"], b["tgts"]) and torch.allclose(a["tgts"], b["imgs"])
 
 
+def test_task_settings_come_from_the_registry(prepared, monkeypatch):
+    data = dataset(prepared, ["Seg", "Synth", "Denoise"])
+    assert [source.swap_prob for source in data.sources] == [TASKS[name].swap_prob
+                                                             for name in ("segmentation", "synthesis", "denoising")]
+    monkeypatch.setitem(TASKS, "segmentation", dataclasses.replace(TASKS["segmentation"], background_weight=0.25))
+    item = dataset(prepared, ["Seg"])[0]
+    background = ~raw_pixels(item["tgts"]).any(axis=2)
+    np.testing.assert_allclose(item["valid"][0].numpy(), np.where(background, 0.25, 1.0))
+
+
 def test_context_policies_and_the_one_slice_case(prepared):
-    data = dataset(prepared, ["Seg"], context="other_case")
+    data = dataset(prepared, ["Seg"], context_from="other_case")
     source = data.sources[0]
     for index in range(20):
         query, context = data._pick_pairs(source, np.random.default_rng(index))
         assert query.case_id != context.case_id
-    same = dataset(prepared, ["Seg"], context="same_case")
+    same = dataset(prepared, ["Seg"], context_from="same_case")
     one_slice = source.slices["c2"]
     assert len(one_slice) == 1
     rng = np.random.default_rng(0)

@@ -163,7 +163,7 @@ def test_an_unsupported_format_version(prepared):
 
 def test_verify_reports_a_bad_manifest_among_its_problems(prepared, capsys):
     rewrite_manifest(prepared, lambda m: m.pop("cases"))
-    assert prepare.main(["verify", str(prepared)]) == 1
+    assert prepare.main(["verify", str(prepared)]) == 2
     assert "manifest.json lacks the key 'cases'" in capsys.readouterr().err
 
 
@@ -360,3 +360,49 @@ def test_bad_paths_are_one_error_line_in_every_entry_point(case, tmp_path, prepa
     assert entry_point_mains()[entry](argv) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("error: ") and message.format(**names) in error, error
+
+
+# ---------------------------------------------------------------- one convention across entry points
+
+SHARED_FLAGS = ("--device", "--precision", "--attention", "--model", "--input_size", "--depth", "--label_encoding",
+                "--force")
+PROMPT_FLAGS = ("--num_prompts", "--ensemble", "--scale")
+
+
+def entry_point_parsers():
+    import main_eval
+    import main_pretrain
+    import predict
+    return {"train": main_pretrain.get_args_parser(), "eval": main_eval.get_args_parser(),
+            "predict": predict.get_args_parser()}
+
+
+def flag_spec(parser, flag):
+    """What a user sees of a flag: its default, choices, number of values and type."""
+    (action,) = [a for a in parser._actions if flag in a.option_strings]
+    return action.default, tuple(action.choices or ()), action.nargs, action.type
+
+
+def test_shared_flags_are_spelled_and_defaulted_alike_in_every_entry_point():
+    parsers = entry_point_parsers()
+    for flag in SHARED_FLAGS:
+        specs = {name: flag_spec(parser, flag) for name, parser in parsers.items()}
+        assert len(set(specs.values())) == 1, (flag, specs)
+    for flag in PROMPT_FLAGS:
+        specs = {name: flag_spec(parsers[name], flag) for name in ("eval", "predict")}
+        assert len(set(specs.values())) == 1, (flag, specs)
+    assert flag_spec(parsers["eval"], "--precision")[0] == "auto"
+
+
+@pytest.mark.parametrize("entry", ["train", "eval", "predict"])
+def test_a_bad_flag_value_is_one_error_line_in_every_entry_point(entry, capsys):
+    assert entry_point_mains()[entry](["--precision", "fp64"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: ") and "--precision" in error and "fp64" in error, error
+
+
+def test_fp16_on_the_cpu_is_refused_by_name():
+    from util.runtime import resolve_precision
+    with pytest.raises(UsageError, match="--precision fp16 needs a CUDA device"):
+        resolve_precision("fp16", "cpu")
+    assert resolve_precision("auto", "cpu") == "fp32"

@@ -1,15 +1,13 @@
 """The README demo's fast version: every stage runs on the real MNI152 data and writes its files."""
 import os
 import re
-import sys
 
 import nibabel as nib
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
-import demo  # noqa: E402
-from datasets import mni_demo  # noqa: E402
-from datasets.manifest import PreparedDataset  # noqa: E402
+from datasets import mni_demo
+from datasets.manifest import PreparedDataset
+from scripts import demo
 
 
 def test_demo_sources_hold_out_slabs_far_from_training(tmp_path):

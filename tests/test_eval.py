@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import main_eval
+from evaluation.contexts import CONTEXT_POLICIES, ContextPicker
 from datasets import prepare
 from datasets.manifest import PreparedDataset
 from models_mvg import mvg_vit_tiny_patch16
@@ -73,7 +74,7 @@ def test_a_perfect_model_scores_dice_one(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(main_eval, 'load_checkpoint', stand_in_loader(CopyContextModel()))
     out = tmp_path / 'eval'
     main_eval.main(['--checkpoint', 'unused', '--data_path', str(prepared), '--output_dir',
-                    str(out), '--context', 'retrieval', '--num_prompts', '2', '--baselines'])
+                    str(out), '--context_policy', 'retrieval', '--num_prompts', '2', '--baselines'])
     acdc, _, ldct, _ = json.loads((out / 'results.json').read_text())['datasets']
     assert acdc['dice'] > 0.95  # every case has the same two-class layout; only resizing blurs edges
     assert acdc['hd95'] <= 1.5  # mm, spacing 1 mm at 40 px
@@ -84,23 +85,23 @@ def test_a_perfect_model_scores_dice_one(prepared, tmp_path, monkeypatch):
     assert 'ACDC: baseline copy_context | 2 | 1.000' in (out / 'results.md').read_text()
 
 
-@pytest.mark.parametrize('policy', main_eval.CONTEXT_POLICIES)
+@pytest.mark.parametrize('policy', CONTEXT_POLICIES)
 def test_context_policies_use_training_cases_and_are_seeded(prepared, policy):
     dataset = PreparedDataset(str(prepared / 'ACDC'))
-    picker = main_eval.ContextPicker(dataset, policy, k=2, seed=3)
+    picker = ContextPicker(dataset, policy, k=2, seed=3)
     query_case = dataset.case_ids('test')[0]
     index = dataset.slice_indices(query_case)[1]
     image = np.full((SLICE, SLICE), 7, np.uint8)
     first = picker.pick(query_case, index, image)
     assert len(first) == 2 and all(c in dataset.case_ids('train') for c, _ in first)
-    assert main_eval.ContextPicker(dataset, policy, k=2, seed=3).pick(query_case, index, image) == first
+    assert ContextPicker(dataset, policy, k=2, seed=3).pick(query_case, index, image) == first
     if policy == 'position':  # same relative position: the same slice number in these equal cases
         assert all(s == index for _, s in first)
 
 
 def test_few_shot_context_cases(prepared):
     dataset = PreparedDataset(str(prepared / 'ACDC'))
-    picker = main_eval.ContextPicker(dataset, 'random', k=1, seed=0, context_cases=1)
+    picker = ContextPicker(dataset, 'random', k=1, seed=0, context_cases=1)
     assert picker.cases == dataset.case_ids('train')[:1]
 
 
@@ -278,7 +279,7 @@ def test_position_context_uses_the_slice_position_in_the_volume(gapped):
     from datasets.manifest import slice_position
     dataset = PreparedDataset(str(gapped / 'Gapped'))
     query_case = dataset.case_ids('test')[0]
-    picker = main_eval.ContextPicker(dataset, 'position', k=1, seed=0)
+    picker = ContextPicker(dataset, 'position', k=1, seed=0)
     ((case, index),) = picker.pick(query_case, 1, np.zeros((SLICE, SLICE), np.uint8))
     assert dataset.slice_indices(case) == [1, 2, 5, 6] and index == 1
     assert predict.slice_position is slice_position and slice_position(1, 8) == 1.5 / 8

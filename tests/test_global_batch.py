@@ -11,8 +11,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import main_pretrain
 from engine_pretrain import Progress, train_one_epoch
-from masking_generator import TASKS
 from models_mvg import create_model
+from tasks import TASK_NAMES
+from util.cli import set_rank
 
 INPUT_SIZE = (64, 32)  # a 4x2 token grid; the query target is the bottom 4 tokens
 TOKENS = (INPUT_SIZE[0] // 16) * (INPUT_SIZE[1] // 16)
@@ -34,7 +35,7 @@ def segmentation_sample(generator):
         tgts[(slice(None), *square)] = torch.rand(3, 1, 1, generator=generator) * 3 - 1
         valid[(slice(None), *square)] = 1.0
     mask = torch.arange(TOKENS) >= TOKENS // 2
-    return tgts, valid, mask, TASKS.index("segmentation"), 0
+    return tgts, valid, mask, TASK_NAMES.index("segmentation"), 0
 
 
 def denoising_sample(generator):
@@ -44,7 +45,7 @@ def denoising_sample(generator):
     valid = torch.ones(1, *INPUT_SIZE)
     mask = torch.zeros(TOKENS, dtype=torch.bool)
     mask[torch.randperm(TOKENS, generator=generator)[:2]] = True
-    return tgts, valid, mask, TASKS.index("denoising"), 1
+    return tgts, valid, mask, TASK_NAMES.index("denoising"), 1
 
 
 def global_batch(step: int) -> dict:
@@ -96,6 +97,7 @@ def ddp_worker(rank, store, results):
     """Rank `rank` of 2: the rank's half of every global batch, as 1 micro-batch of 2 and as 2 of 1."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    set_rank(rank)  # as util.misc.init_distributed does: rank 1's progress lines would repeat rank 0's
     try:
         runs = {accum: train([split(split(global_batch(step), 2)[rank], accum) for step in range(STEPS)],
                              world_size=2)[:2]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.canvas import render_labels
-from inference import Predictor, inference_palette, nearest_colour
+from label_encoding import inference_palette, nearest_colour, render_labels
+from inference import Predictor
 from metrics import PSNR_CAP, capped, dice_per_class, hd95_per_class, nanmean, psnr, ssim
 from models_mvg import mvg_vit_tiny_patch16
 
@@ -228,7 +228,7 @@ class RecordingModel(CopyContextModel):
 
 
 def test_training_scale_covers_a_larger_slice_with_unresized_windows():
-    from datasets.canvas import to_normalised_tensor
+    from pixels import to_normalised_tensor
     from inference import window_starts
     label = blob_labels(3, shape=(60, 50))
     image = np.random.default_rng(1).integers(0, 256, size=(60, 50)).astype(np.uint8)
@@ -245,7 +245,7 @@ def test_training_scale_covers_a_larger_slice_with_unresized_windows():
 
 
 def test_training_scale_enlarges_a_smaller_slice_like_the_training_crop():
-    from inference import training_scale_size
+    from pixels import training_scale_size
     assert training_scale_size((20, 40), (32, 32)) == (32, 64)
     assert training_scale_size((512, 512), (448, 448)) == (512, 512)
     label = blob_labels(2, shape=(20, 40))
@@ -254,3 +254,13 @@ def test_training_scale_enlarges_a_smaller_slice_like_the_training_crop():
     (decoded,) = Predictor(model).segment([(image, label)], [image])
     assert decoded.shape == (20, 40) and (decoded == label).mean() > 0.95
     assert len(torch.cat(model.seen)) == 2  # 32x64 at training scale: two 32x32 windows
+
+
+@pytest.mark.parametrize('dtype', [np.uint8, np.uint16, np.int32])
+def test_label_resize_takes_the_pixel_under_each_centre_whatever_the_label_type(dtype):
+    from pixels import resize_picture
+    labels = np.random.default_rng(0).integers(0, 200, (512, 512))
+    resized = resize_picture(labels.astype(dtype), (448, 448), is_label=True)
+    centres = np.floor((np.arange(448) + 0.5) * 512 / 448).astype(int)
+    np.testing.assert_array_equal(resized, labels[np.ix_(centres, centres)])
+    assert resized.dtype == dtype

@@ -6,7 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from masking_generator import TASKS, MaskingGenerator, MaskPolicy, _adjust_count, ar_mask, sample_rng
+from masking_generator import MaskingGenerator, MaskPolicy, _adjust_count, ar_mask, sample_rng
+from tasks import TASK_NAMES, TASKS
 
 RECIPE = dict(input_size=(56, 28), num_masking_patches=256, min_num_patches=16, max_num_patches=128)
 
@@ -155,7 +156,7 @@ def test_same_seed_epoch_index_gives_the_same_masks():
     for seed, epoch, index in [(0, 0, 0), (1, 3, 17), (2 ** 40, 99, 123456)]:
         assert np.array_equal(generator(sample_rng(seed, epoch, index)),
                               generator(sample_rng(seed, epoch, index)))
-        for task in TASKS:
+        for task in TASK_NAMES:
             mask_a, ar_a = policy(task, sample_rng(seed, epoch, index))
             mask_b, ar_b = policy(task, sample_rng(np.int64(seed), np.int32(epoch), np.uint64(index)))
             assert ar_a == ar_b and np.array_equal(mask_a, mask_b)
@@ -219,7 +220,7 @@ def test_half_mask_ratio_one_always_picks_ar():
     policy = MaskPolicy(half_mask_ratio=1.0)
     expected = ar_mask((56, 28))
     for index in range(300):
-        mask, is_ar = policy(TASKS[index % len(TASKS)], sample_rng(0, 0, index))
+        mask, is_ar = policy(TASK_NAMES[index % len(TASK_NAMES)], sample_rng(0, 0, index))
         assert is_ar is True
         assert np.array_equal(mask, expected)
 
@@ -235,6 +236,12 @@ def test_ar_fraction_matches_half_mask_ratio():
     # 4.5 binomial standard deviations: about 0.044 here.
     tolerance = 4.5 * math.sqrt(ratio * (1 - ratio) / draws)
     assert abs(ar_count / draws - ratio) < tolerance
+
+
+def test_by_default_the_registry_says_which_tasks_are_always_ar():
+    policy = MaskPolicy(half_mask_ratio=0.0)
+    for name, task in TASKS.items():
+        assert policy(name, sample_rng(0, 0, 0))[1] is task.always_autoregressive, name
 
 
 def test_policy_honours_custom_always_ar_tasks():

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import predict
+from inference import Predictor
 from models_mvg import mvg_vit_tiny_patch16
 from tests.test_inference import HALF, CopyContextModel, blob_labels, stand_in_loader
 
@@ -168,13 +169,48 @@ def test_image_task_volume_written_back_in_the_query_units(copy_model, tmp_path)
     low = save_nifti(tmp_path / 'low.nii.gz', low_dose, affine)
     full = save_nifti(tmp_path / 'full.nii.gz', full_dose, affine)
     output = tmp_path / 'denoised.nii.gz'
-    run_predict('--task', 'image', '--target_on_input_scale', '--checkpoint', copy_model,
+    run_predict('--task', 'denoising', '--checkpoint', copy_model,
                 '--context_image', low, '--context_target', full, '--context_slices', 0, 1, 2, 3,
                 '--query', low, '--output', output, '--modality', 'CT', '--slice_size', 0)
     written = nib.load(output)
     assert written.get_data_dtype() == np.float32
     step = 300 / 255  # one grey level of the [-100, 200] window
     np.testing.assert_allclose(written.get_fdata(), full_dose, atol=step / 2 + 1e-3)
+
+
+def test_synthesis_volume_is_written_on_the_8_bit_scale(copy_model, tmp_path):
+    """A synthesis target has a scale of its own that the query does not tell: uint8, as prepared."""
+    rng = np.random.default_rng(2)
+    t1, t2 = rng.uniform(0, 800, (2, SIDE, SIDE, 3)).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    source, target = save_nifti(tmp_path / 't1.nii.gz', t1, affine), save_nifti(tmp_path / 't2.nii.gz', t2, affine)
+    output = tmp_path / 'synth.nii.gz'
+    assert run_predict('--task', 'synthesis', '--checkpoint', copy_model, '--context_image', source,
+                       '--context_target', target, '--context_slices', 0, 1, 2, '--query', source, '--output', output,
+                       '--modality', 'MRI', '--slice_size', 0) == 0
+    written = nib.load(output)
+    assert written.get_data_dtype() == np.uint8 and written.shape == t2.shape
+    low, high = np.percentile(t2[t2 > t2.min()], [0.5, 99.5])  # the target's own scale, over its body
+    expected = np.round(np.clip((t2 - low) / (high - low), 0, 1) * 255)
+    np.testing.assert_allclose(written.get_fdata(), expected, atol=1)
+
+
+def test_a_4d_query_needs_a_channel_and_is_written_as_that_channel(copy_model, tmp_path, capsys):
+    labels = canonical_labels((SIDE, SIDE, 4), labelled_slices=range(4))
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    image = ct_image_for(labels)
+    four = save_nifti(tmp_path / 'four.nii.gz', np.stack([image * 0, image], axis=-1), affine)
+    context = save_nifti(tmp_path / 'ctx.nii.gz', image, affine)
+    context_labels = save_nifti(tmp_path / 'ctx_seg.nii.gz', labels, affine)
+    argv = ['--checkpoint', copy_model, '--context_image', context, '--context_label', context_labels,
+            '--context_slices', 1, '--query', four, '--output', tmp_path / 'pred.nii.gz', '--modality', 'CT',
+            '--slice_size', 0]
+    assert run_predict(*argv) == 2
+    assert re.search(r'--query .*four.nii.gz: image is 4D .* with --channel \(0..1\)', capsys.readouterr().err)
+    assert run_predict(*argv, '--channel', 1) == 0
+    written = nib.load(tmp_path / 'pred.nii.gz')
+    assert written.shape == labels.shape
+    np.testing.assert_array_equal(np.asarray(written.dataobj), np.repeat(labels[:, :, 1:2], 4, axis=2))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,14 +223,14 @@ def test_png_image_task_reproduces_the_context_target(copy_model, tmp_path):
     context = save_png(tmp_path / 'ctx.png', np.stack([image] * 3, axis=2))  # RGB becomes grey
     context_target = save_png(tmp_path / 'ctx_target.png', target)
     output = tmp_path / 'pred.png'
-    run_predict('--task', 'image', '--checkpoint', copy_model, '--context_image', context,
+    run_predict('--task', 'synthesis', '--checkpoint', copy_model, '--context_image', context,
                 '--context_target', context_target, '--query', context, '--output', output)
     predicted = np.asarray(Image.open(output))
     assert predicted.dtype == np.uint8 and predicted.shape == target.shape
     assert np.abs(predicted.astype(int) - target).max() <= 1
 
     Image.fromarray(image).save(tmp_path / 'query.bmp')  # other picture formats are read alike
-    run_predict('--task', 'image', '--checkpoint', copy_model, '--context_image', context,
+    run_predict('--task', 'synthesis', '--checkpoint', copy_model, '--context_image', context,
                 '--context_target', context_target, '--query', tmp_path / 'query.bmp', '--output', output)
     np.testing.assert_array_equal(np.asarray(Image.open(output)), predicted)
 
@@ -314,6 +350,21 @@ def test_clear_errors(case, inputs, copy_model, capsys):
     argv = [inputs.get(word, word) for word in argv]
     assert predict.main(['--checkpoint', copy_model, *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_tasks_come_from_the_registry_and_precision_auto_is_resolved(inputs, copy_model, capsys, monkeypatch):
+    argv = ['--checkpoint', copy_model, '--context_image', inputs['png'], '--context_label', inputs['png_label'],
+            '--query', inputs['png'], '--output', inputs['out_png']]
+    assert predict.main([*argv, '--task', 'image']) == 2
+    assert "invalid choice: 'image'" in capsys.readouterr().err
+    assert predict.main([*argv, '--target_on_input_scale']) == 2  # the task says so now
+    assert 'unrecognized arguments: --target_on_input_scale' in capsys.readouterr().err
+    assert predict.main([*argv, '--device', 'cpu', '--precision', 'fp16']) == 2
+    assert '--precision fp16 needs a CUDA device' in capsys.readouterr().err
+    built = []
+    monkeypatch.setattr(predict, 'Predictor', lambda *a, **settings: built.append(settings) or Predictor(*a, **settings))
+    assert predict.main([*argv, '--device', 'cpu']) == 0
+    assert built[0]['precision'] == 'fp32'
 
 
 def test_checkpoint_that_does_not_fit_the_model(tiny_checkpoint, inputs, capsys):

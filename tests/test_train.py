@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import timm
 import torch
 
 import main_pretrain
+import pretrain_setup
 from datasets import prepare
 from engine_pretrain import NonFiniteError, Progress, train_one_epoch
 from models_mvg import MVG, create_model
@@ -109,8 +109,16 @@ def test_seed_command_parses_and_every_authors_flag_is_accepted():
     # Boolean flags are real switches (the authors' --seg_only type=bool could not be turned off).
     assert not main_pretrain.parse_args(["--seg_only", "--no-seg_only"]).seg_only
     assert main_pretrain.parse_args(["--auto_resume", "--compile", "--grad_checkpointing"]).auto_resume
-    with pytest.raises(UsageError, match="--precision fp16 needs --device cuda"):
+    with pytest.raises(UsageError, match="--precision fp16 needs a CUDA device"):
         main_pretrain.parse_args(["--device", "cpu", "--precision", "fp16"])
+    # --precision auto (the default) as evaluation and prediction resolve it: fp32 on the CPU.
+    defaults = main_pretrain.parse_args(["--device", "cpu"])
+    assert defaults.precision == "fp32" and defaults.context_from == "same_case"
+
+
+def test_seg_only_keeps_the_datasets_whose_target_is_a_label_map(mixed):
+    args = main_pretrain.parse_args(["--device", "cpu", "--data_path", mixed, "--seg_only"])
+    assert [os.path.basename(entry.path) for entry in pretrain_setup.build_mixture(args).entries] == ["Seg"]
 
 
 def test_lr_schedule_warmup_cosine_and_layer_scales():
@@ -120,7 +128,7 @@ def test_lr_schedule_warmup_cosine_and_layer_scales():
     assert abs(lrs[8] - 0.55) < 1e-9 and lrs[12] == pytest.approx(0.1)
     model = create_model("mvg_vit_tiny_patch16", input_size=(64, 32), depth=4)
     args = main_pretrain.parse_args(["--device", "cpu", "--layer_decay", "0.5"])
-    optimizer = main_pretrain.build_optimizer(model, args, 1.0, torch.device("cpu"))
+    optimizer = pretrain_setup.build_optimizer(model, args, 1.0, torch.device("cpu"))
     set_lr(optimizer, 0.2)
     assert all(g["lr"] == pytest.approx(0.2 * g["lr_scale"]) for g in optimizer.param_groups)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -304,11 +312,11 @@ def engine_run(toy, scaler, steps=4):
     and final weights and the progress."""
     args = main_pretrain.parse_args([*TINY, "--data_path", toy, "--batch_size", "2"])
     main_pretrain.resolve_model_settings(args)
-    main_pretrain.seed_everything(0)
-    model = main_pretrain.build_model(args)
-    dataset = main_pretrain.build_dataset(args, main_pretrain.build_mixture(args), model.patch_size)
+    pretrain_setup.seed_everything(0)
+    model = pretrain_setup.build_model(args)
+    dataset = pretrain_setup.build_dataset(args, pretrain_setup.build_mixture(args), model.patch_size)
     batches = [torch.utils.data.default_collate([dataset[2 * i], dataset[2 * i + 1]]) for i in range(steps)]
-    optimizer = main_pretrain.build_optimizer(model, args, 1e-3, torch.device("cpu"))
+    optimizer = pretrain_setup.build_optimizer(model, args, 1e-3, torch.device("cpu"))
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     progress = Progress()
     train_one_epoch(model, batches, optimizer, scaler, progress, args, lambda step: 1e-3, dataset.names)
@@ -370,7 +378,7 @@ def test_a_signal_stops_the_run_at_the_next_step_with_a_checkpoint(tmp_path, mix
 
 def test_wandb_is_optional_with_a_clear_message(tmp_path, mixed, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
-    with pytest.raises(SystemExit, match="--wandb needs the wandb package"):
+    with pytest.raises(UsageError, match="--wandb needs the wandb package"):
         run(tmp_path, mixed, "--wandb", "--batch_size", "2", "--samples_per_epoch", "4", "--epochs", "1")
 
 
@@ -451,58 +459,3 @@ def test_finetune_loads_mae_timm_and_mvg_checkpoints_with_a_key_report(tmp_path,
     run(tmp_path / "run", mixed, "--finetune", str(tmp_path / "mae.pth"), "--batch_size", "2",
         "--samples_per_epoch", "4", "--epochs", "1")
     assert "finetune from" in capsys.readouterr().out
-
-
-def test_atomic_save_and_pruning(tmp_path):
-    for epoch in range(5):
-        checkpoint.atomic_save({"epoch": epoch}, str(tmp_path / f"checkpoint-{epoch}.pth"))
-    checkpoint.prune_numbered(str(tmp_path), keep=2)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3.pth", "checkpoint-4.pth"]  # no temp files left
-    assert torch.load(tmp_path / "checkpoint-4.pth", weights_only=True) == {"epoch": 4}
-
-
-def test_background_checkpoint_holds_the_state_of_its_step_and_errors_surface(tmp_path, monkeypatch):
-    """Training goes on while the file is written: the file must hold the state at the moment of the
-    save, not what the weights became meanwhile; and a failed write is not lost in its thread."""
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.ones(1, 3)).sum().backward()
-    optimizer.step()
-    at_save = {k: v.clone() for k, v in model.state_dict().items()}
-    release, original_save = threading.Event(), checkpoint.atomic_save
-
-    def slow_disk(state, path):
-        assert release.wait(timeout=30)
-        original_save(state, path)
-
-    monkeypatch.setattr(checkpoint, "atomic_save", slow_disk)
-    writer = checkpoint.CheckpointWriter()
-    path = str(tmp_path / checkpoint.LAST)
-    checkpoint.save_training_state(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), Progress(),
-                                   {"model": "linear"}, global_batch=1, world_size=1, writer=writer,
-                                   then=lambda: open(tmp_path / "then-ran", "w").close())
-    with torch.no_grad():
-        model.weight.add_(1.0)  # training goes on while the write waits for the disk
-    assert not os.path.exists(path)
-    release.set()
-    writer.wait()
-    saved = checkpoint.load_training_state(path)
-    assert_same_weights(saved["model"], at_save)
-    assert os.path.exists(tmp_path / "then-ran")
-
-    def full_disk(state, path):
-        raise OSError(28, "No space left on device")
-
-    def bug(state, path):
-        raise ValueError("a bug")
-
-    # A file system error is the user's to fix: one line naming the file; anything else keeps its traceback.
-    for failing, error, message in ((full_disk, UsageError, f"{path}: cannot write the checkpoint (the disk is full)"),
-                                    (bug, RuntimeError, "writing a checkpoint failed: ValueError: a bug")):
-        monkeypatch.setattr(checkpoint, "atomic_save", failing)
-        checkpoint.save_training_state(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                                       Progress(), {}, global_batch=1, world_size=1, writer=writer)
-        with pytest.raises(error) as raised:
-            writer.wait()
-        assert str(raised.value).startswith(message)
-        writer.wait()  # reported once

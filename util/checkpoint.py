@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-from util.cli import UsageError
+from util.cli import UsageError, log
 from util.files import describe_os_error
-from util.misc import all_gather_objects, is_main_process, print0
+from util.misc import all_gather_objects, is_main_process
 
 LAST = "checkpoint-last.pth"
 NUMBERED = re.compile(r"^checkpoint-(\d+)\.pth$")
@@ -442,8 +442,8 @@ def load_pretrained(model: torch.nn.Module, path: str, allow_mismatch: bool = Fa
             else:
                 report.unexpected.append((name, "missing from the checkpoint"))
     if report.unexpected and not allow_mismatch:
-        print0(f"{path}: the weights that do not fit the model\n"
-               + "\n".join(f"  {name}: {why}" for name, why in report.unexpected))
+        log(f"{path}: the weights that do not fit the model\n"
+            + "\n".join(f"  {name}: {why}" for name, why in report.unexpected))
         missing = [f"{name} ({why})" for name, why in report.unexpected if name not in state]
         unknown = [f"{name} ({why})" for name, why in report.unexpected if name not in own]
         misshapen = [f"{name} ({why})" for name, why in report.unexpected if name in state and name in own]

@@ -30,7 +30,12 @@ class UsageError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with its errors raised as UsageError, so they leave through run_main like any other."""
+    """argparse, with its errors raised as UsageError, so they leave through run_main like any other,
+    and without abbreviated flags: `--context` must not quietly mean `--context_from`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UsageError(f"{self.prog}: {message}")

@@ -1,5 +1,5 @@
-"""Distributed setup, rank-aware printing, metric smoothing, the index sharding of the loop, and the
-data-loading processes' behaviour (they end with the trainer; their input errors reach it as one line)."""
+"""Distributed setup, metric smoothing, the index sharding of the loop, and the data-loading processes'
+behaviour (they end with the trainer; their input errors reach it as one line)."""
 import ctypes
 import datetime
 import math
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
-from util.cli import UsageError
+from util.cli import UsageError, set_rank
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,21 +57,23 @@ def init_distributed(device_name: str, dist_url: str = "env://", dist_on_itp: bo
                      local_rank_arg: int = -1):
     """Joins the process group the launcher set up (if any) and picks this process's device.
 
-    nccl on CUDA, gloo otherwise. Returns (DistInfo, torch.device).
+    nccl on CUDA, gloo otherwise. From here on only rank 0 logs (util.cli.set_rank). Returns
+    (DistInfo, torch.device).
     """
     ranks = _launcher_ranks(dist_on_itp, local_rank_arg)
     info = DistInfo() if ranks is None else DistInfo(*ranks)
+    set_rank(info.rank)
     device = torch.device(device_name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda was asked for but CUDA is not available; use --device cpu")
+            raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu")
         device = torch.device("cuda", info.local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
     if info.distributed:
         if dist_url == "env://":
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
-                raise SystemExit(f"distributed run with {info.world_size} processes needs {missing} in the "
+                raise UsageError(f"distributed run with {info.world_size} processes needs {missing} in the "
                                  "environment (torchrun sets them; under srun export them, see "
                                  "scripts/train_slurm.sh)")
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -87,17 +89,6 @@ def cleanup_distributed():
 
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def print0(*args, **kwargs):
-    """print() on rank 0 only, flushed (logs of cluster jobs are read while they run)."""
-    if is_main_process():
-        print(*args, **kwargs, flush=True)
-
-
-def warn0(message: str):
-    if is_main_process():
-        print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -387,6 +378,6 @@ def _start_wandb(project: str, config: dict, folder):
     try:
         import wandb
     except ImportError:
-        raise SystemExit("--wandb needs the wandb package (pip install wandb); run without --wandb to "
+        raise UsageError("--wandb needs the wandb package (pip install wandb); run without --wandb to "
                          "log to TensorBoard only") from None
     return wandb.init(project=project, config=config, dir=folder)
