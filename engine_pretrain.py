@@ -3,6 +3,7 @@
 A step is `accum_iter` micro-batches followed by one optimizer update; the data position, the lr
 schedule and checkpoints all count in steps, and a checkpoint is only ever taken between steps.
 """
+
 import contextlib
 import math
 import time
@@ -23,10 +24,11 @@ from util.runtime import autocast
 @dataclass
 class Progress:
     """Where training stands; saved in every checkpoint."""
+
     epoch: int = 0
-    step_in_epoch: int = 0      # optimizer steps of `epoch` already done
-    global_step: int = 0        # optimizer steps since the start of training, skipped ones included
-    skipped_steps: int = 0      # steps whose loss or gradient was not finite (no update)
+    step_in_epoch: int = 0  # optimizer steps of `epoch` already done
+    global_step: int = 0  # optimizer steps since the start of training, skipped ones included
+    skipped_steps: int = 0  # steps whose loss or gradient was not finite (no update)
     consecutive_skips: int = 0
 
     def as_dict(self) -> dict:
@@ -80,6 +82,7 @@ class GroupedLoss:
 def visual_grid(model, batch, pred, mask, rows: int = 4) -> torch.Tensor:
     """(3, rows*H, 4*W) in [0, 1]: per sample, image canvas | target with the mask in grey |
     prediction | ground truth."""
+
     def pictures(x):
         return (denormalise(x[:rows].detach().float().cpu()) / 255).clamp(0, 1)
 
@@ -113,8 +116,10 @@ def global_batch_weight(mvg, micro_batches) -> torch.Tensor:
     however the batch is split, the totals differ only far below fp32 rounding. One all-reduce of
     one number."""
     with torch.no_grad():
-        local = sum(mvg.loss_weights(batch["tgts"], batch["mask"], batch["valid"]).sum(dtype=torch.float64)
-                    for batch in micro_batches)
+        local = sum(
+            mvg.loss_weights(batch["tgts"], batch["mask"], batch["valid"]).sum(dtype=torch.float64)
+            for batch in micro_batches
+        )
     return all_reduce_sum(local)
 
 
@@ -139,8 +144,14 @@ def forward_backward(model, batches, scaler, autocast, accum: int, grouped: Grou
     for micro, batch in enumerate(micro_batches):
         with _no_sync(model, sync=micro == accum - 1):
             with autocast:
-                loss, pred, mask, per_sample = model(batch["imgs"], batch["tgts"], batch["mask"], batch["valid"],
-                                                     return_per_sample=True, loss_divisor=divisor)
+                loss, pred, mask, per_sample = model(
+                    batch["imgs"],
+                    batch["tgts"],
+                    batch["mask"],
+                    batch["valid"],
+                    return_per_sample=True,
+                    loss_divisor=divisor,
+                )
             scaler.scale(loss).backward()
         step_loss += loss.detach().float()
         # A sample without weight (e.g. dropped by min_visible_target) or with a non-finite loss is not counted.
@@ -172,17 +183,19 @@ def agree_across_ranks(loss, grad_norm, stop_requested: bool, world_size: int):
 def skip_reason(weightless: bool, loss: float, grad_norm: float) -> str:
     """Why a step's update is skipped, for the warning."""
     if weightless:
-        return ("no weight in the global batch (every hidden pixel has valid 0, or its sample was dropped "
-                "by min_visible_target)")
+        return (
+            "no weight in the global batch (every hidden pixel has valid 0, or its sample was dropped "
+            "by min_visible_target)"
+        )
     return f"non-finite loss {loss} or grad norm {grad_norm}"
 
 
 class StepResult(NamedTuple):
-    loss: float        # the weighted mean over the global batch; NaN for a batch without weight
+    loss: float  # the weighted mean over the global batch; NaN for a batch without weight
     grad_norm: float
-    data_time: float   # seconds spent waiting for the step's batches
-    signalled: bool    # some rank was asked to stop
-    shown: tuple       # the last micro-batch, its prediction and its mask, for pictures
+    data_time: float  # seconds spent waiting for the step's batches
+    signalled: bool  # some rank was asked to stop
+    shown: tuple  # the last micro-batch, its prediction and its mask, for pictures
 
 
 class OptimisationStep:
@@ -203,8 +216,9 @@ class OptimisationStep:
 
     def __call__(self, batches, lr: float, progress: Progress, grouped: GroupedLoss, stop_requested) -> StepResult:
         set_lr(self.optimizer, lr)
-        loss, weight, data_time, shown = forward_backward(self.model, batches, self.scaler, self.autocast,
-                                                          self.accum, grouped, self.world_size)
+        loss, weight, data_time, shown = forward_backward(
+            self.model, batches, self.scaler, self.autocast, self.accum, grouped, self.world_size
+        )
         grad_norm = gradient_norm(self.scaler, self.optimizer, self.parameters, self.clip_grad)
         loss, grad_norm, signalled = agree_across_ranks(loss, grad_norm, stop_requested(), self.world_size)
         weightless = weight.item() == 0  # read once agree_across_ranks has waited for the device anyway
@@ -219,8 +233,10 @@ class OptimisationStep:
         else:
             progress.skipped_steps += 1
             progress.consecutive_skips += 1
-            warn(f"step {progress.global_step}: {skip_reason(weightless, loss, grad_norm)}; update "
-                 f"skipped ({progress.consecutive_skips} in a row, {progress.skipped_steps} in all)")
+            warn(
+                f"step {progress.global_step}: {skip_reason(weightless, loss, grad_norm)}; update "
+                f"skipped ({progress.consecutive_skips} in a row, {progress.skipped_steps} in all)"
+            )
         self.scaler.update()  # with fp16, an overflow lowers the loss scale
         self.optimizer.zero_grad(set_to_none=True)
         progress.global_step += 1
@@ -246,8 +262,13 @@ class EpochRecord:
 
     def add_step(self, step_time: float, result: StepResult, lr: float):
         self.metrics.update(step_time=step_time, data_time=result.data_time, lr=lr)
-        self.metrics.update(**{name: value for name, value in (("loss", result.loss), ("grad_norm", result.grad_norm))
-                               if math.isfinite(value)})
+        self.metrics.update(
+            **{
+                name: value
+                for name, value in (("loss", result.loss), ("grad_norm", result.grad_norm))
+                if math.isfinite(value)
+            }
+        )
 
     def log_window(self, progress: Progress, steps_per_epoch: int, writer):
         """The progress line and TensorBoard scalars for the steps since the last call."""
@@ -256,15 +277,29 @@ class EpochRecord:
             total = self.window_means.setdefault(name, [0.0, 0])
             total[0] += value
             total[1] += 1
-        log(self.metrics.progress_line(f"Epoch [{progress.epoch}]", progress.step_in_epoch, steps_per_epoch,
-                                       self.global_batch, progress.skipped_steps))
+        log(
+            self.metrics.progress_line(
+                f"Epoch [{progress.epoch}]",
+                progress.step_in_epoch,
+                steps_per_epoch,
+                self.global_batch,
+                progress.skipped_steps,
+            )
+        )
         if writer is not None:
             meters = self.metrics.meters
-            writer.scalars({"loss": meters["loss"].avg, "lr": meters["lr"].value,
-                            "grad_norm": meters["grad_norm"].avg,
-                            "samples_per_s": self.global_batch / meters["step_time"].avg,
-                            "data_time": meters["data_time"].avg, "skipped_steps": progress.skipped_steps,
-                            **window}, progress.global_step)
+            writer.scalars(
+                {
+                    "loss": meters["loss"].avg,
+                    "lr": meters["lr"].value,
+                    "grad_norm": meters["grad_norm"].avg,
+                    "samples_per_s": self.global_batch / meters["step_time"].avg,
+                    "data_time": meters["data_time"].avg,
+                    "skipped_steps": progress.skipped_steps,
+                    **window,
+                },
+                progress.global_step,
+            )
 
     def stats(self, progress: Progress, stop: bool) -> dict:
         """The averages over the epoch's steps trained so far, as train_one_epoch returns them."""
@@ -282,8 +317,19 @@ class EpochRecord:
 # the epoch
 
 
-def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, lr_schedule,
-                    dataset_names, writer=None, save_last=None, stop_requested=lambda: False) -> dict:
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    scaler,
+    progress: Progress,
+    args,
+    lr_schedule,
+    dataset_names,
+    writer=None,
+    save_last=None,
+    stop_requested=lambda: False,
+) -> dict:
     """Runs the loader to its end (or until a stop), updating `progress` after every step.
 
     model            the (possibly DDP- and compile-wrapped) model
@@ -303,8 +349,13 @@ def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, 
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     steps = len(loader) // args.accum_iter
     steps_per_epoch = progress.step_in_epoch + steps
-    record = EpochRecord(args.print_freq, dataset_names, next(mvg.parameters()).device,
-                         args.batch_size * args.accum_iter * world_size, progress.skipped_steps)
+    record = EpochRecord(
+        args.print_freq,
+        dataset_names,
+        next(mvg.parameters()).device,
+        args.batch_size * args.accum_iter * world_size,
+        progress.skipped_steps,
+    )
     optimisation_step = OptimisationStep(model, optimizer, scaler, args, world_size)
     batches = iter(loader)
     step_start = time.perf_counter()
@@ -322,14 +373,17 @@ def train_one_epoch(model, loader, optimizer, scaler, progress: Progress, args, 
             writer.image("canvas: image | masked target | prediction | target", visual_grid(mvg, *result.shown), step)
         stop = stop_or_save(progress, args, record, save_last, result.signalled, steps_per_epoch)
         if stop:
-            log(f"stopping after step {step} ({'signal' if result.signalled else '--stop_after_steps'}); "
-                "checkpoint-last.pth holds the position")
+            log(
+                f"stopping after step {step} ({'signal' if result.signalled else '--stop_after_steps'}); "
+                "checkpoint-last.pth holds the position"
+            )
             break
     return record.stats(progress, stop)
 
 
-def stop_or_save(progress: Progress, args, record: EpochRecord, save_last, signalled: bool,
-                 steps_per_epoch: int) -> bool:
+def stop_or_save(
+    progress: Progress, args, record: EpochRecord, save_last, signalled: bool, steps_per_epoch: int
+) -> bool:
     """After a step: whether training stops (a signal or --stop_after_steps). checkpoint-last.pth is
     written at a stop and every --save_every_steps, except at the epoch's end, where the caller saves.
     Too many non-finite steps in a row raise NonFiniteError, with the last good state saved first."""
@@ -341,10 +395,14 @@ def stop_or_save(progress: Progress, args, record: EpochRecord, save_last, signa
             f"{progress.consecutive_skips} consecutive steps had a non-finite loss or gradient, or no "
             f"loss weight (up to step {step}); stopping. The weights are those of the last good step and "
             f"were saved to checkpoint-last.pth; lower --lr, set --clip_grad or check the data, then "
-            f"--auto_resume.")
+            f"--auto_resume."
+        )
     stop = signalled or bool(args.stop_after_steps and step >= args.stop_after_steps)
     at_epoch_end = progress.step_in_epoch == steps_per_epoch
-    if save_last is not None and not at_epoch_end and (
-            stop or (args.save_every_steps and step % args.save_every_steps == 0)):
+    if (
+        save_last is not None
+        and not at_epoch_end
+        and (stop or (args.save_every_steps and step % args.save_every_steps == 0))
+    ):
         save_last(record.stats(progress, stop))
     return stop

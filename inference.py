@@ -23,8 +23,9 @@ Predictions are decoded per query:
                   query's contexts, and the class whose prediction is brightest above half wins
     image tasks   the mean of the three channels, as the 8-bit grey of the prepared slices
 """
+
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -40,12 +41,13 @@ from util.cli import UsageError
 from util.record import recorded_settings, resolve_settings
 from util.runtime import DTYPES, autocast
 
-PairList = Sequence[Tuple[np.ndarray, np.ndarray]]
+PairList = Sequence[tuple[np.ndarray, np.ndarray]]
 DEFAULT_INPUT_SIZE = [896, 448]  # the paper's canvas, for checkpoints that do not say theirs
 
 
-def model_from_state(state: dict, where: str, model_name: str, input_size: Sequence[int],
-                     depth: Optional[int] = None) -> MVG:
+def model_from_state(
+    state: dict, where: str, model_name: str, input_size: Sequence[int], depth: int | None = None
+) -> MVG:
     """The model `model_name` (canvas input_size, `depth` blocks or the factory's) with the state's
     weights: ours ({'model', ...}), the authors' and Painter's ({'model', 'args': Namespace}) or a bare
     state dict; weights that do not fit are a one-line error, not a dump of keys."""
@@ -54,35 +56,41 @@ def model_from_state(state: dict, where: str, model_name: str, input_size: Seque
         raise UsageError(f"{where}: expected a state dict or a dict with a 'model' entry")
     if model_name not in MODELS:
         raise UsageError(f"--model {model_name}: unknown; choose one of {sorted(MODELS)}")
-    model = create_model(model_name, input_size=tuple(input_size), **({'depth': depth} if depth else {}))
-    check_weights_fit(model, weights, where, "check --model, --depth and --input_size",
-                      target=f"{model_name} with {len(model.blocks)} blocks on a {input_size[0]}x{input_size[1]} canvas")
+    model = create_model(model_name, input_size=tuple(input_size), **({"depth": depth} if depth else {}))
+    check_weights_fit(
+        model,
+        weights,
+        where,
+        "check --model, --depth and --input_size",
+        target=f"{model_name} with {len(model.blocks)} blocks on a {input_size[0]}x{input_size[1]} canvas",
+    )
     model.load_state_dict(weights)
     return model
 
 
-def load_checkpoint(path: str, flags: dict, force: bool = False, required: Sequence[str] = ()) -> Tuple[MVG, dict]:
+def load_checkpoint(path: str, flags: dict, force: bool = False, required: Sequence[str] = ()) -> tuple[MVG, dict]:
     """(model, settings) from a checkpoint and the user's flags ({'model': ..., 'input_size': ...,
     'depth': ..., 'label_encoding': ..., None where not given}); see util/record.py for the rules.
     `required` names settings that must be known (e.g. the label encoding for segmentation).
     settings also says where the checkpoint's values came from ('settings_source')."""
     state = read_checkpoint(path)
     recorded = recorded_settings(state, path)
-    wanted = {'model': None, 'input_size': None, 'depth': None, **flags}
-    settings = resolve_settings(wanted, recorded, path, force, defaults={'input_size': DEFAULT_INPUT_SIZE},
-                                required=('model', *required))
-    model = model_from_state(state, path, settings['model'], settings['input_size'], settings['depth'])
-    settings['depth'] = len(model.blocks)
-    settings['settings_source'] = recorded.source
+    wanted = {"model": None, "input_size": None, "depth": None, **flags}
+    settings = resolve_settings(
+        wanted, recorded, path, force, defaults={"input_size": DEFAULT_INPUT_SIZE}, required=("model", *required)
+    )
+    model = model_from_state(state, path, settings["model"], settings["input_size"], settings["depth"])
+    settings["depth"] = len(model.blocks)
+    settings["settings_source"] = recorded.source
     return model, settings
 
 
-def window_starts(length: int, window: int) -> List[int]:
+def window_starts(length: int, window: int) -> list[int]:
     """Starts of the fewest `window`-long windows that cover `length`, spread evenly (overlapping)."""
     count = math.ceil(length / window)
     if count == 1:
         return [0]
-    return [int(round(i * (length - window) / (count - 1))) for i in range(count)]
+    return [round(i * (length - window) / (count - 1)) for i in range(count)]
 
 
 def matching_start(start: int, length: int, other_length: int, window: int) -> int:
@@ -90,14 +98,24 @@ def matching_start(start: int, length: int, other_length: int, window: int) -> i
     relative place, so that the two windows show corresponding anatomy."""
     if length == window:
         return (other_length - window) // 2
-    return int(round(start / (length - window) * (other_length - window)))
+    return round(start / (length - window) * (other_length - window))
 
 
 class Predictor:
     """Runs an MVG model in context on slices; see the module docstring."""
 
-    def __init__(self, model, device='cpu', precision='fp32', batch_size=8, label_encoding='random_colors',
-                 num_prompts=1, ensemble='features', seed=0, scale='training'):
+    def __init__(
+        self,
+        model,
+        device="cpu",
+        precision="fp32",
+        batch_size=8,
+        label_encoding="random_colors",
+        num_prompts=1,
+        ensemble="features",
+        seed=0,
+        scale="training",
+    ):
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got '{precision}'")
         if label_encoding not in LABEL_ENCODINGS:
@@ -118,19 +136,20 @@ class Predictor:
     # ----------------------------------------------------------------------------------------------
     # public entry points
 
-    def segment(self, contexts: Union[PairList, Sequence[PairList]], queries: Sequence[np.ndarray]) -> List[np.ndarray]:
+    def segment(self, contexts: PairList | Sequence[PairList], queries: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Class-id maps (int64, each query's size) for the queries."""
         contexts = self._contexts_per_query(contexts, queries, targets_are_labels=True)
         foregrounds = [self._foreground_of(pairs, q) for q, pairs in enumerate(contexts)]
         return self._in_chunks(self._segment_chunk, contexts, queries, foregrounds)
 
-    def translate(self, contexts: Union[PairList, Sequence[PairList]], queries: Sequence[np.ndarray]) -> List[np.ndarray]:
+    def translate(self, contexts: PairList | Sequence[PairList], queries: Sequence[np.ndarray]) -> list[np.ndarray]:
         """uint8 grey images (each query's size) for image-to-image tasks."""
         contexts = self._contexts_per_query(contexts, queries, targets_are_labels=False)
         return self._in_chunks(self._translate_chunk, contexts, queries)
 
-    def run(self, task: Task, contexts: Union[PairList, Sequence[PairList]],
-            queries: Sequence[np.ndarray]) -> List[np.ndarray]:
+    def run(
+        self, task: Task, contexts: PairList | Sequence[PairList], queries: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
         """What the task's target is: class ids (segment) or images (translate)."""
         run = self.segment if task.target_is_label else self.translate
         return run(contexts, queries)
@@ -138,7 +157,7 @@ class Predictor:
     # ----------------------------------------------------------------------------------------------
     # decoding, a chunk of queries at a time
 
-    def _in_chunks(self, decode, contexts, queries, *per_query) -> List[np.ndarray]:
+    def _in_chunks(self, decode, contexts, queries, *per_query) -> list[np.ndarray]:
         """decode() on batch_size queries at a time, so that only one chunk's float predictions are
         held in memory (a volume's slices can run to gigabytes of them)."""
         outputs = []
@@ -147,23 +166,25 @@ class Predictor:
             outputs += decode(contexts[chunk], queries[chunk], *(values[chunk] for values in per_query))
         return outputs
 
-    def _segment_chunk(self, contexts, queries, foregrounds) -> List[np.ndarray]:
-        if self.label_encoding == 'binary':
+    def _segment_chunk(self, contexts, queries, foregrounds) -> list[np.ndarray]:
+        if self.label_encoding == "binary":
             return self._segment_one_class_at_a_time(contexts, queries, foregrounds)
         palettes = [inference_palette(foreground, self.label_encoding, self.seed) for foreground in foregrounds]
         draws = [drawing(foreground, palette) for foreground, palette in zip(foregrounds, palettes)]
         pictures = self._run(contexts, queries, draws, is_label=True)
-        return [decode_nearest(picture, foreground, palette)
-                for picture, foreground, palette in zip(pictures, foregrounds, palettes)]
+        return [
+            decode_nearest(picture, foreground, palette)
+            for picture, foreground, palette in zip(pictures, foregrounds, palettes)
+        ]
 
-    def _translate_chunk(self, contexts, queries) -> List[np.ndarray]:
+    def _translate_chunk(self, contexts, queries) -> list[np.ndarray]:
         pictures = self._run(contexts, queries, [None] * len(queries), is_label=False)
         return [p.mean(axis=0).round().clip(0, 255).astype(np.uint8) for p in pictures]
 
     # ----------------------------------------------------------------------------------------------
     # contexts and label drawing
 
-    def _contexts_per_query(self, contexts, queries, targets_are_labels: bool) -> List[List[tuple]]:
+    def _contexts_per_query(self, contexts, queries, targets_are_labels: bool) -> list[list[tuple]]:
         """One list of num_prompts (uint8 image, target) pairs per query; targets as class ids
         (uint8/uint16/int32) or uint8 grey images."""
         if not len(queries):
@@ -179,8 +200,10 @@ class Predictor:
             for image, target in pairs:
                 key = (id(image), id(target))
                 if key not in checked:  # shared contexts are checked and converted once
-                    checked[key] = (as_grey_uint8(image, 'context image'),
-                                    as_label(target) if targets_are_labels else as_grey_uint8(target, 'context target'))
+                    checked[key] = (
+                        as_grey_uint8(image, "context image"),
+                        as_label(target) if targets_are_labels else as_grey_uint8(target, "context target"),
+                    )
         return [[checked[(id(image), id(target))] for image, target in pairs] for pairs in per_query]
 
     @staticmethod
@@ -189,19 +212,22 @@ class Predictor:
         present = np.unique(np.concatenate([np.unique(target) for _, target in pairs]))
         foreground = present[present != 0].astype(np.int64)
         if not len(foreground):
-            raise ValueError(f"the context labels of query {query_number} hold no class other than "
-                             f"background (0): nothing to segment")
+            raise ValueError(
+                f"the context labels of query {query_number} hold no class other than "
+                f"background (0): nothing to segment"
+            )
         return foreground
 
-    def _segment_one_class_at_a_time(self, contexts, queries, foregrounds) -> List[np.ndarray]:
+    def _segment_one_class_at_a_time(self, contexts, queries, foregrounds) -> list[np.ndarray]:
         """Binary encoding: for each class, the queries whose contexts hold it are run with that
         class drawn white; each query takes its brightest class, if above half."""
         brightness = [{} for _ in queries]  # per query: {class id: (rows, cols) brightness}
         for class_id in np.unique(np.concatenate(foregrounds)):
             members = [q for q, foreground in enumerate(foregrounds) if class_id in foreground]
             draw = drawing(np.array([class_id]), np.full((1, 3), 255, np.uint8))
-            pictures = self._run([contexts[q] for q in members], [queries[q] for q in members],
-                                 [draw] * len(members), is_label=True)
+            pictures = self._run(
+                [contexts[q] for q in members], [queries[q] for q in members], [draw] * len(members), is_label=True
+            )
             for q, picture in zip(members, pictures):
                 brightness[q][int(class_id)] = picture.mean(axis=0)
         return [decode_brightest(per_class) for per_class in brightness]
@@ -209,13 +235,14 @@ class Predictor:
     # ----------------------------------------------------------------------------------------------
     # canvases: views of the slices at the model's scale, batched, stitched back
 
-    def _views(self, shape) -> Tuple[Tuple[int, int], List[Tuple[int, int]]]:
+    def _views(self, shape) -> tuple[tuple[int, int], list[tuple[int, int]]]:
         """(size the slice is brought to, [top-left of each canvas-half window])."""
-        if self.scale == 'fit':
+        if self.scale == "fit":
             return self.half, [(0, 0)]
         size = training_scale_size(shape, self.half)
-        return size, [(top, left) for top in window_starts(size[0], self.half[0])
-                      for left in window_starts(size[1], self.half[1])]
+        return size, [
+            (top, left) for top in window_starts(size[0], self.half[0]) for left in window_starts(size[1], self.half[1])
+        ]
 
     def _window(self, picture, is_label, query_size, query_start):
         """The window of a context picture that matches the query's window at query_start."""
@@ -223,11 +250,11 @@ class Predictor:
         picture = resize_picture(picture, size, is_label)
         top = matching_start(query_start[0], query_size[0], size[0], self.half[0])
         left = matching_start(query_start[1], query_size[1], size[1], self.half[1])
-        return picture[top:top + self.half[0], left:left + self.half[1]]
+        return picture[top : top + self.half[0], left : left + self.half[1]]
 
     def _canvases(self, query, pairs, draw, is_label, size, start):
         """The num_prompts (image canvas, target canvas) tensors of one window of one query."""
-        query_window = query[start[0]:start[0] + self.half[0], start[1]:start[1] + self.half[1]]
+        query_window = query[start[0] : start[0] + self.half[0], start[1] : start[1] + self.half[1]]
         imgs, tgts = [], []
         for image, target in pairs:
             target_window = self._window(target, is_label, size, start)
@@ -236,11 +263,11 @@ class Predictor:
             tgts.append(to_normalised_tensor([target_picture, np.zeros_like(target_picture)]))
         return imgs, tgts
 
-    def _run(self, contexts, queries, draws, is_label: bool) -> List[np.ndarray]:
+    def _run(self, contexts, queries, draws, is_label: bool) -> list[np.ndarray]:
         """Predicted query halves, de-normalised to 0..255 floats (3, rows, cols) at each query's size."""
         prepared, jobs = [], []
         for q, query in enumerate(queries):
-            query = as_grey_uint8(query, 'query')
+            query = as_grey_uint8(query, "query")
             size, starts = self._views(query.shape)
             prepared.append((query.shape, size, resize_picture(query, size, False)))
             jobs += [(q, start) for start in starts]
@@ -248,25 +275,26 @@ class Predictor:
         counts = [np.zeros(size, np.float32) for _, size, _ in prepared]
         for first in range(0, len(jobs), self.batch_size):
             imgs, tgts = [], []
-            for q, start in jobs[first:first + self.batch_size]:
+            for q, start in jobs[first : first + self.batch_size]:
                 _, size, query = prepared[q]
                 job_imgs, job_tgts = self._canvases(query, contexts[q], draws[q], is_label, size, start)
                 imgs += job_imgs
                 tgts += job_tgts
-            halves = self._predict(torch.stack(imgs), torch.stack(tgts))[:, :, self.half[0]:].numpy()
-            for (q, (top, left)), half in zip(jobs[first:first + self.batch_size], halves):
-                sums[q][:, top:top + self.half[0], left:left + self.half[1]] += half
-                counts[q][top:top + self.half[0], left:left + self.half[1]] += 1
+            halves = self._predict(torch.stack(imgs), torch.stack(tgts))[:, :, self.half[0] :].numpy()
+            for (q, (top, left)), half in zip(jobs[first : first + self.batch_size], halves):
+                sums[q][:, top : top + self.half[0], left : left + self.half[1]] += half
+                counts[q][top : top + self.half[0], left : left + self.half[1]] += 1
         outputs = []
         for (shape, size, _), total, count in zip(prepared, sums, counts):
             picture = torch.from_numpy(total / count)
             if tuple(size) != tuple(shape):
-                picture = F.interpolate(picture[None], size=shape, mode='bilinear', align_corners=False)[0]
+                picture = F.interpolate(picture[None], size=shape, mode="bilinear", align_corners=False)[0]
             outputs.append(picture.numpy())
         return outputs
 
     def _predict(self, imgs: torch.Tensor, tgts: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), autocast(self.device, self.precision):
-            pred = self.model.predict(imgs.to(self.device), tgts.to(self.device),
-                                      num_prompts=self.num_prompts, ensemble=self.ensemble)
+            pred = self.model.predict(
+                imgs.to(self.device), tgts.to(self.device), num_prompts=self.num_prompts, ensemble=self.ensemble
+            )
         return denormalise(pred.float().cpu()).clamp(0, 255)

@@ -8,7 +8,8 @@ Training draws the target label maps of a canvas in one of three encodings (rend
 Inference draws each query's context labels with a palette fixed by a seed (inference_palette,
 drawing) and decodes a prediction by the nearest of those colours (decode_nearest).
 """
-from typing import Callable, List, Sequence
+
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -22,8 +23,10 @@ MAX_GREY_CLASS = 25  # 10 * 25 = 250 is the last grey level that fits in 8 bits
 def check_grey_ids(largest: int, where: str):
     """The grey encoding draws class k as 10k and cannot draw ids above MAX_GREY_CLASS."""
     if largest > MAX_GREY_CLASS:
-        raise UsageError(f"{where}: label encoding 'grey' draws class k as grey level {GREY_STEP}k and stops "
-                         f"at class {MAX_GREY_CLASS}; found class {largest}: use random_colors or binary")
+        raise UsageError(
+            f"{where}: label encoding 'grey' draws class k as grey level {GREY_STEP}k and stops "
+            f"at class {MAX_GREY_CLASS}; found class {largest}: use random_colors or binary"
+        )
 
 
 def grey_colours(class_ids: np.ndarray) -> np.ndarray:
@@ -48,7 +51,7 @@ def random_palette(num_colors: int, rng: np.random.Generator, tries: int = 8) ->
     return best.astype(np.uint8)
 
 
-def render_labels(labels: Sequence[np.ndarray], encoding: str, rng: np.random.Generator) -> List[np.ndarray]:
+def render_labels(labels: Sequence[np.ndarray], encoding: str, rng: np.random.Generator) -> list[np.ndarray]:
     """Class-id maps of one training sample -> (3, rows, cols) uint8 pictures, one colour per class
     shared by all maps; the last map is the query's (the binary encoding picks its class there)."""
     size = int(max(label.max() for label in labels)) + 1

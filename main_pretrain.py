@@ -18,6 +18,7 @@ Stopping: SIGTERM, SIGUSR1 (SLURM) and a first Ctrl-C end the run at the next st
 checkpoint-last.pth written and exit status 0; a second Ctrl-C aborts at once, losing the steps since
 the last checkpoint (which stays whole: checkpoints are written atomically). --auto_resume continues.
 """
+
 import argparse
 import contextlib
 import os
@@ -62,54 +63,110 @@ def get_args_parser() -> ArgumentParser:
 
     g = p.add_argument_group("run length and batch")
     g.add_argument("--batch_size", type=int, default=16, help="canvases per device per micro-step")
-    g.add_argument("--accum_iter", type=int, default=1,
-                   help="micro-steps per optimizer step; effective batch = batch_size x accum_iter x processes")
+    g.add_argument(
+        "--accum_iter",
+        type=int,
+        default=1,
+        help="micro-steps per optimizer step; effective batch = batch_size x accum_iter x processes",
+    )
     g.add_argument("--epochs", type=int, default=100, help="at least 1")
-    g.add_argument("--samples_per_epoch", type=int, default=None,
-                   help="canvases per epoch (default: the number of training slices)")
-    g.add_argument("--start_epoch", type=int, default=0,
-                   help="without a checkpoint to resume: start at this epoch (lr schedule included)")
-    g.add_argument("--stop_after_steps", type=int, default=0,
-                   help="stop after this global step, saving checkpoint-last.pth (0: run all epochs); "
-                        "for jobs shorter than the run, and tests")
+    g.add_argument(
+        "--samples_per_epoch",
+        type=int,
+        default=None,
+        help="canvases per epoch (default: the number of training slices)",
+    )
+    g.add_argument(
+        "--start_epoch",
+        type=int,
+        default=0,
+        help="without a checkpoint to resume: start at this epoch (lr schedule included)",
+    )
+    g.add_argument(
+        "--stop_after_steps",
+        type=int,
+        default=0,
+        help="stop after this global step, saving checkpoint-last.pth (0: run all epochs); "
+        "for jobs shorter than the run, and tests",
+    )
 
-    g = p.add_argument_group("model", "without --finetune, or where its checkpoint records nothing: "
-                                      + " ".join(f"--{name} {shown(value)}" for name, value in DEFAULTS.items()))
+    g = p.add_argument_group(
+        "model",
+        "without --finetune, or where its checkpoint records nothing: "
+        + " ".join(f"--{name} {shown(value)}" for name, value in DEFAULTS.items()),
+    )
     add_model_flags(g, recorded_by="--finetune's checkpoint")
     g.add_argument("--drop_path", type=float, default=None, help="drop path rate (default: the model's)")
-    g.add_argument("--min_visible_target", type=float, default=0.0,
-                   help="leave a sample out of the loss when its visible target's mean intensity (0..1) is "
-                        f"below this; 0 keeps all; {models_mvg.AUTHORS_MIN_VISIBLE_TARGET:.3g} is the authors' rule")
-    g.add_argument("--grad_checkpointing", action=flag, default=False,
-                   help="recompute block activations in the backward pass (less memory, ~30%% slower)")
+    g.add_argument(
+        "--min_visible_target",
+        type=float,
+        default=0.0,
+        help="leave a sample out of the loss when its visible target's mean intensity (0..1) is "
+        f"below this; 0 keeps all; {models_mvg.AUTHORS_MIN_VISIBLE_TARGET:.3g} is the authors' rule",
+    )
+    g.add_argument(
+        "--grad_checkpointing",
+        action=flag,
+        default=False,
+        help="recompute block activations in the backward pass (less memory, ~30%% slower)",
+    )
     g.add_argument("--compile", action=flag, default=False, help="torch.compile the model")
 
     g = p.add_argument_group("masking")
     g.add_argument("--num_mask_patches", type=int, default=256, help="tokens hidden by MIM block masking")
     g.add_argument("--min_mask_patches_per_block", type=int, default=16)
-    g.add_argument("--max_mask_patches_per_block", type=int, default=128,
-                   help="(default 128; the authors' None means num_mask_patches)")
-    g.add_argument("--half_mask_ratio", type=float, default=0.1,
-                   help="probability of the AR half mask for the tasks that do not always use it (those "
-                        "tasks.py marks always_autoregressive: segmentation); the seed README trains with 1.0")
+    g.add_argument(
+        "--max_mask_patches_per_block",
+        type=int,
+        default=128,
+        help="(default 128; the authors' None means num_mask_patches)",
+    )
+    g.add_argument(
+        "--half_mask_ratio",
+        type=float,
+        default=0.1,
+        help="probability of the AR half mask for the tasks that do not always use it (those "
+        "tasks.py marks always_autoregressive: segmentation); the seed README trains with 1.0",
+    )
 
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", nargs="+", default=None,
-                   help="prepared roots: folders of dataset folders with manifest.json (python -m datasets.prepare)")
+    g.add_argument(
+        "--data_path",
+        nargs="+",
+        default=None,
+        help="prepared roots: folders of dataset folders with manifest.json (python -m datasets.prepare)",
+    )
     g.add_argument("--datasets", nargs="+", default=None, help="use only these datasets of --data_path")
-    g.add_argument("--balance", choices=BALANCES, default=None,
-                   help="--data_path mixture: equal share per dataset, or share by slice count (default: "
-                        "the recipe's: datasets for balanced, slices for paper)")
-    g.add_argument("--mixture", default=None, help="mixture JSON file (see datasets.canvas.load_mixture), "
-                                                   "instead of --data_path")
-    g.add_argument("--seg_only", action=flag, default=False,
-                   help="train only on the datasets whose target is a label map (segmentation)")
-    g.add_argument("--recipe", choices=sorted(MIXTURE_RECIPES), default="balanced",
-                   help="--data_path mixture: 'balanced' (each dataset an equal share) or 'paper' (the "
-                        "authors' lists: every slice once, segmentation twice, half the inpainting cases, "
-                        "every fourth synthesis case)")
-    g.add_argument("--context_from", choices=CONTEXT_FROM, default="same_case",
-                   help="the context pair is another slice of the query's case, or a slice of another case")
+    g.add_argument(
+        "--balance",
+        choices=BALANCES,
+        default=None,
+        help="--data_path mixture: equal share per dataset, or share by slice count (default: "
+        "the recipe's: datasets for balanced, slices for paper)",
+    )
+    g.add_argument(
+        "--mixture", default=None, help="mixture JSON file (see datasets.canvas.load_mixture), instead of --data_path"
+    )
+    g.add_argument(
+        "--seg_only",
+        action=flag,
+        default=False,
+        help="train only on the datasets whose target is a label map (segmentation)",
+    )
+    g.add_argument(
+        "--recipe",
+        choices=sorted(MIXTURE_RECIPES),
+        default="balanced",
+        help="--data_path mixture: 'balanced' (each dataset an equal share) or 'paper' (the "
+        "authors' lists: every slice once, segmentation twice, half the inpainting cases, "
+        "every fourth synthesis case)",
+    )
+    g.add_argument(
+        "--context_from",
+        choices=CONTEXT_FROM,
+        default="same_case",
+        help="the context pair is another slice of the query's case, or a slice of another case",
+    )
     g.add_argument("--scale_jitter", type=float, default=0.0, help="random rescale of a pair by 1 +- this")
     g.add_argument("--hflip", type=float, default=0.0, help="probability of a horizontal flip per pair")
     g.add_argument("--vflip", type=float, default=0.0, help="probability of a vertical flip per pair")
@@ -122,38 +179,68 @@ def get_args_parser() -> ArgumentParser:
     g.add_argument("--blr", type=float, default=1e-3, help="base learning rate per 256 canvases")
     g.add_argument("--min_lr", type=float, default=0.0, help="learning rate at the end of the cosine")
     g.add_argument("--warmup_epochs", type=float, default=5, help="epochs of linear warm-up (per step)")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (none on biases, "
-                                                                    "norms, position embedding, tokens)")
+    g.add_argument(
+        "--weight_decay",
+        type=float,
+        default=0.05,
+        help="AdamW weight decay (none on biases, norms, position embedding, tokens)",
+    )
     g.add_argument("--layer_decay", type=float, default=0.8, help="layer-wise lr decay")
-    g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this (default: "
-                                                                 "no clipping; the norm is logged anyway)")
-    g.add_argument("--max_nonfinite_steps", type=int, default=20,
-                   help="stop when this many steps in a row have a non-finite loss or gradient")
+    g.add_argument(
+        "--clip_grad",
+        type=float,
+        default=None,
+        help="clip the gradient norm to this (default: no clipping; the norm is logged anyway)",
+    )
+    g.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=20,
+        help="stop when this many steps in a row have a non-finite loss or gradient",
+    )
 
     g = p.add_argument_group("initialisation and resuming")
     g.add_argument("--finetune", default="", help="initial weights: MAE, timm ViT, Painter or MVG checkpoint")
-    g.add_argument("--allow_key_mismatch", action="store_true",
-                   help="--finetune: keep parameters initialised instead of failing when keys do not fit")
+    g.add_argument(
+        "--allow_key_mismatch",
+        action="store_true",
+        help="--finetune: keep parameters initialised instead of failing when keys do not fit",
+    )
     g.add_argument("--resume", default="", help="training checkpoint to continue from (exact position)")
-    g.add_argument("--auto_resume", action=flag, default=False,
-                   help="continue from the newest loadable checkpoint in --output_dir, if any; newer ones that do "
-                        "not load are renamed to <name>.unreadable-<time>, and if none loads the run stops, "
-                        "changing nothing")
-    g.add_argument("--start_over_if_unreadable", action="store_true",
-                   help="--auto_resume: when no checkpoint in --output_dir loads, train from step 0 instead of "
-                        "stopping (the unreadable files are kept under new names)")
+    g.add_argument(
+        "--auto_resume",
+        action=flag,
+        default=False,
+        help="continue from the newest loadable checkpoint in --output_dir, if any; newer ones that do "
+        "not load are renamed to <name>.unreadable-<time>, and if none loads the run stops, "
+        "changing nothing",
+    )
+    g.add_argument(
+        "--start_over_if_unreadable",
+        action="store_true",
+        help="--auto_resume: when no checkpoint in --output_dir loads, train from step 0 instead of "
+        "stopping (the unreadable files are kept under new names)",
+    )
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir; '' for none)")
-    g.add_argument("--save_every_steps", type=int, default=1000,
-                   help="refresh checkpoint-last.pth every this many steps (0: at epoch ends only)")
+    g.add_argument(
+        "--save_every_steps",
+        type=int,
+        default=1000,
+        help="refresh checkpoint-last.pth every this many steps (0: at epoch ends only)",
+    )
     g.add_argument("--save_every_epochs", type=int, default=1, help="write checkpoint-{epoch}.pth (0: never)")
     g.add_argument("--keep_checkpoints", type=int, default=3, help="numbered checkpoints to keep (0: all)")
-    g.add_argument("--checkpoint_in_background", action=flag, default=True,
-                   help="write checkpoints from a background thread: training pauses only to copy the state "
-                        "to host memory (it needs that much free host memory); the run waits for the last "
-                        "write before it ends")
+    g.add_argument(
+        "--checkpoint_in_background",
+        action=flag,
+        default=True,
+        help="write checkpoints from a background thread: training pauses only to copy the state "
+        "to host memory (it needs that much free host memory); the run waits for the last "
+        "write before it ends",
+    )
     g.add_argument("--print_freq", type=int, default=20, help="steps between progress lines and scalars")
     g.add_argument("--vis_every_steps", type=int, default=1000, help="steps between image grids (0: never)")
     g.add_argument("--wandb", action=flag, default=False, help="also log to Weights & Biases")
@@ -164,14 +251,27 @@ def get_args_parser() -> ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dist_url", default="env://", help="process group init method")
     g.add_argument("--dist_on_itp", action="store_true", help="take ranks from Open MPI (OMPI_COMM_WORLD_*)")
-    g.add_argument("--local_rank", "--local-rank", type=int, default=-1,
-                   help="set by torch.distributed.launch; LOCAL_RANK in the environment wins")
-    g.add_argument("--world_size", type=int, default=None,
-                   help="accepted for the authors' command line; the launcher's environment decides")
+    g.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=-1,
+        help="set by torch.distributed.launch; LOCAL_RANK in the environment wins",
+    )
+    g.add_argument(
+        "--world_size",
+        type=int,
+        default=None,
+        help="accepted for the authors' command line; the launcher's environment decides",
+    )
 
     g = p.add_argument_group("the authors' flags that have no effect here (accepted, with a note)")
-    g.add_argument("--mask_ratio", type=float, default=None,
-                   help="unused, as in the authors' code: MIM hides --num_mask_patches tokens")
+    g.add_argument(
+        "--mask_ratio",
+        type=float,
+        default=None,
+        help="unused, as in the authors' code: MIM hides --num_mask_patches tokens",
+    )
     g.add_argument("--norm_pix_loss", action="store_true", help="unused, as in the authors' code")
     g.add_argument("--last_norm_instance", action="store_true", help="unused: MVG has no instance-norm variant")
     return p
@@ -199,12 +299,13 @@ def resolve_model_settings(args):
     recorded = RecordedSettings(dict.fromkeys(SETTING_FLAGS), "nothing")
     if args.finetune:
         # Mapped, not read: only its record is wanted here; load_pretrained reads the weights once.
-        recorded = recorded_settings(checkpoint.read_checkpoint(args.finetune, '--finetune', mmap=True), args.finetune)
+        recorded = recorded_settings(checkpoint.read_checkpoint(args.finetune, "--finetune", mmap=True), args.finetune)
     flags = {name: getattr(args, name) for name in ("model", "input_size", "depth", "label_encoding")}
     resolved = resolve_settings(flags, recorded, args.finetune, args.force, defaults=DEFAULTS)
     if resolved["model"] not in models_mvg.MODELS:
-        raise UsageError(f"{args.finetune} records the model {resolved['model']}, which is not an MVG model: "
-                         f"pass --model")
+        raise UsageError(
+            f"{args.finetune} records the model {resolved['model']}, which is not an MVG model: pass --model"
+        )
     for name, value in resolved.items():
         setattr(args, name, value)
     args.input_size = list(args.input_size)
@@ -213,8 +314,10 @@ def resolve_model_settings(args):
 def inert_flag_notes(args, world_size: int) -> list:
     notes = []
     if args.mask_ratio is not None:
-        notes.append(f"--mask_ratio {args.mask_ratio} has no effect (the authors' code ignores it too): MIM "
-                     f"masking hides --num_mask_patches {args.num_mask_patches} tokens")
+        notes.append(
+            f"--mask_ratio {args.mask_ratio} has no effect (the authors' code ignores it too): MIM "
+            f"masking hides --num_mask_patches {args.num_mask_patches} tokens"
+        )
     if args.norm_pix_loss:
         notes.append("--norm_pix_loss has no effect: MVG's loss is on ImageNet-normalised pixels (as the authors')")
     if args.last_norm_instance:
@@ -238,8 +341,11 @@ def stop_on_signals(signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
             signal.signal(signal.SIGINT, previous[signal.SIGINT])
             if misc.is_main_process():
                 # os.write, not print: a handler may run in the middle of a print to the same stream.
-                os.write(2, b"Ctrl-C: stopping after this step, with checkpoint-last.pth written; press "
-                            b"Ctrl-C again to abort at once, losing the steps since the last checkpoint\n")
+                os.write(
+                    2,
+                    b"Ctrl-C: stopping after this step, with checkpoint-last.pth written; press "
+                    b"Ctrl-C again to abort at once, losing the steps since the last checkpoint\n",
+                )
 
     previous.update({sig: signal.signal(sig, request_stop) for sig in signals})
     try:
@@ -288,9 +394,11 @@ def train(args, dist_info, device) -> Progress:
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     progress = Progress(epoch=args.start_epoch, global_step=args.start_epoch * plan.steps_per_epoch)
     seed_everything(args.seed + dist_info.rank)  # drop path and the like differ per rank
-    log(f"{args.model}: {sum(p.numel() for p in mvg.parameters()):,} parameters, {args.precision}, "
+    log(
+        f"{args.model}: {sum(p.numel() for p in mvg.parameters()):,} parameters, {args.precision}, "
         f"{dist_info.world_size} process(es) on {device.type}; effective batch {plan.global_batch}, "
-        f"lr {plan.lr:.3g}, {plan.steps_per_epoch} steps per epoch, {plan.warmup_steps} warm-up steps")
+        f"lr {plan.lr:.3g}, {plan.steps_per_epoch} steps per epoch, {plan.warmup_steps} warm-up steps"
+    )
 
     earlier = misc.EpochTotals()  # the statistics of the steps of the current epoch that earlier runs trained
     if state is not None:
@@ -307,8 +415,19 @@ class Epochs:
     """A run's epochs from where it stands: the loop over them, and the checkpoints they write (with
     the epoch's statistics so far, so that a resumed epoch's log.txt line covers all of its steps)."""
 
-    def __init__(self, args, dist_info, device, mvg, optimizer, scaler, progress: Progress, plan: StepPlan,
-                 record: dict, earlier: misc.EpochTotals):
+    def __init__(
+        self,
+        args,
+        dist_info,
+        device,
+        mvg,
+        optimizer,
+        scaler,
+        progress: Progress,
+        plan: StepPlan,
+        record: dict,
+        earlier: misc.EpochTotals,
+    ):
         self.args, self.dist_info, self.device = args, dist_info, device
         self.mvg, self.optimizer, self.scaler = mvg, optimizer, scaler
         self.progress, self.plan, self.record = progress, plan, record
@@ -316,7 +435,8 @@ class Epochs:
         self.model = mvg
         if dist_info.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(
-                mvg, device_ids=[device.index] if device.type == "cuda" else None)
+                mvg, device_ids=[device.index] if device.type == "cuda" else None
+            )
         if args.compile:
             self.model = torch.compile(self.model)
         self.args_dict = dict(vars(args))
@@ -336,18 +456,32 @@ class Epochs:
             self.checkpoint_writer.wait()  # a failed write raises here, once the writer has finished
             if self.writer is not None:
                 self.writer.close()
-        log(f"training time {time.time() - start:.0f}s, global step {self.progress.global_step}, "
-            f"{self.progress.skipped_steps} skipped step(s)")
+        log(
+            f"training time {time.time() - start:.0f}s, global step {self.progress.global_step}, "
+            f"{self.progress.skipped_steps} skipped step(s)"
+        )
         return self.progress
 
     def train_epoch(self, dataset, epoch: int, stop_requested) -> bool:
         """Trains the epoch from where the run stands; whether training goes on after it."""
         args, progress, plan = self.args, self.progress, self.plan
         dataset.set_epoch(epoch)
-        loader = build_loader(dataset, args, self.dist_info, progress.step_in_epoch, plan.steps_per_epoch,
-                              plan.global_batch, self.device)
-        stats = train_one_epoch(self.model, loader, self.optimizer, self.scaler, progress, args, plan.lr_at,
-                                dataset.names, self.writer, self.save_mid_epoch, stop_requested)
+        loader = build_loader(
+            dataset, args, self.dist_info, progress.step_in_epoch, plan.steps_per_epoch, plan.global_batch, self.device
+        )
+        stats = train_one_epoch(
+            self.model,
+            loader,
+            self.optimizer,
+            self.scaler,
+            progress,
+            args,
+            plan.lr_at,
+            dataset.names,
+            self.writer,
+            self.save_mid_epoch,
+            stop_requested,
+        )
         if progress.step_in_epoch < plan.steps_per_epoch:  # stopped mid-epoch; the engine saved
             return False
         whole_epoch = (self.earlier + misc.EpochTotals.of_stats(stats)).stats(stats)
@@ -357,10 +491,20 @@ class Epochs:
 
     def save(self, name: str, epoch_totals: misc.EpochTotals, then=None):
         if self.args.output_dir:
-            checkpoint.save_training_state(os.path.join(self.args.output_dir, name), self.mvg, self.optimizer,
-                                           self.scaler, self.progress, self.args_dict, self.plan.global_batch,
-                                           self.dist_info.world_size, self.checkpoint_writer, then, self.record,
-                                           epoch_totals.as_dict())
+            checkpoint.save_training_state(
+                os.path.join(self.args.output_dir, name),
+                self.mvg,
+                self.optimizer,
+                self.scaler,
+                self.progress,
+                self.args_dict,
+                self.plan.global_batch,
+                self.dist_info.world_size,
+                self.checkpoint_writer,
+                then,
+                self.record,
+                epoch_totals.as_dict(),
+            )
 
     def save_mid_epoch(self, stats_so_far=None):
         """save_last of train_one_epoch, which hands the statistics of the steps it trained so far; the

@@ -13,8 +13,9 @@ Every block attends globally with decomposed relative-position bias (rel_pos_att
 The state-dict keys and shapes of `mvg_vit_large_patch16` are those of the authors' ViT-L (and of
 Painter's), so their checkpoints load with strict=True.
 """
+
+from collections.abc import Sequence
 from functools import partial
-from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,22 +38,25 @@ AUTHORS_MIN_VISIBLE_TARGET = 300.0 / (3 * 448 * 448)
 LOSS_WEIGHT_EPS = 1e-2
 
 
-def default_out_indices(depth: int) -> Tuple[int, ...]:
+def default_out_indices(depth: int) -> tuple[int, ...]:
     """The last block of each quarter of the depth: (5, 11, 17, 23) at depth 24."""
     if depth < 4:
         raise ValueError(f"depth must be at least 4 to take four feature levels, got {depth}")
     return tuple(depth * (q + 1) // 4 - 1 for q in range(4))
 
 
-def checked_layout(img_size: Tuple[int, int], patch_size: int, depth: int, out_indices: Optional[Sequence[int]],
-                   merge_idx: int) -> Tuple[int, ...]:
+def checked_layout(
+    img_size: tuple[int, int], patch_size: int, depth: int, out_indices: Sequence[int] | None, merge_idx: int
+) -> tuple[int, ...]:
     """Refuses a canvas that is not two stacked pairs of whole patches and block indices outside the
     depth; returns the four feature levels (out_indices, or the default for the depth)."""
     if img_size[0] % patch_size or img_size[1] % patch_size:
         raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
     if (img_size[0] // patch_size) % 2:
-        raise ValueError(f"img_size height {img_size[0]} must hold an even number of patch rows "
-                         "(context pair on top, query pair below)")
+        raise ValueError(
+            f"img_size height {img_size[0]} must hold an even number of patch rows "
+            "(context pair on top, query pair below)"
+        )
     out_indices = tuple(default_out_indices(depth) if out_indices is None else out_indices)
     if len(out_indices) != 4:
         raise ValueError(f"out_indices must name 4 blocks (the decoder takes 4 levels), got {out_indices}")
@@ -63,16 +67,28 @@ def checked_layout(img_size: Tuple[int, int], patch_size: int, depth: int, out_i
     return out_indices
 
 
-def build_blocks(depth: int, drop_path_rate: float, use_rel_pos: bool, window_size: int,
-                 window_block_indexes: Sequence[int], **block_options) -> nn.ModuleList:
+def build_blocks(
+    depth: int,
+    drop_path_rate: float,
+    use_rel_pos: bool,
+    window_size: int,
+    window_block_indexes: Sequence[int],
+    **block_options,
+) -> nn.ModuleList:
     """timm's SAM-ViT blocks with drop path rising linearly to drop_path_rate, windowed where asked;
     with rel-pos, each block's attention is taken over by RelPosAttention (same weights, same keys)."""
     drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-    blocks = nn.ModuleList([
-        Block(drop_path=drop_path_rates[i], use_rel_pos=use_rel_pos,
-              window_size=window_size if i in window_block_indexes else 0, **block_options)
-        for i in range(depth)
-    ])
+    blocks = nn.ModuleList(
+        [
+            Block(
+                drop_path=drop_path_rates[i],
+                use_rel_pos=use_rel_pos,
+                window_size=window_size if i in window_block_indexes else 0,
+                **block_options,
+            )
+            for i in range(depth)
+        ]
+    )
     if use_rel_pos:
         for blk in blocks:
             blk.attn = RelPosAttention(blk.attn)
@@ -92,13 +108,35 @@ def pixel_head(channels: int, out_chans: int) -> nn.Sequential:
 class MVG(nn.Module):
     """In-context image-to-image ViT with decomposed relative position bias (see module docstring)."""
 
-    def __init__(self, img_size=(896, 448), patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
-                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                 act_layer=nn.GELU, use_abs_pos=True, use_rel_pos=True, rel_pos_zero_init=True, window_size=0,
-                 window_block_indexes=(), use_act_checkpoint=False, pretrain_img_size=224,
-                 pretrain_use_cls_token=True, decoder_embed_dim=64, out_indices: Optional[Sequence[int]] = None,
-                 merge_idx=2, loss_beta=0.01, min_visible_target=0.0):
+    def __init__(
+        self,
+        img_size=(896, 448),
+        patch_size=16,
+        in_chans=3,
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        norm_layer=None,
+        act_layer=nn.GELU,
+        use_abs_pos=True,
+        use_rel_pos=True,
+        rel_pos_zero_init=True,
+        window_size=0,
+        window_block_indexes=(),
+        use_act_checkpoint=False,
+        pretrain_img_size=224,
+        pretrain_use_cls_token=True,
+        decoder_embed_dim=64,
+        out_indices: Sequence[int] | None = None,
+        merge_idx=2,
+        loss_beta=0.01,
+        min_visible_target=0.0,
+    ):
         super().__init__()
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)  # the authors' norm, built per call
         img_size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
         self.out_indices = checked_layout(img_size, patch_size, depth, out_indices, merge_idx)
         self.img_size = img_size
@@ -113,8 +151,12 @@ class MVG(nn.Module):
         self.min_visible_target = min_visible_target
 
         self.patch_embed = PatchEmbed(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            output_fmt='NHWC', strict_img_size=False,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            output_fmt="NHWC",
+            strict_img_size=False,
         )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
         self.segment_token_x = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
@@ -125,14 +167,25 @@ class MVG(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim))
         else:
             self.pos_embed = None
-        self.blocks = build_blocks(depth, drop_path_rate, use_rel_pos, window_size, window_block_indexes,
-                                   dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                                   norm_layer=norm_layer, act_layer=act_layer, input_size=self.grid_size)
+        self.blocks = build_blocks(
+            depth,
+            drop_path_rate,
+            use_rel_pos,
+            window_size,
+            window_block_indexes,
+            dim=embed_dim,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+            input_size=self.grid_size,
+        )
         self.norm = norm_layer(embed_dim)
-        self.decoder_embed = nn.Linear(4 * embed_dim, patch_size ** 2 * decoder_embed_dim)
+        self.decoder_embed = nn.Linear(4 * embed_dim, patch_size**2 * decoder_embed_dim)
         self.decoder_pred = pixel_head(decoder_embed_dim, in_chans)
         self._init_weights(use_rel_pos and not rel_pos_zero_init)
-        self.set_attention('auto')
+        self.set_attention("auto")
 
     def _init_weights(self, random_rel_pos: bool):
         if self.pos_embed is not None:
@@ -158,7 +211,7 @@ class MVG(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # switches and optimiser hooks
 
-    def set_attention(self, path: str = 'auto'):
+    def set_attention(self, path: str = "auto"):
         """How attention adds the rel-pos bias: one of ATTENTION_PATHS (all compute the same thing)."""
         if path not in ATTENTION_PATHS:
             raise ValueError(f"attention path must be one of {', '.join(ATTENTION_PATHS)}, got '{path}'")
@@ -167,18 +220,18 @@ class MVG(nn.Module):
             if isinstance(blk.attn, RelPosAttention):
                 blk.attn.path = path
             else:  # timm's Attention of a model without rel-pos: no bias, only plain SDPA or eager
-                blk.attn.fused_attn = path != 'eager'
+                blk.attn.fused_attn = path != "eager"
 
     def set_fused_attn(self, enabled: bool = True):
         """timm's two paths: 'fused' (SDPA with the bias as mask) or 'eager' (written out)."""
-        self.set_attention('fused' if enabled else 'eager')
+        self.set_attention("fused" if enabled else "eager")
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.use_act_checkpoint = enable
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        return {'pos_embed', 'mask_token', 'segment_token_x', 'segment_token_y'}
+        return {"pos_embed", "mask_token", "segment_token_x", "segment_token_y"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
@@ -186,8 +239,8 @@ class MVG(nn.Module):
         embeddings lowest, one group per block, and a top group above the last block (full learning
         rate) for everything new in MVG: the final norm, the decoder, the mask and segment tokens."""
         return dict(
-            stem=r'^pos_embed|^patch_embed',
-            blocks=[(r'^blocks\.(\d+)', None), (r'^norm|^decoder|^mask_token|^segment_token', (99998,))],
+            stem=r"^pos_embed|^patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm|^decoder|^mask_token|^segment_token", (99998,))],
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -200,7 +253,7 @@ class MVG(nn.Module):
         x = imgs.reshape(n, c, h // p, p, w // p, p)
         return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // p) * (w // p), p * p * c)
 
-    def unpatchify(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    def unpatchify(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
         """(N, L, p*p*C) -> (N, C, H, W); grid_size (H/p, W/p) defaults to the model's canvas."""
         gh, gw = grid_size or self.grid_size
         n, length, dim = x.shape
@@ -211,35 +264,37 @@ class MVG(nn.Module):
         x = x.reshape(n, gh, gw, p, p, c)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(n, c, gh * p, gw * p)
 
-    def abs_pos_embed(self, grid_size: Tuple[int, int]) -> torch.Tensor:
+    def abs_pos_embed(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """The pretraining position embedding resized to the token grid: (1, Hp, Wp, D)."""
         pos = self.pos_embed[:, 1:] if self.pretrain_use_cls_token else self.pos_embed
-        side = int(round(pos.shape[1] ** 0.5))
+        side = round(pos.shape[1] ** 0.5)
         pos = pos.reshape(1, side, side, -1)
-        return resample_abs_pos_embed_nhwc(pos, list(grid_size), interpolation='bicubic', antialias=False)
+        return resample_abs_pos_embed_nhwc(pos, list(grid_size), interpolation="bicubic", antialias=False)
 
-    def ar_mask(self, batch_size: int, grid_size: Optional[Tuple[int, int]] = None,
-                device=None) -> torch.Tensor:
+    def ar_mask(self, batch_size: int, grid_size: tuple[int, int] | None = None, device=None) -> torch.Tensor:
         """Every query-target token (bottom half) masked: (N, Hp*Wp) bool."""
         gh, gw = grid_size or self.grid_size
         mask = torch.zeros(gh, gw, dtype=torch.bool, device=device)
-        mask[gh // 2:] = True
+        mask[gh // 2 :] = True
         return mask.flatten().expand(batch_size, -1)
 
     def _check_inputs(self, imgs, tgts, bool_masked_pos):
         if imgs.shape != tgts.shape:
             raise ValueError(f"imgs {tuple(imgs.shape)} and tgts {tuple(tgts.shape)} must have the same shape")
         if imgs.ndim != 4 or imgs.shape[2] % self.patch_size or imgs.shape[3] % self.patch_size:
-            raise ValueError(f"expected canvases (N, C, H, W) with H and W divisible by {self.patch_size}, "
-                             f"got {tuple(imgs.shape)}")
+            raise ValueError(
+                f"expected canvases (N, C, H, W) with H and W divisible by {self.patch_size}, got {tuple(imgs.shape)}"
+            )
         n, _, h, w = imgs.shape
         num_tokens = (h // self.patch_size) * (w // self.patch_size)
         if bool_masked_pos is None:
             return torch.zeros(n, num_tokens, dtype=torch.bool, device=imgs.device)
         mask = bool_masked_pos.flatten(1).to(device=imgs.device, dtype=torch.bool)
         if mask.shape != (n, num_tokens):
-            raise ValueError(f"bool_masked_pos {tuple(bool_masked_pos.shape)} does not cover the "
-                             f"{h // self.patch_size}x{w // self.patch_size} token grid of {n} canvases")
+            raise ValueError(
+                f"bool_masked_pos {tuple(bool_masked_pos.shape)} does not cover the "
+                f"{h // self.patch_size}x{w // self.patch_size} token grid of {n} canvases"
+            )
         return mask
 
     # ----------------------------------------------------------------------------------------------
@@ -251,8 +306,9 @@ class MVG(nn.Module):
             return checkpoint(blk, x, use_reentrant=False)
         return blk(x)
 
-    def forward_encoder(self, imgs: torch.Tensor, tgts: torch.Tensor,
-                        bool_masked_pos: torch.Tensor, num_prompts: int = 1) -> list:
+    def forward_encoder(
+        self, imgs: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: torch.Tensor, num_prompts: int = 1
+    ) -> list:
         """With num_prompts K > 1 the batch holds K canvases per query (query-major: the K contexts of
         query 0, then of query 1, ...) and, from the merge on, the query half of their features is
         averaged across the K after every block, so all prompts inform one query representation."""
@@ -299,14 +355,15 @@ class MVG(nn.Module):
         x = x.reshape(n, gh, gw, p, p, cd).permute(0, 5, 1, 3, 2, 4).reshape(n, cd, gh * p, gw * p)
         return self.decoder_pred(x)  # (N, 3, H, W)
 
-    def pixel_mask(self, bool_masked_pos: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+    def pixel_mask(self, bool_masked_pos: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """Token mask (N, L) -> pixel mask (N, 1, H, W) as float."""
         n = bool_masked_pos.shape[0]
         mask = bool_masked_pos.reshape(n, 1, *grid_size).float()
         return mask.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
 
-    def loss_weights(self, tgts: torch.Tensor, bool_masked_pos: torch.Tensor,
-                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def loss_weights(
+        self, tgts: torch.Tensor, bool_masked_pos: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Each target value's weight in the loss, (N, C, H, W): 1 where the token is hidden, times
         `valid` (N, C, H, W) or (N, 1, H, W), and 0 for every value of a sample that
         `min_visible_target` drops.
@@ -329,9 +386,15 @@ class MVG(nn.Module):
             weight = weight * keep.float().view(-1, 1, 1, 1)
         return weight
 
-    def forward_loss(self, pred: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: torch.Tensor,
-                     valid: Optional[torch.Tensor] = None, per_sample: bool = False,
-                     divisor: Optional[torch.Tensor] = None):
+    def forward_loss(
+        self,
+        pred: torch.Tensor,
+        tgts: torch.Tensor,
+        bool_masked_pos: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        per_sample: bool = False,
+        divisor: torch.Tensor | None = None,
+    ):
         """Smooth-L1 over hidden pixels, weighted by loss_weights, summed and divided by `divisor`.
 
         By default the divisor is this batch's own weight (+ LOSS_WEIGHT_EPS): the weighted mean over
@@ -342,7 +405,7 @@ class MVG(nn.Module):
         weight, from the same sums (per-task logging then costs nothing extra).
         """
         weight = self.loss_weights(tgts, bool_masked_pos, valid)
-        loss = F.smooth_l1_loss(pred.float(), tgts.float(), reduction='none', beta=self.loss_beta)
+        loss = F.smooth_l1_loss(pred.float(), tgts.float(), reduction="none", beta=self.loss_beta)
         sample_sums = (loss * weight).sum(dim=(1, 2, 3))  # (N,)
         sample_weights = weight.sum(dim=(1, 2, 3))
         if divisor is None:
@@ -352,7 +415,7 @@ class MVG(nn.Module):
             return total
         with torch.no_grad():
             own = sample_sums / (sample_weights + LOSS_WEIGHT_EPS)
-            own = torch.where(sample_weights > 0, own, torch.full_like(own, float('nan')))
+            own = torch.where(sample_weights > 0, own, torch.full_like(own, float("nan")))
         return total, own
 
     @staticmethod
@@ -366,9 +429,15 @@ class MVG(nn.Module):
         count = visible.sum(dim=(1, 2, 3)) * tgts.shape[1]
         return total / count.clamp(min=1)
 
-    def forward(self, imgs: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None,
-                valid: Optional[torch.Tensor] = None, return_per_sample: bool = False,
-                loss_divisor: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        tgts: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        return_per_sample: bool = False,
+        loss_divisor: torch.Tensor | None = None,
+    ):
         """Returns (loss, pred patchified (N, L, p*p*3), mask (N, L) bool), and with return_per_sample
         each sample's loss (N,) last (see forward_loss).
 
@@ -384,8 +453,14 @@ class MVG(nn.Module):
         return self.forward_loss(pred, tgts, mask, valid, divisor=loss_divisor), self.patchify(pred), mask
 
     @torch.no_grad()
-    def predict(self, imgs: torch.Tensor, tgts: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None,
-                num_prompts: int = 1, ensemble: str = 'features') -> torch.Tensor:
+    def predict(
+        self,
+        imgs: torch.Tensor,
+        tgts: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        num_prompts: int = 1,
+        ensemble: str = "features",
+    ) -> torch.Tensor:
         """Inference: the predicted target canvas in normalised units, (N / num_prompts, 3, H, W).
 
         By default the whole query target (bottom half) is masked, so `tgts` only needs the context
@@ -395,7 +470,7 @@ class MVG(nn.Module):
         'outputs' averages the K predictions, 'both' does both. The top half of an ensembled output
         mixes different contexts and carries no meaning.
         """
-        if ensemble not in ('features', 'outputs', 'both'):
+        if ensemble not in ("features", "outputs", "both"):
             raise ValueError(f"ensemble must be 'features', 'outputs' or 'both', got '{ensemble}'")
         n, _, h, w = imgs.shape
         if num_prompts < 1 or n % num_prompts:
@@ -404,7 +479,7 @@ class MVG(nn.Module):
             grid = (h // self.patch_size, w // self.patch_size)
             bool_masked_pos = self.ar_mask(n, grid, device=imgs.device)
         mask = self._check_inputs(imgs, tgts, bool_masked_pos)
-        share = num_prompts if ensemble in ('features', 'both') else 1
+        share = num_prompts if ensemble in ("features", "both") else 1
         pred = self.forward_decoder(self.forward_encoder(imgs, tgts, mask, num_prompts=share))
         return pred.view(n // num_prompts, num_prompts, *pred.shape[1:]).mean(dim=1)
 
@@ -415,32 +490,65 @@ def _mvg(input_size, **kwargs) -> MVG:
 
 def mvg_vit_large_patch16(input_size=(896, 448), **kwargs) -> MVG:
     """The paper's model: ViT-L/16, 370,721,155 parameters at 896x448."""
-    defaults = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4, qkv_bias=True,
-                    drop_path_rate=0.1, decoder_embed_dim=64)
+    defaults = dict(
+        patch_size=16,
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        mlp_ratio=4,
+        qkv_bias=True,
+        drop_path_rate=0.1,
+        decoder_embed_dim=64,
+    )
     return _mvg(input_size, **{**defaults, **kwargs})
 
 
 def mvg_vit_base_patch16(input_size=(896, 448), **kwargs) -> MVG:
-    defaults = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, qkv_bias=True,
-                    drop_path_rate=0.1, decoder_embed_dim=64)
+    defaults = dict(
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4,
+        qkv_bias=True,
+        drop_path_rate=0.1,
+        decoder_embed_dim=64,
+    )
     return _mvg(input_size, **{**defaults, **kwargs})
 
 
 def mvg_vit_small_patch16(input_size=(896, 448), **kwargs) -> MVG:
-    defaults = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True,
-                    drop_path_rate=0.05, decoder_embed_dim=32)
+    defaults = dict(
+        patch_size=16,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        mlp_ratio=4,
+        qkv_bias=True,
+        drop_path_rate=0.05,
+        decoder_embed_dim=32,
+    )
     return _mvg(input_size, **{**defaults, **kwargs})
 
 
 def mvg_vit_tiny_patch16(input_size=(896, 448), **kwargs) -> MVG:
     """For CPU demos and tests: ViT-Ti/16 with a slimmer pixel decoder."""
-    defaults = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True,
-                    drop_path_rate=0.0, decoder_embed_dim=16)
+    defaults = dict(
+        patch_size=16,
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+        mlp_ratio=4,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        decoder_embed_dim=16,
+    )
     return _mvg(input_size, **{**defaults, **kwargs})
 
 
-MODELS = {fn.__name__: fn for fn in (
-    mvg_vit_large_patch16, mvg_vit_base_patch16, mvg_vit_small_patch16, mvg_vit_tiny_patch16)}
+MODELS = {
+    fn.__name__: fn for fn in (mvg_vit_large_patch16, mvg_vit_base_patch16, mvg_vit_small_patch16, mvg_vit_tiny_patch16)
+}
 
 
 def create_model(name: str, **kwargs) -> MVG:

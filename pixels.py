@@ -5,7 +5,8 @@ Slices are 8-bit grey (rows, cols) pictures; targets drawn from labels are (3, r
 model takes (3, H, W) float canvases normalised with ImageNet's mean and std on the 0..255 scale, grey
 replicated to three channels, as MAE and the authors' code do.
 """
-from typing import Sequence, Tuple
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ def nearest_indices(source_length: int, target_length: int) -> np.ndarray:
     return np.minimum(np.floor(centres).astype(int), source_length - 1)
 
 
-def resize_picture(array: np.ndarray, size: Tuple[int, int], is_label: bool) -> np.ndarray:
+def resize_picture(array: np.ndarray, size: tuple[int, int], is_label: bool) -> np.ndarray:
     """A 2D picture to size (rows, cols): nearest neighbour for labels, bilinear for intensities.
     Labels are gathered by index rather than by Pillow, whose NEAREST picks other pixels for 8- and
     32-bit arrays than for 16-bit ones (e.g. 512 -> 448), so a label's type never changes its pixels."""
@@ -46,7 +47,7 @@ def resize_picture(array: np.ndarray, size: Tuple[int, int], is_label: bool) -> 
     return np.asarray(Image.fromarray(array).resize((size[1], size[0]), resample=Image.BILINEAR))
 
 
-def training_scale_size(shape: Sequence[int], crop: Sequence[int], scale: float = 1.0) -> Tuple[int, int]:
+def training_scale_size(shape: Sequence[int], crop: Sequence[int], scale: float = 1.0) -> tuple[int, int]:
     """The size a (rows, cols) slice is brought to before a crop of `crop` is cut from it: scaled by
     `scale`, and at least enough on both sides for the crop to fit. Training (datasets.canvas.Augment)
     and inference at the training scale (inference.Predictor) share it, so both see objects at the
@@ -55,7 +56,7 @@ def training_scale_size(shape: Sequence[int], crop: Sequence[int], scale: float 
     scale = max(scale, crop[0] / rows, crop[1] / cols)
     if scale == 1.0:
         return rows, cols
-    return max(crop[0], int(round(rows * scale))), max(crop[1], int(round(cols * scale)))
+    return max(crop[0], round(rows * scale)), max(crop[1], round(cols * scale))
 
 
 def as_grey_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -67,8 +68,9 @@ def as_grey_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
         raise ValueError(f"{name}: expected a 2D grey slice, got shape {image.shape}")
     if image.dtype != np.uint8:
         if image.min() < 0 or image.max() > 255:
-            raise ValueError(f"{name}: intensities must be 0..255 like the prepared slices, "
-                             f"got {image.min()}..{image.max()}")
+            raise ValueError(
+                f"{name}: intensities must be 0..255 like the prepared slices, got {image.min()}..{image.max()}"
+            )
         image = image.round().astype(np.uint8)
     return image
 

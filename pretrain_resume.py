@@ -7,6 +7,7 @@ that do not) and removes what interrupted writes left behind. The chosen checkpo
 (restore). At every epoch end (finish_epoch) the epoch's line goes into log.txt and
 checkpoint-last.pth is written, with a numbered copy every --save_every_epochs.
 """
+
 import json
 import os
 import shutil
@@ -24,9 +25,11 @@ def choose_checkpoint(args):
     path, state, unreadable = checkpoint.find_latest_valid(args.output_dir)
     if unreadable and path is None and not args.start_over_if_unreadable:
         others = f" (and {len(unreadable) - 1} other checkpoint(s))" if len(unreadable) > 1 else ""
-        raise UsageError(f"--auto_resume: {unreadable[0][1]}{others}, and no checkpoint in {args.output_dir} "
-                         "loads; nothing was changed: rerun if the file system had a passing problem, or pass "
-                         "--start_over_if_unreadable to train from step 0 (the unreadable files are kept, renamed)")
+        raise UsageError(
+            f"--auto_resume: {unreadable[0][1]}{others}, and no checkpoint in {args.output_dir} "
+            "loads; nothing was changed: rerun if the file system had a passing problem, or pass "
+            "--start_over_if_unreadable to train from step 0 (the unreadable files are kept, renamed)"
+        )
     for bad, why in unreadable:
         warn(f"skipping checkpoint {why}; kept as {checkpoint.set_aside(bad)}")
     if unreadable and path is None:
@@ -68,10 +71,16 @@ def set_up_output(args, dist_info):
 def check_model_fits(state, path: str, flag: str, mvg):
     """A checkpoint of another model (size) is a one-line UsageError that says what the file records."""
     recorded = state["args"]
-    settings = " ".join(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
-                        for name in ("model", "depth", "input_size") if (value := recorded.get(name)) is not None)
-    hint = (f"it records {settings}; resume with the same settings" if settings
-            else "was it trained with another --model, --depth or --input_size?")
+    settings = " ".join(
+        f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+        for name in ("model", "depth", "input_size")
+        if (value := recorded.get(name)) is not None
+    )
+    hint = (
+        f"it records {settings}; resume with the same settings"
+        if settings
+        else "was it trained with another --model, --depth or --input_size?"
+    )
     checkpoint.check_weights_fit(mvg, state["model"], f"{flag} {path}", hint)
 
 
@@ -85,15 +94,21 @@ def restore(state, path, mvg, optimizer, scaler, dist_info, global_batch) -> Pro
         # Keep the sample position; the step count and thus the lr schedule are approximate.
         samples = progress.step_in_epoch * state["global_batch"]
         progress.step_in_epoch = samples // global_batch
-        warn(f"resuming with an effective batch of {global_batch} instead of {state['global_batch']}: "
-             f"continuing at sample {progress.step_in_epoch * global_batch} of epoch {progress.epoch}")
+        warn(
+            f"resuming with an effective batch of {global_batch} instead of {state['global_batch']}: "
+            f"continuing at sample {progress.step_in_epoch * global_batch} of epoch {progress.epoch}"
+        )
     if len(state["rng"]) == dist_info.world_size:
         checkpoint.restore_rng(state["rng"][dist_info.rank])
     else:
-        warn(f"{path} holds RNG states of {len(state['rng'])} processes, not {dist_info.world_size}; "
-             "random streams (e.g. drop path) restart from the seed")
-    log(f"resumed from {path}: epoch {progress.epoch}, step {progress.step_in_epoch} of the epoch, "
-        f"global step {progress.global_step}")
+        warn(
+            f"{path} holds RNG states of {len(state['rng'])} processes, not {dist_info.world_size}; "
+            "random streams (e.g. drop path) restart from the seed"
+        )
+    log(
+        f"resumed from {path}: epoch {progress.epoch}, step {progress.step_in_epoch} of the epoch, "
+        f"global step {progress.global_step}"
+    )
     return progress
 
 
@@ -107,25 +122,32 @@ def finish_epoch(args, progress, stats, save, writer):
     finished = progress.epoch
     progress.epoch += 1
     progress.step_in_epoch = 0
-    numbered = args.save_every_epochs and (progress.epoch % args.save_every_epochs == 0
-                                           or progress.epoch == args.epochs)
+    numbered = args.save_every_epochs and (
+        progress.epoch % args.save_every_epochs == 0 or progress.epoch == args.epochs
+    )
 
     def keep_numbered_copy():  # runs once checkpoint-last.pth is on disk
-        snapshot(os.path.join(args.output_dir, checkpoint.LAST),
-                 os.path.join(args.output_dir, f"checkpoint-{finished}.pth"))
+        snapshot(
+            os.path.join(args.output_dir, checkpoint.LAST), os.path.join(args.output_dir, f"checkpoint-{finished}.pth")
+        )
         checkpoint.prune_numbered(args.output_dir, args.keep_checkpoints)
 
     # The line before the checkpoint: a kill between the two leaves the line and an older checkpoint,
     # and the epoch trained again replaces the line; the other order could leave the epoch without one.
     if args.output_dir and misc.is_main_process():
-        record = {"epoch": finished, "global_step": progress.global_step,
-                  **{f"train_{k}": v for k, v in stats.items() if k != "stop"}}
+        record = {
+            "epoch": finished,
+            "global_step": progress.global_step,
+            **{f"train_{k}": v for k, v in stats.items() if k != "stop"},
+        }
         write_epoch_record(os.path.join(args.output_dir, "log.txt"), record)
     save(checkpoint.LAST, misc.EpochTotals(), keep_numbered_copy if numbered else None)
     if writer is not None:
         writer.flush()
-    log(f"epoch {finished} done: loss {stats.get('loss', float('nan')):.4f}, "
-        f"{stats['samples_per_s']:.1f} samples/s, {stats['skipped_steps']} skipped step(s)")
+    log(
+        f"epoch {finished} done: loss {stats.get('loss', float('nan')):.4f}, "
+        f"{stats['samples_per_s']:.1f} samples/s, {stats['skipped_steps']} skipped step(s)"
+    )
 
 
 def snapshot(src: str, dst: str):

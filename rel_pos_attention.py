@@ -20,6 +20,7 @@ paths (ATTENTION_PATHS) differ only in how those bias terms reach the softmax:
 RelPosAttention takes over the weights of the timm Attention a SAM-ViT Block builds, so the
 state-dict keys stay timm's (and the authors').
 """
+
 from functools import cache
 
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer_sam import Attention, get_decomposed_rel_pos_bias, get_rel_pos
 from torch.nn.attention.flex_attention import flex_attention
 
-ATTENTION_PATHS = ('auto', 'fused', 'eager', 'augmented', 'flex')
+ATTENTION_PATHS = ("auto", "fused", "eager", "augmented", "flex")
 
 # The fused CUDA kernels need head widths in multiples of 8 (16-bit) or 4 (fp32); the zero padding of
 # q' and k' adds nothing to the logits.
@@ -51,13 +52,13 @@ def choose_attention(device_type: str, dtype: torch.dtype, needs_grad: bool) -> 
     attention to the memory-efficient kernel with nothing of size L x L outside it, where timm's
     'fused' runs the math kernel on a dense bias (and its gradient) per block.
     """
-    if device_type == 'cuda':
-        return 'augmented'
-    if device_type != 'cpu':
-        return 'fused'
+    if device_type == "cuda":
+        return "augmented"
+    if device_type != "cpu":
+        return "fused"
     if dtype in (torch.bfloat16, torch.float16):
-        return 'eager'
-    return 'augmented' if needs_grad else 'fused'
+        return "eager"
+    return "augmented" if needs_grad else "fused"
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -73,16 +74,17 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def rel_pos_logit_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                        grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def rel_pos_logit_terms(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's bias terms per key row and per key column, from the unscaled query:
     (B, heads, L, Hp) and (B, heads, L, Wp). The dense bias would be their sum over all (row, col)."""
     gh, gw = grid
     table_h = get_rel_pos(gh, gh, rel_pos_h)  # (Hp query rows, Hp key rows, d), resized if need be
     table_w = get_rel_pos(gw, gw, rel_pos_w)  # (Wp query cols, Wp key cols, d)
     q_grid = q.unflatten(2, (gh, gw))  # (B, heads, Hp, Wp, d)
-    by_row = torch.einsum('bnhwc,hkc->bnhwk', q_grid, table_h).flatten(2, 3)
-    by_col = torch.einsum('bnhwc,wkc->bnhwk', q_grid, table_w).flatten(2, 3)
+    by_row = torch.einsum("bnhwc,hkc->bnhwk", q_grid, table_h).flatten(2, 3)
+    by_col = torch.einsum("bnhwc,wkc->bnhwk", q_grid, table_w).flatten(2, 3)
     return by_row.to(q.dtype), by_col.to(q.dtype)
 
 
@@ -90,8 +92,9 @@ def key_position_one_hot(grid: tuple[int, int], padding: int, like: torch.Tensor
     """(L, Hp + Wp + padding): each key's row and column as one-hot codes, then zeros."""
     gh, gw = grid
     token = torch.arange(gh * gw, device=like.device)
-    return torch.cat((F.one_hot(token // gw, gh), F.one_hot(token % gw, gw),
-                      token.new_zeros(gh * gw, padding)), dim=-1).to(like.dtype)
+    return torch.cat(
+        (F.one_hot(token // gw, gh), F.one_hot(token % gw, gw), token.new_zeros(gh * gw, padding)), dim=-1
+    ).to(like.dtype)
 
 
 def augmented_attention(q, k, v, scale: float, by_row, by_col, grid: tuple[int, int]) -> torch.Tensor:
@@ -102,7 +105,7 @@ def augmented_attention(q, k, v, scale: float, by_row, by_col, grid: tuple[int, 
     q_aug = torch.cat((q * scale, by_row, by_col, q.new_zeros(*q.shape[:-1], padding)), dim=-1)
     key_position = key_position_one_hot(grid, padding, k)
     k_aug = torch.cat((k, key_position.expand(*k.shape[:-1], -1)), dim=-1)  # (B, heads, L, width)
-    if q.device.type == 'cpu':
+    if q.device.type == "cpu":
         # The CPU flash kernel wants v as wide as q' and k'; without it only the math kernel is
         # left, which builds the L x L logits. CUDA's memory-efficient kernel takes v as it is.
         v = F.pad(v, (0, q_aug.shape[-1] - head_dim))
@@ -120,8 +123,7 @@ def flex_rel_pos_attention(q, k, v, by_row, by_col, grid: tuple[int, int]) -> to
     return compiled_flex_attention()(q, k, v, score_mod=add_rel_pos)
 
 
-def timm_attention(q, k, v, scale: float, rel_pos_h, rel_pos_w, grid: tuple[int, int],
-                   fused: bool) -> torch.Tensor:
+def timm_attention(q, k, v, scale: float, rel_pos_h, rel_pos_w, grid: tuple[int, int], fused: bool) -> torch.Tensor:
     """timm's vision_transformer_sam.Attention, its layout included: (B, heads, L, d)."""
     batch_heads_shape = q.shape
     q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B*heads, L, d)
@@ -150,7 +152,7 @@ class RelPosAttention(nn.Module):
         self.rel_pos_w = built.rel_pos_w
         self.qkv = built.qkv
         self.proj = built.proj
-        self.path = 'auto'
+        self.path = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, gh, gw, _ = x.shape  # (B, Hp, Wp, D): the token grid, or windows of it
@@ -158,13 +160,13 @@ class RelPosAttention(nn.Module):
         qkv = self.qkv(x.reshape(batch, gh * gw, -1)).view(batch, gh * gw, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, L, d)
         path = self.path
-        if path == 'auto':
+        if path == "auto":
             path = choose_attention(x.device.type, compute_dtype(x), torch.is_grad_enabled())
-        if path in ('fused', 'eager'):
-            out = timm_attention(q, k, v, self.scale, self.rel_pos_h, self.rel_pos_w, grid, path == 'fused')
+        if path in ("fused", "eager"):
+            out = timm_attention(q, k, v, self.scale, self.rel_pos_h, self.rel_pos_w, grid, path == "fused")
         else:
             by_row, by_col = rel_pos_logit_terms(q, self.rel_pos_h, self.rel_pos_w, grid)
-            if path == 'augmented':
+            if path == "augmented":
                 out = augmented_attention(q, k, v, self.scale, by_row, by_col, grid)
             else:
                 out = flex_rel_pos_attention(q, k, v, by_row, by_col, grid)

@@ -21,8 +21,8 @@ is one entry in TASKS (plus its tests). What an entry says:
                           region_folder is also scored inside the region (<metric>_region)
     baselines             what evaluation compares the model with (evaluation/baselines.py)
 """
+
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
 
 from util.cli import UsageError
 
@@ -33,17 +33,17 @@ LABEL, IMAGE = "label", "image"
 class Task:
     name: str
     target: str
-    folders: Dict[str, str]
+    folders: dict[str, str]
     help: str
     target_on_input_scale: bool = False
     keep_slices: str = "body"
-    region_folder: Optional[str] = None
+    region_folder: str | None = None
     always_autoregressive: bool = False
     swap_prob: float = 0.0
     background_weight: float = 1.0
-    metrics: Tuple[str, ...] = ("psnr", "ssim")
-    baselines: Tuple[str, ...] = ("identity",)
-    notes: Dict[str, str] = field(default_factory=dict)
+    metrics: tuple[str, ...] = ("psnr", "ssim")
+    baselines: tuple[str, ...] = ("identity",)
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def target_is_label(self) -> bool:
@@ -57,28 +57,53 @@ class Task:
     def target_folder(self) -> str:
         return list(self.folders)[1]
 
-    def folder_kinds(self, input_folder: Optional[str] = None, target_folder: Optional[str] = None) -> Dict[str, str]:
+    def folder_kinds(self, input_folder: str | None = None, target_folder: str | None = None) -> dict[str, str]:
         """{folder: kind}, with the input and target folders renamed where a layout names them."""
-        renamed = {self.input_folder: input_folder or self.input_folder,
-                   self.target_folder: target_folder or self.target_folder}
+        renamed = {
+            self.input_folder: input_folder or self.input_folder,
+            self.target_folder: target_folder or self.target_folder,
+        }
         return {renamed.get(folder, folder): kind for folder, kind in self.folders.items()}
 
 
-TASKS: Dict[str, Task] = {task.name: task for task in (
-    Task("segmentation", LABEL, {"image": "image", "label": "label"},
-         help="image -> label map (class ids)",
-         keep_slices="foreground", always_autoregressive=True, background_weight=0.1,
-         metrics=("dice", "hd95"), baselines=("copy_context", "intensity")),
-    Task("synthesis", IMAGE, {"image": "image", "target": "image"},
-         help="one MRI contrast -> another; each contrast on its own intensity scale",
-         swap_prob=0.5),
-    Task("inpainting", IMAGE, {"image": "image", "target": "image", "mask": "mask"},
-         help="image with a removed region -> the healthy image; scored also inside the region",
-         target_on_input_scale=True, region_folder="mask"),
-    Task("denoising", IMAGE, {"image": "image", "target": "image"},
-         help="low-dose -> normal-dose image, on the input's intensity scale",
-         target_on_input_scale=True),
-)}
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            "segmentation",
+            LABEL,
+            {"image": "image", "label": "label"},
+            help="image -> label map (class ids)",
+            keep_slices="foreground",
+            always_autoregressive=True,
+            background_weight=0.1,
+            metrics=("dice", "hd95"),
+            baselines=("copy_context", "intensity"),
+        ),
+        Task(
+            "synthesis",
+            IMAGE,
+            {"image": "image", "target": "image"},
+            help="one MRI contrast -> another; each contrast on its own intensity scale",
+            swap_prob=0.5,
+        ),
+        Task(
+            "inpainting",
+            IMAGE,
+            {"image": "image", "target": "image", "mask": "mask"},
+            help="image with a removed region -> the healthy image; scored also inside the region",
+            target_on_input_scale=True,
+            region_folder="mask",
+        ),
+        Task(
+            "denoising",
+            IMAGE,
+            {"image": "image", "target": "image"},
+            help="low-dose -> normal-dose image, on the input's intensity scale",
+            target_on_input_scale=True,
+        ),
+    )
+}
 TASK_NAMES = tuple(TASKS)
 
 

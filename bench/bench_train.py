@@ -13,6 +13,7 @@ the project's prepare tool (as bench_data.py), unless --data names prepared root
     python -m bench.bench_train --model mvg_vit_base_patch16 --input_size 896 448 --batch_size 8 \
         --device cuda --precision bf16 --num_workers 8 --steps 60
 """
+
 import argparse
 import json
 import statistics
@@ -34,20 +35,24 @@ from util.runtime import autocast, resolve_precision
 def parse_args(argv=None):
     """The arguments, --precision resolved for --device as training resolves it."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--data', nargs='*', default=[], help='prepared roots (default: MNI152 in a temp dir)')
-    p.add_argument('--model', default='mvg_vit_tiny_patch16')
-    p.add_argument('--input_size', type=int, nargs=2, default=(224, 112), metavar=('H', 'W'))
-    p.add_argument('--batch_size', type=int, default=8)
+    p.add_argument("--data", nargs="*", default=[], help="prepared roots (default: MNI152 in a temp dir)")
+    p.add_argument("--model", default="mvg_vit_tiny_patch16")
+    p.add_argument("--input_size", type=int, nargs=2, default=(224, 112), metavar=("H", "W"))
+    p.add_argument("--batch_size", type=int, default=8)
     add_runtime_flags(p)
-    p.add_argument('--num_workers', type=int, default=1)
-    p.add_argument('--threads', type=int, default=0,
-                   help='intra-op threads of the training process (0: torch default). On a small CPU, leaving '
-                        'cores to the data workers separates the loop overhead from the competition for cores, '
-                        'as on a GPU node where the step runs on the card and the workers on the CPU')
-    p.add_argument('--steps', type=int, default=30, help='timed steps')
-    p.add_argument('--warmup', type=int, default=3, help='untimed steps first')
-    p.add_argument('--repeats', type=int, default=3, help='alternating repetitions; medians are reported')
-    p.add_argument('--save_every_steps', type=int, default=1000, help="main's default checkpoint cadence")
+    p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads of the training process (0: torch default). On a small CPU, leaving "
+        "cores to the data workers separates the loop overhead from the competition for cores, "
+        "as on a GPU node where the step runs on the card and the workers on the CPU",
+    )
+    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="alternating repetitions; medians are reported")
+    p.add_argument("--save_every_steps", type=int, default=1000, help="main's default checkpoint cadence")
     args = p.parse_args(argv)
     args.precision = resolve_precision(args.precision, args.device)
     return args
@@ -55,18 +60,50 @@ def parse_args(argv=None):
 
 def train_argv(args, data, out, steps):
     num_mask = (args.input_size[0] // 16) * (args.input_size[1] // 16) // 6
-    return ['--model', args.model, '--input_size', *map(str, args.input_size), '--batch_size', str(args.batch_size),
-            '--device', args.device, '--precision', args.precision, '--attention', args.attention,
-            '--num_workers', str(args.num_workers),
-            '--data_path', *data, '--output_dir', str(out), '--samples_per_epoch', str(steps * args.batch_size),
-            '--epochs', '1', '--warmup_epochs', '0.1', '--lr', '1e-4', '--num_mask_patches', str(num_mask),
-            '--min_mask_patches_per_block', '4', '--max_mask_patches_per_block', str(num_mask),
-            '--half_mask_ratio', '0.5', '--save_every_steps', str(args.save_every_steps),
-            '--save_every_epochs', '0']
+    return [
+        "--model",
+        args.model,
+        "--input_size",
+        *map(str, args.input_size),
+        "--batch_size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+        "--attention",
+        args.attention,
+        "--num_workers",
+        str(args.num_workers),
+        "--data_path",
+        *data,
+        "--output_dir",
+        str(out),
+        "--samples_per_epoch",
+        str(steps * args.batch_size),
+        "--epochs",
+        "1",
+        "--warmup_epochs",
+        "0.1",
+        "--lr",
+        "1e-4",
+        "--num_mask_patches",
+        str(num_mask),
+        "--min_mask_patches_per_block",
+        "4",
+        "--max_mask_patches_per_block",
+        str(num_mask),
+        "--half_mask_ratio",
+        "0.5",
+        "--save_every_steps",
+        str(args.save_every_steps),
+        "--save_every_epochs",
+        "0",
+    ]
 
 
 def synchronize(device):
-    if device.type == 'cuda':
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -80,18 +117,18 @@ def loop_seconds_per_step(args, data, folder, repeat):
         return schedule(*schedule_args)
 
     pretrain_setup.lr_at = timed_schedule
-    out = Path(folder) / f'run{repeat}'
+    out = Path(folder) / f"run{repeat}"
     try:
         main_pretrain.main(train_argv(args, data, out, args.warmup + args.steps + 1))
     finally:
         pretrain_setup.lr_at = schedule
-    data_wait = json.loads((out / 'log.txt').read_text().splitlines()[-1])['train_data_time']
+    data_wait = json.loads((out / "log.txt").read_text().splitlines()[-1])["train_data_time"]
     return (starts[-1] - starts[args.warmup]) / (len(starts) - 1 - args.warmup), data_wait
 
 
 def bare_seconds_per_step(args, data, folder):
     """The same model, optimizer and precision on one batch of the same data, nothing else."""
-    train_args = main_pretrain.parse_args(train_argv(args, data, Path(folder) / 'bare', args.steps))
+    train_args = main_pretrain.parse_args(train_argv(args, data, Path(folder) / "bare", args.steps))
     main_pretrain.resolve_model_settings(train_args)
     device = torch.device(args.device)
     model = pretrain_setup.build_model(train_args).to(device).train()
@@ -99,11 +136,11 @@ def bare_seconds_per_step(args, data, folder):
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)))
     batch = {k: v.to(device) for k, v in batch.items()}
     optimizer = pretrain_setup.build_optimizer(model, train_args, 1e-4, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
     def step():
         with autocast(device, args.precision):
-            loss, _, _ = model(batch['imgs'], batch['tgts'], batch['mask'], batch['valid'])
+            loss, _, _ = model(batch["imgs"], batch["tgts"], batch["mask"], batch["valid"])
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -132,16 +169,24 @@ def main(argv=None):
             loop.append(seconds)
             data_wait.append(wait)
     bare_s, loop_s, wait_s = (statistics.median(x) for x in (bare, loop, data_wait))
-    log(f"\n{args.model}, input {args.input_size[0]}x{args.input_size[1]}, batch {args.batch_size}, "
-          f"{args.device} ({torch.get_num_threads()} threads), {args.precision}, {args.num_workers} data worker(s), "
-          f"median of {args.repeats}")
-    log(f"bare step:  {args.batch_size / bare_s:8.2f} samples/s   "
-          f"(runs: {', '.join(f'{args.batch_size / t:.2f}' for t in bare)})")
-    log(f"full loop:  {args.batch_size / loop_s:8.2f} samples/s   "
-          f"(runs: {', '.join(f'{args.batch_size / t:.2f}' for t in loop)})")
-    log(f"loop overhead: {100 * (loop_s / bare_s - 1):.1f}% of the bare step time, of which waiting for "
-          f"data {100 * wait_s / bare_s:.1f}% ({1000 * wait_s:.1f} ms/step)")
+    log(
+        f"\n{args.model}, input {args.input_size[0]}x{args.input_size[1]}, batch {args.batch_size}, "
+        f"{args.device} ({torch.get_num_threads()} threads), {args.precision}, {args.num_workers} data worker(s), "
+        f"median of {args.repeats}"
+    )
+    log(
+        f"bare step:  {args.batch_size / bare_s:8.2f} samples/s   "
+        f"(runs: {', '.join(f'{args.batch_size / t:.2f}' for t in bare)})"
+    )
+    log(
+        f"full loop:  {args.batch_size / loop_s:8.2f} samples/s   "
+        f"(runs: {', '.join(f'{args.batch_size / t:.2f}' for t in loop)})"
+    )
+    log(
+        f"loop overhead: {100 * (loop_s / bare_s - 1):.1f}% of the bare step time, of which waiting for "
+        f"data {100 * wait_s / bare_s:.1f}% ({1000 * wait_s:.1f} ms/step)"
+    )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.exit(run_main(main))

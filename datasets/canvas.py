@@ -21,10 +21,11 @@ What differs between tasks (label or image target, swapping input and target, ba
 comes from the task registry (tasks.py); label targets are drawn in a label encoding
 (label_encoding.py), pixels normalised as pixels.py does.
 """
+
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -62,12 +63,13 @@ class MixtureEntry:
     swap_prob       probability that input and target swap roles (default: the task's, tasks.Task.swap_prob;
                     synthesis learns both directions)
     """
+
     path: str
     weight: float = 1.0
     case_fraction: float = 1.0
     case_stride: int = 1
     num_cases: int = 0
-    swap_prob: Optional[float] = None
+    swap_prob: float | None = None
 
 
 BALANCES = ("datasets", "slices")
@@ -85,14 +87,20 @@ class Mixture:
                      dataset equally likely, the authors' list of slices
     recipe           the MIXTURE_RECIPES name the mixture was built with, "custom" otherwise
     """
-    entries: List[MixtureEntry]
+
+    entries: list[MixtureEntry]
     balance: str = "datasets"
     slice_sampling: str = "per_case"
     recipe: str = "custom"
 
     @classmethod
-    def of(cls, roots: Sequence[str], names: Optional[Sequence[str]] = None, balance: Optional[str] = None,
-           recipe: str = "balanced"):
+    def of(
+        cls,
+        roots: Sequence[str],
+        names: Sequence[str] | None = None,
+        balance: str | None = None,
+        recipe: str = "balanced",
+    ):
         """Every prepared dataset under the roots (or only `names`), set up by its task as `recipe`
         (a MIXTURE_RECIPES name) says. `balance` None takes the recipe's; a recipe that stands for one
         balance ("paper": "slices") refuses another, since the mix would no longer be the recipe's."""
@@ -101,8 +109,10 @@ class Mixture:
         settings = MIXTURE_RECIPES[recipe]
         found = {os.path.basename(p): p for root in roots for p in find_datasets(root)}
         if not found:
-            raise MixtureError(f"no prepared dataset (a folder with manifest.json) under {list(roots)}; "
-                             "prepare data with `python -m datasets.prepare`")
+            raise MixtureError(
+                f"no prepared dataset (a folder with manifest.json) under {list(roots)}; "
+                "prepare data with `python -m datasets.prepare`"
+            )
         missing = sorted(set(names or ()) - set(found))
         if missing:
             raise MixtureError(f"datasets {missing} not found under {list(roots)}; found {sorted(found)}")
@@ -114,6 +124,7 @@ class Mixture:
 @dataclass(frozen=True)
 class TaskSettings:
     """What a recipe gives every prepared dataset of one task (see MixtureEntry)."""
+
     weight: float = 1.0
     case_fraction: float = 1.0
     case_stride: int = 1
@@ -128,21 +139,25 @@ class MixtureRecipe:
     slice_sampling   see Mixture
     tasks            settings per task; a task not listed gets weight 1 and every training case
     """
-    balance: Optional[str] = None
+
+    balance: str | None = None
     slice_sampling: str = "per_case"
-    tasks: Dict[str, TaskSettings] = field(default_factory=dict)
+    tasks: dict[str, TaskSettings] = field(default_factory=dict)
 
     def entry(self, path: str, task: str) -> MixtureEntry:
         settings = self.tasks.get(task, TaskSettings())
-        return MixtureEntry(path, weight=settings.weight, case_fraction=settings.case_fraction,
-                            case_stride=settings.case_stride)
+        return MixtureEntry(
+            path, weight=settings.weight, case_fraction=settings.case_fraction, case_stride=settings.case_stride
+        )
 
-    def pick_balance(self, name: str, asked: Optional[str]) -> str:
+    def pick_balance(self, name: str, asked: str | None) -> str:
         if self.balance is None:
             return asked or "datasets"
         if asked not in (None, self.balance):
-            raise MixtureError(f"mixture recipe '{name}' stands for balance '{self.balance}'; got balance "
-                             f"'{asked}' (leave balance out, or use recipe 'balanced')")
+            raise MixtureError(
+                f"mixture recipe '{name}' stands for balance '{self.balance}'; got balance "
+                f"'{asked}' (leave balance out, or use recipe 'balanced')"
+            )
         return self.balance
 
 
@@ -152,11 +167,15 @@ MIXTURE_RECIPES = {
     # The authors' training list: every training slice once, segmentation datasets twice, half the
     # inpainting (BraTS-Local) cases and every fourth synthesis (BraTS-GLI) case; samples from it are
     # uniform over the list, so every listed slice is equally likely.
-    "paper": MixtureRecipe(balance="slices", slice_sampling="uniform", tasks={
-        "segmentation": TaskSettings(weight=2),
-        "inpainting": TaskSettings(case_fraction=0.5),
-        "synthesis": TaskSettings(case_stride=4),
-    }),
+    "paper": MixtureRecipe(
+        balance="slices",
+        slice_sampling="uniform",
+        tasks={
+            "segmentation": TaskSettings(weight=2),
+            "inpainting": TaskSettings(case_fraction=0.5),
+            "synthesis": TaskSettings(case_stride=4),
+        },
+    ),
 }
 
 
@@ -176,8 +195,7 @@ def load_mixture(path: str) -> Mixture:
     for i, item in enumerate(spec.get("datasets", [])):
         unknown = set(item) - known
         if unknown or "path" not in item:
-            raise MixtureError(f"{path}: datasets[{i}] needs 'path' and takes only {sorted(known)}; "
-                             f"got {sorted(item)}")
+            raise MixtureError(f"{path}: datasets[{i}] needs 'path' and takes only {sorted(known)}; got {sorted(item)}")
         item = dict(item, path=os.path.join(os.path.dirname(os.path.abspath(path)), item["path"]))
         entries.append(MixtureEntry(**item))
     if not entries:
@@ -188,11 +206,12 @@ def load_mixture(path: str) -> Mixture:
 @dataclass
 class _Source:
     """A dataset of the mixture, ready to sample from."""
+
     name: str
     task: Task
     swap_prob: float
-    cases: List[str]  # sorted
-    slices: Dict[str, List[SlicePair]]  # case -> its kept slices
+    cases: list[str]  # sorted
+    slices: dict[str, list[SlicePair]]  # case -> its kept slices
     # Where each case's slices start when all the dataset's slices are numbered case by case: a number
     # drawn over all slices finds its case by binary search (uniform slice sampling).
     slice_starts: np.ndarray = field(init=False)
@@ -214,26 +233,38 @@ def _build_source(entry: MixtureEntry, split: str) -> _Source:
         raise _no_cases_error(entry, dataset, split)
     if not 0 < entry.case_fraction <= 1 or entry.case_stride < 1:
         raise MixtureError(f"{entry.path}: case_fraction must be in (0, 1] and case_stride >= 1")
-    cases = cases[::entry.case_stride]
-    cases = cases[:max(1, int(round(len(cases) * entry.case_fraction)))]
+    cases = cases[:: entry.case_stride]
+    cases = cases[: max(1, round(len(cases) * entry.case_fraction))]
     if entry.num_cases:
-        cases = cases[:entry.num_cases]
+        cases = cases[: entry.num_cases]
     slices = {}
     for case in cases:
-        pairs = [SlicePair(dataset.name, case, i, dataset.slice_path(dataset.input_folder, case, i),
-                           dataset.slice_path(dataset.target_folder, case, i))
-                 for i in dataset.slice_indices(case)]
+        pairs = [
+            SlicePair(
+                dataset.name,
+                case,
+                i,
+                dataset.slice_path(dataset.input_folder, case, i),
+                dataset.slice_path(dataset.target_folder, case, i),
+            )
+            for i in dataset.slice_indices(case)
+        ]
         if pairs:
             slices[case] = pairs
     if not slices:
-        raise MixtureError(f"{entry.path}: its {len(cases)} {split} cases list no slices; run "
-                           f"`python -m datasets.verify {os.path.dirname(entry.path)}`")
+        raise MixtureError(
+            f"{entry.path}: its {len(cases)} {split} cases list no slices; run "
+            f"`python -m datasets.verify {os.path.dirname(entry.path)}`"
+        )
     # Checked up front, cheaply: the first pair of every case exists (`python -m datasets.verify` checks all).
-    missing = [p for pairs in slices.values() for p in (pairs[0].input_path, pairs[0].target_path)
-               if not os.path.exists(p)]
+    missing = [
+        p for pairs in slices.values() for p in (pairs[0].input_path, pairs[0].target_path) if not os.path.exists(p)
+    ]
     if missing:
-        raise MixtureError(f"{entry.path}: {len(missing)} slice files listed in the manifest are missing, "
-                                f"e.g. {missing[0]}; run `python -m datasets.verify {os.path.dirname(entry.path)}`")
+        raise MixtureError(
+            f"{entry.path}: {len(missing)} slice files listed in the manifest are missing, "
+            f"e.g. {missing[0]}; run `python -m datasets.verify {os.path.dirname(entry.path)}`"
+        )
     swap = entry.swap_prob if entry.swap_prob is not None else task.swap_prob
     return _Source(dataset.name, task, swap, sorted(slices), slices)
 
@@ -244,12 +275,14 @@ def _no_cases_error(entry: MixtureEntry, dataset: PreparedDataset, split: str) -
     if not sizes:
         held = "the manifest lists no cases"
     elif len(sizes) == 1:
-        (other, count), = sizes.items()
+        ((other, count),) = sizes.items()
         held = f"all its {count} cases are {other}"
     else:
         held = "its cases are " + ", ".join(f"{count} {other}" for other, count in sorted(sizes.items()))
-    return MixtureError(f"{entry.path}: dataset '{dataset.name}' has no {split} case ({held}); prepare it again "
-                        f"with a {split} split (--test_fraction, --test_cases) or leave it out of the mixture")
+    return MixtureError(
+        f"{entry.path}: dataset '{dataset.name}' has no {split} case ({held}); prepare it again "
+        f"with a {split} split (--test_fraction, --test_cases) or leave it out of the mixture"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,7 +297,8 @@ class Augment:
     scale_jitter s: the pair is first scaled by a factor in [1 - s, 1 + s]; hflip/vflip: probabilities.
     Returns C-contiguous arrays, whatever flips and crops were taken.
     """
-    crop_size: Tuple[int, int] = (448, 448)
+
+    crop_size: tuple[int, int] = (448, 448)
     scale_jitter: float = 0.0
     hflip: float = 0.0
     vflip: float = 0.0
@@ -293,6 +327,7 @@ class Augment:
 @dataclass(frozen=True)
 class Choice:
     """What an item shows, chosen before any pixel is read."""
+
     source_id: int  # into InContextDataset.sources / names
     query: SlicePair
     context: SlicePair
@@ -302,25 +337,39 @@ class Choice:
 class InContextDataset(torch.utils.data.Dataset):
     """Canvases drawn from a mixture of prepared datasets (see module docstring)."""
 
-    def __init__(self, mixture: Mixture, mask_policy: MaskPolicy, split: str = "train",
-                 input_size: Tuple[int, int] = (896, 448), label_encoding: str = "random_colors",
-                 context_from: str = "same_case", augment: Optional[Augment] = None, seed: int = 0,
-                 samples_per_epoch: Optional[int] = None, patch_size: int = 16):
+    def __init__(
+        self,
+        mixture: Mixture,
+        mask_policy: MaskPolicy,
+        split: str = "train",
+        input_size: tuple[int, int] = (896, 448),
+        label_encoding: str = "random_colors",
+        context_from: str = "same_case",
+        augment: Augment | None = None,
+        seed: int = 0,
+        samples_per_epoch: int | None = None,
+        patch_size: int = 16,
+    ):
         if label_encoding not in LABEL_ENCODINGS:
             raise ValueError(f"label_encoding must be one of {LABEL_ENCODINGS}, got '{label_encoding}'")
         if context_from not in CONTEXT_FROM:
             raise ValueError(f"context_from must be one of {CONTEXT_FROM}, got '{context_from}'")
         if input_size[0] % 2 or input_size[0] // 2 % patch_size or input_size[1] % patch_size:
-            raise MixtureError(f"input_size {tuple(input_size)} must stack two pairs of whole {patch_size}-pixel patches")
+            raise MixtureError(
+                f"input_size {tuple(input_size)} must stack two pairs of whole {patch_size}-pixel patches"
+            )
         grid = (input_size[0] // patch_size, input_size[1] // patch_size)
         if tuple(mask_policy.input_size) != grid:
-            raise ValueError(f"mask_policy grid {mask_policy.input_size} does not match input_size "
-                             f"{tuple(input_size)} / patch {patch_size} = {grid}")
+            raise ValueError(
+                f"mask_policy grid {mask_policy.input_size} does not match input_size "
+                f"{tuple(input_size)} / patch {patch_size} = {grid}"
+            )
         if mixture.balance not in BALANCES:
             raise MixtureError(f"mixture balance must be one of {BALANCES}, got '{mixture.balance}'")
         if mixture.slice_sampling not in SLICE_SAMPLINGS:
-            raise MixtureError(f"mixture slice_sampling must be one of {SLICE_SAMPLINGS}, "
-                             f"got '{mixture.slice_sampling}'")
+            raise MixtureError(
+                f"mixture slice_sampling must be one of {SLICE_SAMPLINGS}, got '{mixture.slice_sampling}'"
+            )
         self.mixture = mixture
         self.sources = [_build_source(entry, split) for entry in mixture.entries]
         self.names = [source.name for source in self.sources]
@@ -337,8 +386,10 @@ class InContextDataset(torch.utils.data.Dataset):
         self.context_from = context_from
         self.augment = augment or Augment(crop_size=(input_size[0] // 2, input_size[1]))
         if tuple(self.augment.crop_size) != (input_size[0] // 2, input_size[1]):
-            raise ValueError(f"augment crop_size {self.augment.crop_size} must be half the canvas "
-                             f"{(input_size[0] // 2, input_size[1])}")
+            raise ValueError(
+                f"augment crop_size {self.augment.crop_size} must be half the canvas "
+                f"{(input_size[0] // 2, input_size[1])}"
+            )
         self.seed = seed
         self.epoch = 0
         self.samples_per_epoch = samples_per_epoch or self.num_slices
@@ -352,16 +403,20 @@ class InContextDataset(torch.utils.data.Dataset):
 
     def describe(self) -> str:
         mixture = self.mixture
-        lines = [f"{len(self.sources)} datasets, {self.num_slices} slices, {len(self)} canvases per epoch, "
-                 f"labels '{self.label_encoding}', context from '{self.context_from}', {self.mask_policy}",
-                 f"mixture recipe '{mixture.recipe}': balance '{mixture.balance}', "
-                 f"query slices drawn '{mixture.slice_sampling}'"]
+        lines = [
+            f"{len(self.sources)} datasets, {self.num_slices} slices, {len(self)} canvases per epoch, "
+            f"labels '{self.label_encoding}', context from '{self.context_from}', {self.mask_policy}",
+            f"mixture recipe '{mixture.recipe}': balance '{mixture.balance}', "
+            f"query slices drawn '{mixture.slice_sampling}'",
+        ]
         for source, p in zip(self.sources, self.probabilities):
-            lines.append(f"  {source.name:<24} {source.task.name:<13} cases {len(source.cases):>5}  "
-                         f"slices {source.num_slices:>7}  share {p:.3f}")
+            lines.append(
+                f"  {source.name:<24} {source.task.name:<13} cases {len(source.cases):>5}  "
+                f"slices {source.num_slices:>7}  share {p:.3f}"
+            )
         return "\n".join(lines)
 
-    def _pick_query(self, source: _Source, rng: np.random.Generator) -> Tuple[int, int]:
+    def _pick_query(self, source: _Source, rng: np.random.Generator) -> tuple[int, int]:
         """(position of the query's case in source.cases, position of the slice in its case)."""
         if self.mixture.slice_sampling == "uniform":
             number = int(rng.integers(source.num_slices))
@@ -370,7 +425,7 @@ class InContextDataset(torch.utils.data.Dataset):
         case_position = int(rng.integers(len(source.cases)))
         return case_position, int(rng.integers(len(source.slices[source.cases[case_position]])))
 
-    def _pick_pairs(self, source: _Source, rng: np.random.Generator) -> Tuple[SlicePair, SlicePair]:
+    def _pick_pairs(self, source: _Source, rng: np.random.Generator) -> tuple[SlicePair, SlicePair]:
         """(query pair, context pair)."""
         query_position, query_index = self._pick_query(source, rng)
         query_slices = source.slices[source.cases[query_position]]

@@ -12,8 +12,8 @@ Conventions, used by `prepare` and recorded in the manifest:
     Intensities use area averaging when an axis shrinks and bilinear interpolation when it grows;
     labels and masks use nearest neighbour with pixel centres aligned.
 """
+
 from dataclasses import dataclass
-from typing import Tuple
 
 import nibabel as nib
 import numpy as np
@@ -48,8 +48,7 @@ def voxel_sizes(affine):
 
 
 def grids_match(shape_a, affine_a, shape_b, affine_b, tolerance):
-    return tuple(shape_a[:3]) == tuple(shape_b[:3]) and np.allclose(affine_a, affine_b, atol=tolerance,
-                                                                    rtol=0)
+    return tuple(shape_a[:3]) == tuple(shape_b[:3]) and np.allclose(affine_a, affine_b, atol=tolerance, rtol=0)
 
 
 def grid_difference(shape_a, affine_a, shape_b, affine_b) -> str:
@@ -70,25 +69,34 @@ def display_to_slice(picture):
 
 # ---------------------------------------------------------------- square fitting and resizing
 
+
 @dataclass(frozen=True)
 class ResizePlan:
     """How a (rows, cols) slice becomes size x size: zero padding (top, bottom, left, right) first, then a
     resize from the padded shape. Recorded per case (the manifest's "resize") so predictions can be put
     back; to_json gives the recorded form, which readers of older manifests read as a plain dict."""
+
     fit: str
-    slice_shape: Tuple[int, int]
-    padding: Tuple[int, int, int, int]
-    resized_from: Tuple[int, int]
-    size: Tuple[int, int]
+    slice_shape: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    resized_from: tuple[int, int]
+    size: tuple[int, int]
 
     def to_json(self) -> dict:
-        return {"fit": self.fit, "slice_shape": list(self.slice_shape), "padding": list(self.padding),
-                "resized_from": list(self.resized_from), "size": list(self.size)}
+        return {
+            "fit": self.fit,
+            "slice_shape": list(self.slice_shape),
+            "padding": list(self.padding),
+            "resized_from": list(self.resized_from),
+            "size": list(self.size),
+        }
 
     @classmethod
     def from_json(cls, record: dict) -> "ResizePlan":
-        return cls(record["fit"], *(tuple(int(n) for n in record[key])
-                                    for key in ("slice_shape", "padding", "resized_from", "size")))
+        return cls(
+            record["fit"],
+            *(tuple(int(n) for n in record[key]) for key in ("slice_shape", "padding", "resized_from", "size")),
+        )
 
 
 def fit_plan(rows, cols, size, fit) -> ResizePlan:
@@ -102,8 +110,13 @@ def fit_plan(rows, cols, size, fit) -> ResizePlan:
     else:
         raise ValueError(f"unknown fit '{fit}'")
     padded = (rows + padding[0] + padding[1], cols + padding[2] + padding[3])
-    return ResizePlan(fit, (int(rows), int(cols)), tuple(int(n) for n in padding), tuple(int(n) for n in padded),
-                      (int(size), int(size)))
+    return ResizePlan(
+        fit,
+        (int(rows), int(cols)),
+        tuple(int(n) for n in padding),
+        tuple(int(n) for n in padded),
+        (int(size), int(size)),
+    )
 
 
 def _pad(picture, padding):
@@ -114,7 +127,7 @@ def _pad(picture, padding):
 def _unpad(picture, plan):
     top, bottom, left, right = plan.padding
     padded_rows, padded_cols = plan.resized_from
-    return picture[top:padded_rows - bottom, left:padded_cols - right]
+    return picture[top : padded_rows - bottom, left : padded_cols - right]
 
 
 def _resize_axis(picture, length, axis):
@@ -139,15 +152,15 @@ def resize_nearest(picture, plan: ResizePlan):
     """Integer picture (labels, masks) -> size x size, ids unchanged."""
     picture = _pad(picture, plan.padding)
     rows, cols = plan.size
-    return picture[np.ix_(nearest_indices(picture.shape[0], rows),
-                          nearest_indices(picture.shape[1], cols))]
+    return picture[np.ix_(nearest_indices(picture.shape[0], rows), nearest_indices(picture.shape[1], cols))]
 
 
 def unresize_nearest(picture, plan: ResizePlan):
     """size x size integer picture (e.g. a predicted label) -> the slice's (rows, cols)."""
     padded_rows, padded_cols = plan.resized_from
-    picture = picture[np.ix_(nearest_indices(picture.shape[0], padded_rows),
-                             nearest_indices(picture.shape[1], padded_cols))]
+    picture = picture[
+        np.ix_(nearest_indices(picture.shape[0], padded_rows), nearest_indices(picture.shape[1], padded_cols))
+    ]
     return _unpad(picture, plan)
 
 

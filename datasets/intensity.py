@@ -10,8 +10,8 @@
 NaN and infinite voxels (seen in some converted MR volumes) are replaced by the volume's smallest
 finite value before any statistic is taken, i.e. they become background.
 """
+
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import numpy as np
 
@@ -30,13 +30,14 @@ def default_method(modality):
 class IntensitySettings:
     """The flags of add_intensity_arguments with --normalization resolved; method None: not known
     (no --modality), which only a volume to normalise turns into an error."""
-    method: Optional[str]
-    window: Tuple[float, float] = (-100.0, 200.0)
-    percentiles: Tuple[float, float] = (0.5, 99.5)
+
+    method: str | None
+    window: tuple[float, float] = (-100.0, 200.0)
+    percentiles: tuple[float, float] = (0.5, 99.5)
     region: str = "body"
 
     @classmethod
-    def from_args(cls, args, modality: Optional[str]) -> "IntensitySettings":
+    def from_args(cls, args, modality: str | None) -> "IntensitySettings":
         method = args.normalization
         if method == "auto":
             method = default_method(modality) if modality else None
@@ -68,8 +69,13 @@ def fit_parameters(volume, method, window=(-100.0, 200.0), percentiles=(0.5, 99.
             body = volume[volume > volume.min()]
             values = body if body.size else volume
         low, high = np.percentile(values, percentiles)
-        return {"method": "percentile", "percentiles": [float(p) for p in percentiles],
-                "region": region, "low": float(low), "high": float(high)}
+        return {
+            "method": "percentile",
+            "percentiles": [float(p) for p in percentiles],
+            "region": region,
+            "low": float(low),
+            "high": float(high),
+        }
     if method == "minmax":
         return {"method": "minmax", "low": float(volume.min()), "high": float(volume.max())}
     raise ValueError(f"unknown intensity method '{method}'")
@@ -96,11 +102,26 @@ def from_uint8_scale(values, parameters):
 def add_intensity_arguments(group):
     """The intensity flags of data preparation; predict.py takes the same, so that a user's volume
     is scaled exactly as the training slices were."""
-    group.add_argument("--normalization", choices=["auto", "window", "percentile", "minmax"],
-                       default="auto", help="auto: window for CT, percentile for MRI, minmax otherwise")
-    group.add_argument("--window", type=float, nargs=2, default=[-100.0, 200.0], metavar=("LOW", "HIGH"),
-                       help="CT window in HU")
-    group.add_argument("--percentiles", type=float, nargs=2, default=[0.5, 99.5], metavar=("LOW", "HIGH"),
-                       help="MR percentiles mapped to black and white")
-    group.add_argument("--percentile_region", choices=["body", "volume"], default="body",
-                       help="voxels the percentiles are taken over: above the volume minimum (body) or all")
+    group.add_argument(
+        "--normalization",
+        choices=["auto", "window", "percentile", "minmax"],
+        default="auto",
+        help="auto: window for CT, percentile for MRI, minmax otherwise",
+    )
+    group.add_argument(
+        "--window", type=float, nargs=2, default=[-100.0, 200.0], metavar=("LOW", "HIGH"), help="CT window in HU"
+    )
+    group.add_argument(
+        "--percentiles",
+        type=float,
+        nargs=2,
+        default=[0.5, 99.5],
+        metavar=("LOW", "HIGH"),
+        help="MR percentiles mapped to black and white",
+    )
+    group.add_argument(
+        "--percentile_region",
+        choices=["body", "volume"],
+        default="body",
+        help="voxels the percentiles are taken over: above the volume minimum (body) or all",
+    )

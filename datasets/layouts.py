@@ -10,11 +10,12 @@ when it does not say). The folders are the task's (tasks.py), input first and ta
     inpainting     image (voided slice), target (healthy image), mask (region to fill)
     denoising      image (low dose), target (normal dose)
 """
+
 import glob
 import json
 import os
 import re
-from typing import Dict, NamedTuple, Optional
+from typing import NamedTuple
 
 from tasks import TASKS, Task
 from util.cli import log
@@ -24,17 +25,36 @@ from .sources import Case, pair_globs, problem_list_error, strip_extension, volu
 
 NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 DEFAULT_SOURCE_SPLITS = {"Tr": "train", "Va": "test", "Val": "test", "Ts": "test"}
-MR_CHANNEL_NAMES = {"MRI", "MR", "T1", "T1W", "T1C", "T1GD", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD",
-                    "T1CE", "T2F", "T1N", "CINE", "LGE", "MPRAGE"}
+MR_CHANNEL_NAMES = {
+    "MRI",
+    "MR",
+    "T1",
+    "T1W",
+    "T1C",
+    "T1GD",
+    "T2",
+    "T2W",
+    "FLAIR",
+    "ADC",
+    "DWI",
+    "PD",
+    "T1CE",
+    "T2F",
+    "T1N",
+    "CINE",
+    "LGE",
+    "MPRAGE",
+}
 
 
 class FoundCases(NamedTuple):
     cases: list
-    class_names: Dict[int, str]  # {id: name} the source gives; {} when none
-    modality: Optional[str]  # the modality the source implies; None when it does not say
+    class_names: dict[int, str]  # {id: name} the source gives; {} when none
+    modality: str | None  # the modality the source implies; None when it does not say
 
 
 # ---------------------------------------------------------------- nnU-Net / Medical Segmentation Decathlon
+
 
 def read_dataset_json(root):
     path = os.path.join(root, "dataset.json")
@@ -74,8 +94,11 @@ def modality_from_dataset_json(description, channel):
 def _volume_stems(folder):
     """{file name: name without extension}; skips hidden files such as the '._x.nii.gz' that macOS
     leaves in the MSD archives."""
-    return {name: strip_extension(name) for name in sorted(os.listdir(folder))
-            if not name.startswith(".") and name.lower().endswith(VOLUME_FILE_EXTENSIONS)}
+    return {
+        name: strip_extension(name)
+        for name in sorted(os.listdir(folder))
+        if not name.startswith(".") and name.lower().endswith(VOLUME_FILE_EXTENSIONS)
+    }
 
 
 def _msd_images(folder, label_folder, channel):
@@ -84,8 +107,9 @@ def _msd_images(folder, label_folder, channel):
     MSD case ids that end in four digits stay intact."""
     stems = _volume_stems(folder)
     label_stems = set(_volume_stems(label_folder).values())
-    nnunet_style = bool(stems) and all(NNUNET_CHANNEL.match(stem) and stem not in label_stems
-                                       for stem in stems.values())
+    nnunet_style = bool(stems) and all(
+        NNUNET_CHANNEL.match(stem) and stem not in label_stems for stem in stems.values()
+    )
     images = {}
     for name, stem in stems.items():
         if nnunet_style:
@@ -107,8 +131,7 @@ def find_msd_cases(root, channel=0, source_splits=None):
         if not os.path.isdir(image_folder) or split == "skip":
             continue
         if not os.path.isdir(label_folder):
-            log(f"note: {image_folder} has no {os.path.basename(label_folder)} next to it; "
-                f"its images are not used")
+            log(f"note: {image_folder} has no {os.path.basename(label_folder)} next to it; its images are not used")
             continue
         present.append(split)
         images = _msd_images(image_folder, label_folder, channel)
@@ -119,11 +142,16 @@ def find_msd_cases(root, channel=0, source_splits=None):
             if label_path is None:
                 problems.append(f"case '{case_id}': {image_path} has no label in {label_folder}")
                 continue
-            cases.append(Case(case_id, {"image": Source(image_path), "label": Source(label_path)}, split,
-                              {"source_folder": "images" + suffix}))
+            cases.append(
+                Case(
+                    case_id,
+                    {"image": Source(image_path), "label": Source(label_path)},
+                    split,
+                    {"source_folder": "images" + suffix},
+                )
+            )
         orphans = sorted(set(_volume_stems(label_folder).values()) - set(images))
-        problems += [f"case '{case_id}': label in {label_folder} has no image in {image_folder}"
-                     for case_id in orphans]
+        problems += [f"case '{case_id}': label in {label_folder} has no image in {image_folder}" for case_id in orphans]
     if not present:
         raise InputError(f"{root}: no imagesTr/labelsTr (or other images*/labels* pair) found")
     if problems:
@@ -167,11 +195,13 @@ def find_acdc_cases(root):
 
 # ---------------------------------------------------------------- BraTS 2023 case folders
 
+
 def _brats_case_folders(root, required_suffix):
     """Case folders <case>/<case>-<suffix>.nii.gz directly under root (or root itself)."""
     folders = [root] + sorted(os.path.join(root, name) for name in os.listdir(root))
-    return [folder for folder in folders if os.path.isdir(folder) and
-            os.path.exists(_brats_file(folder, required_suffix))]
+    return [
+        folder for folder in folders if os.path.isdir(folder) and os.path.exists(_brats_file(folder, required_suffix))
+    ]
 
 
 def _brats_file(folder, suffix):
@@ -183,7 +213,7 @@ def find_brats_cases(root, roles_to_suffixes, fallbacks=None):
     """BraTS 2023 folders. roles_to_suffixes: {role: file suffix}; fallbacks: {role: [more suffixes
     tried in order when the first is absent]}. Missing files are errors that name the case."""
     fallbacks = fallbacks or {}
-    first_role, first_suffix = next(iter(roles_to_suffixes.items()))
+    _first_role, first_suffix = next(iter(roles_to_suffixes.items()))
     folders = _brats_case_folders(root, first_suffix)
     if not folders:
         raise InputError(f"{root}: no BraTS case folders with <case>-{first_suffix}.nii.gz found")
@@ -193,8 +223,7 @@ def find_brats_cases(root, roles_to_suffixes, fallbacks=None):
         sources = {}
         for role, suffix in roles_to_suffixes.items():
             candidates = [suffix] + list(fallbacks.get(role, []))
-            path = next((_brats_file(folder, s) for s in candidates
-                         if os.path.exists(_brats_file(folder, s))), None)
+            path = next((_brats_file(folder, s) for s in candidates if os.path.exists(_brats_file(folder, s))), None)
             if path is None:
                 names = " or ".join(f"{case_id}-{s}.nii.gz" for s in candidates)
                 problems.append(f"case '{case_id}': no {names}")
@@ -208,9 +237,11 @@ def find_brats_cases(root, roles_to_suffixes, fallbacks=None):
 
 # ---------------------------------------------------------------- the registry
 
+
 class Layout:
     """A source layout, the subcommand `python -m datasets.prepare <name>`. An entry sets name, help and
     task and defines find_cases; add_arguments and folders where it has flags or folder names of its own."""
+
     name: str
     help: str
     task: Task
@@ -221,15 +252,18 @@ class Layout:
     def find_cases(self, args) -> FoundCases:
         raise NotImplementedError
 
-    def folders(self, args) -> Dict[str, str]:
+    def folders(self, args) -> dict[str, str]:
         """{folder: kind} of the prepared dataset, input first, target second."""
         return self.task.folder_kinds()
 
 
 def add_skip_unpaired(parser):
-    parser.add_argument("--skip_unpaired", action="store_true",
-                        help="leave out case ids that lack a partner file (e.g. images without a mask) "
-                             "instead of refusing; the count is printed")
+    parser.add_argument(
+        "--skip_unpaired",
+        action="store_true",
+        help="leave out case ids that lack a partner file (e.g. images without a mask) "
+        "instead of refusing; the count is printed",
+    )
 
 
 def parse_source_splits(text):
@@ -248,15 +282,21 @@ class MsdLayout(Layout):
     help = "nnU-Net / Medical Segmentation Decathlon folders (AMOS, WORD, MSD)"
 
     def add_arguments(self, parser):
-        parser.add_argument("--source_splits", default="Tr:train,Va:test,Val:test,Ts:test",
-                            help="images<SUFFIX>/labels<SUFFIX> folders and their split (train, test, val, "
-                                 "skip); with one split present, the test split is drawn (--test_fraction)")
+        parser.add_argument(
+            "--source_splits",
+            default="Tr:train,Va:test,Val:test,Ts:test",
+            help="images<SUFFIX>/labels<SUFFIX> folders and their split (train, test, val, "
+            "skip); with one split present, the test split is drawn (--test_fraction)",
+        )
 
     def find_cases(self, args):
         description = read_dataset_json(args.root)
         cases = find_msd_cases(args.root, args.channel or 0, parse_source_splits(args.source_splits))
-        return FoundCases(cases, class_names_from_dataset_json(description),
-                          modality_from_dataset_json(description, args.channel or 0))
+        return FoundCases(
+            cases,
+            class_names_from_dataset_json(description),
+            modality_from_dataset_json(description, args.channel or 0),
+        )
 
 
 class GlobLayout(Layout):
@@ -264,9 +304,12 @@ class GlobLayout(Layout):
     help = "an images glob and a labels glob matched by case id (BTCV, MicroSegNet, PROMISE12, LA, ...)"
 
     def add_arguments(self, parser):
-        parser.add_argument("--images", required=True,
-                            help="glob relative to --root; the case id is what the wildcards match, "
-                                 "e.g. 'img/img*.nii.gz' gives img0001.nii.gz the id 0001")
+        parser.add_argument(
+            "--images",
+            required=True,
+            help="glob relative to --root; the case id is what the wildcards match, "
+            "e.g. 'img/img*.nii.gz' gives img0001.nii.gz the id 0001",
+        )
         parser.add_argument("--labels", required=True, help="glob of the labels, same case ids")
         parser.add_argument("--test_images", help="glob of test images (the others become train)")
         parser.add_argument("--test_labels", help="glob of test labels")
@@ -283,8 +326,9 @@ class GlobLayout(Layout):
                 raise InputError("--test_images and --test_labels go together")
             for case in cases:
                 case.split = "train"
-            cases += pair_globs(args.root, [args.test_images, args.test_labels], roles, "test", keys,
-                                args.skip_unpaired)
+            cases += pair_globs(
+                args.root, [args.test_images, args.test_labels], roles, "test", keys, args.skip_unpaired
+            )
         return FoundCases(cases, {}, None)
 
 
@@ -310,8 +354,7 @@ class BratsSynthesisLayout(Layout):
         return self.task.folder_kinds(args.source, args.target)  # one folder per contrast, named by it
 
     def find_cases(self, args):
-        return FoundCases(find_brats_cases(args.root, {args.source: args.source, args.target: args.target}),
-                          {}, "MRI")
+        return FoundCases(find_brats_cases(args.root, {args.source: args.source, args.target: args.target}), {}, "MRI")
 
 
 class BratsInpaintingLayout(Layout):
@@ -321,12 +364,19 @@ class BratsInpaintingLayout(Layout):
     def add_arguments(self, parser):
         parser.add_argument("--voided_suffix", default="t1n-voided", help="image with the region removed")
         parser.add_argument("--healthy_suffix", default="t1n", help="complete image (the target)")
-        parser.add_argument("--mask_suffixes", nargs="+", default=["mask", "mask-healthy"],
-                            help="region to fill; the first one present is used")
+        parser.add_argument(
+            "--mask_suffixes",
+            nargs="+",
+            default=["mask", "mask-healthy"],
+            help="region to fill; the first one present is used",
+        )
 
     def find_cases(self, args):
-        cases = find_brats_cases(args.root, {"image": args.voided_suffix, "target": args.healthy_suffix,
-                                             "mask": args.mask_suffixes[0]}, {"mask": args.mask_suffixes[1:]})
+        cases = find_brats_cases(
+            args.root,
+            {"image": args.voided_suffix, "target": args.healthy_suffix, "mask": args.mask_suffixes[0]},
+            {"mask": args.mask_suffixes[1:]},
+        )
         return FoundCases(cases, {}, "MRI")
 
 
@@ -340,10 +390,20 @@ class DenoisingLayout(Layout):
         add_skip_unpaired(parser)
 
     def find_cases(self, args):
-        cases = pair_globs(args.root, [args.low_dose, args.normal_dose], list(self.folders(args)),
-                           skip_unpaired=args.skip_unpaired)
+        cases = pair_globs(
+            args.root, [args.low_dose, args.normal_dose], list(self.folders(args)), skip_unpaired=args.skip_unpaired
+        )
         return FoundCases(cases, {}, "CT")
 
 
-LAYOUTS: Dict[str, Layout] = {layout.name: layout for layout in (
-    MsdLayout(), GlobLayout(), AcdcLayout(), BratsSynthesisLayout(), BratsInpaintingLayout(), DenoisingLayout())}
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (
+        MsdLayout(),
+        GlobLayout(),
+        AcdcLayout(),
+        BratsSynthesisLayout(),
+        BratsInpaintingLayout(),
+        DenoisingLayout(),
+    )
+}

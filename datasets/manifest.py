@@ -65,11 +65,11 @@ A slice's relative position in its volume, the one definition that evaluation an
 pair a query slice with context slices from other volumes: slice_position(index, num_slices) =
 (index + 0.5) / num_slices, the centre of the slice's share of the axis (a one-slice volume: 0.5).
 """
+
 import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -79,18 +79,30 @@ from util.cli import UsageError
 MANIFEST_NAME = "manifest.json"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 HIDDEN_PREFIX = "."  # .partial/ and the like: work folders, never datasets
-JSON_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a whole number",
-                   type(None): "null"}
+JSON_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a whole number", type(None): "null"}
 # What the readers rely on, checked when a manifest is loaded: key -> accepted JSON types.
 MANIFEST_KEYS = {
-    "format_version": (int,), "dataset": (str,), "task": (str,), "modality": (str,),
-    "input_folder": (str,), "target_folder": (str,), "folders": (dict,), "size": (list,),
-    "splits": (dict,), "cases": (dict,),
+    "format_version": (int,),
+    "dataset": (str,),
+    "task": (str,),
+    "modality": (str,),
+    "input_folder": (str,),
+    "target_folder": (str,),
+    "folders": (dict,),
+    "size": (list,),
+    "splits": (dict,),
+    "cases": (dict,),
 }
 OPTIONAL_MANIFEST_KEYS = {"classes": (list, type(None)), "skipped": (dict,)}
 CASE_KEYS = {
-    "split": (str,), "slices": (list,), "num_slices": (int,), "slice_digits": (int,),
-    "slice_axis": (int,), "resize": (dict,), "canonical": (dict,), "original": (dict,),
+    "split": (str,),
+    "slices": (list,),
+    "num_slices": (int,),
+    "slice_digits": (int,),
+    "slice_axis": (int,),
+    "resize": (dict,),
+    "canonical": (dict,),
+    "original": (dict,),
 }
 OPTIONAL_CASE_KEYS = {"foreground_slices": (list,)}
 # One folder level: no separator (so no '..'), not hidden, no control characters, no outer spaces.
@@ -134,8 +146,10 @@ def check_keys(content: dict, required: dict, optional: dict, where: str):
             raise UsageError(f"{where} lacks the key '{key}'")
     for key, types in {**required, **optional}.items():
         if key in content and not is_json_type(content[key], types):
-            raise UsageError(f"{where}: '{key}' should be {' or '.join(JSON_TYPE_NAMES[t] for t in types)}, "
-                             f"not {describe_type(content[key])}")
+            raise UsageError(
+                f"{where}: '{key}' should be {' or '.join(JSON_TYPE_NAMES[t] for t in types)}, "
+                f"not {describe_type(content[key])}"
+            )
 
 
 def read_json_object(path: str) -> dict:
@@ -144,11 +158,12 @@ def read_json_object(path: str) -> dict:
         with open(path, encoding="utf-8") as handle:
             content = json.load(handle)
     except FileNotFoundError:
-        raise UsageError(f"{path}: not found; is {os.path.dirname(path)} a dataset folder written by "
-                         f"python -m datasets.prepare (preparation unfinished or failed?)") from None
+        raise UsageError(
+            f"{path}: not found; is {os.path.dirname(path)} a dataset folder written by "
+            f"python -m datasets.prepare (preparation unfinished or failed?)"
+        ) from None
     except json.JSONDecodeError as error:
-        raise UsageError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column "
-                         f"{error.colno})") from None
+        raise UsageError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
     except UnicodeDecodeError as error:
         raise UsageError(f"{path}: not UTF-8 text (byte {error.start})") from None
     except OSError as error:
@@ -164,8 +179,10 @@ def load_manifest(dataset_dir):
     manifest = read_json_object(path)
     version = manifest.get("format_version")
     if not is_json_type(version, (int,)) or version not in SUPPORTED_FORMAT_VERSIONS:
-        raise UsageError(f"{path}: unsupported format_version {json.dumps(version)} (this version of MVG reads "
-                         f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); prepare the dataset again, or update MVG")
+        raise UsageError(
+            f"{path}: unsupported format_version {json.dumps(version)} (this version of MVG reads "
+            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); prepare the dataset again, or update MVG"
+        )
     check_keys(manifest, MANIFEST_KEYS, OPTIONAL_MANIFEST_KEYS, path)
     for case_id, record in manifest["cases"].items():
         where = f"{path}: cases['{case_id}']"
@@ -175,24 +192,31 @@ def load_manifest(dataset_dir):
     check_names(manifest, path)
     disagreement = split_disagreement(manifest)
     if disagreement:
-        raise UsageError(f"{path}: {disagreement}; each case's own 'split' is what training and evaluation "
-                         f"use, 'splits' only sums them up: make the two agree, or {PREPARE_AGAIN}")
+        raise UsageError(
+            f"{path}: {disagreement}; each case's own 'split' is what training and evaluation "
+            f"use, 'splits' only sums them up: make the two agree, or {PREPARE_AGAIN}"
+        )
     return manifest
 
 
 def check_names(manifest: dict, path: str):
     """UsageError naming the first dataset, folder or case name that is not a plain name."""
-    named = [("dataset", manifest["dataset"]), ("input_folder", manifest["input_folder"]),
-             ("target_folder", manifest["target_folder"])]
+    named = [
+        ("dataset", manifest["dataset"]),
+        ("input_folder", manifest["input_folder"]),
+        ("target_folder", manifest["target_folder"]),
+    ]
     named += [("folder", folder) for folder in manifest["folders"]]
     named += [("case id", case_id) for case_id in manifest["cases"]]
     for what, name in named:
         if not is_plain_name(name):
-            raise UsageError(f"{path}: {what} {quoted(name)} is not a plain name ({PLAIN_NAME_RULE}), so "
-                             f"it could lead outside the dataset folder; {PREPARE_AGAIN}")
+            raise UsageError(
+                f"{path}: {what} {quoted(name)} is not a plain name ({PLAIN_NAME_RULE}), so "
+                f"it could lead outside the dataset folder; {PREPARE_AGAIN}"
+            )
 
 
-def split_disagreement(manifest: dict) -> Optional[str]:
+def split_disagreement(manifest: dict) -> str | None:
     """Where 'splits' and the cases' own 'split' part ways (the first such case), or None."""
     listed = {}  # case id -> the splits that list it
     for split, case_ids in manifest["splits"].items():
@@ -220,12 +244,16 @@ def dataset_folders(root):
     except FileNotFoundError:
         raise UsageError(f"{root}: prepared root not found") from None
     except NotADirectoryError:
-        raise UsageError(f"{root}: not a folder; expected a prepared root (the --out of "
-                         f"python -m datasets.prepare)") from None
+        raise UsageError(
+            f"{root}: not a folder; expected a prepared root (the --out of python -m datasets.prepare)"
+        ) from None
     except OSError as error:
         raise UsageError(f"{root}: cannot read the prepared root ({error.strerror or error})") from None
-    return [os.path.join(root, name) for name in names
-            if not name.startswith(HIDDEN_PREFIX) and os.path.isdir(os.path.join(root, name))]
+    return [
+        os.path.join(root, name)
+        for name in names
+        if not name.startswith(HIDDEN_PREFIX) and os.path.isdir(os.path.join(root, name))
+    ]
 
 
 def find_datasets(root):
@@ -234,12 +262,16 @@ def find_datasets(root):
     folders = dataset_folders(root)
     prepared = [folder for folder in folders if os.path.exists(os.path.join(folder, MANIFEST_NAME))]
     if not prepared and os.path.exists(os.path.join(root, MANIFEST_NAME)):
-        raise UsageError(f"{root}: a dataset folder, not a prepared root; give the folder that holds it, "
-                         f"{os.path.dirname(os.path.abspath(root))}")
+        raise UsageError(
+            f"{root}: a dataset folder, not a prepared root; give the folder that holds it, "
+            f"{os.path.dirname(os.path.abspath(root))}"
+        )
     if not prepared:
         unfinished = f" (found {len(folders)} without one)" if folders else ""
-        raise UsageError(f"{root}: no dataset folder with a {MANIFEST_NAME}{unfinished}; prepare data with "
-                         f"python -m datasets.prepare")
+        raise UsageError(
+            f"{root}: no dataset folder with a {MANIFEST_NAME}{unfinished}; prepare data with "
+            f"python -m datasets.prepare"
+        )
     return prepared
 
 
@@ -262,8 +294,10 @@ def read_png(path):
     try:
         return decode_png(path)
     except (OSError, SyntaxError) as error:  # Pillow raises both for files it cannot decode
-        raise UsageError(f"{path}: not a readable PNG ({png_problem(error)}); run `python -m datasets.prepare "
-                         f"verify {prepared_root_of(path)}` to find every damaged slice") from None
+        raise UsageError(
+            f"{path}: not a readable PNG ({png_problem(error)}); run `python -m datasets.prepare "
+            f"verify {prepared_root_of(path)}` to find every damaged slice"
+        ) from None
 
 
 def png_problem(error) -> str:
@@ -324,6 +358,14 @@ class PreparedDataset:
 
     def pairs(self, split=None):
         """Every (input, target) slice pair of the split, case by case, slice by slice."""
-        return [SlicePair(self.name, case_id, index, self.slice_path(self.input_folder, case_id, index),
-                          self.slice_path(self.target_folder, case_id, index))
-                for case_id in self.case_ids(split) for index in self.slice_indices(case_id)]
+        return [
+            SlicePair(
+                self.name,
+                case_id,
+                index,
+                self.slice_path(self.input_folder, case_id, index),
+                self.slice_path(self.target_folder, case_id, index),
+            )
+            for case_id in self.case_ids(split)
+            for index in self.slice_indices(case_id)
+        ]

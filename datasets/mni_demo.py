@@ -12,6 +12,7 @@ The case is written in the nnU-Net / Decathlon layout, so it prepares like any s
     write_mni152_tissue_case("demo/mni")   # demo/mni/{imagesTr,labelsTr}/mni152.nii.gz, dataset.json
     python -m datasets.prepare msd --root demo/mni --out demo/prepared --dataset MNI152
 """
+
 import importlib.util
 import json
 import os
@@ -33,7 +34,7 @@ def nilearn_data_folder():
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("the MNI152 demo case needs the files of the nilearn wheel: pip install nilearn")
-    return os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data")
+    return os.path.join(next(iter(spec.submodule_search_locations)), "datasets", "data")
 
 
 def load_template(name):
@@ -65,8 +66,13 @@ def write_mni152_tissue_case(out_dir, case_id="mni152"):
     label_header.set_data_dtype(np.uint8)
     label_header.set_slope_inter(1.0, 0.0)
     nib.save(nib.Nifti1Image(labels, grey.affine, label_header), label_path)
-    description = {"name": "MNI152 2009 tissue", "modality": {"0": "MRI"}, "file_ending": ".nii.gz",
-                   "labels": {str(i): name for i, name in CLASS_NAMES.items()}, "numTraining": 1}
+    description = {
+        "name": "MNI152 2009 tissue",
+        "modality": {"0": "MRI"},
+        "file_ending": ".nii.gz",
+        "labels": {str(i): name for i, name in CLASS_NAMES.items()},
+        "numTraining": 1,
+    }
     with open(os.path.join(out_dir, "dataset.json"), "w") as handle:
         json.dump(description, handle, indent=1)
     return image_path, label_path
@@ -93,6 +99,7 @@ def demo_tissue_labels(t1, grey_probability, white_probability):
     probability above 0.1, holes filled slice by slice) where neither tissue wins and the T1 is
     darker than its CSF_QUANTILE quantile over the envelope: ventricles and sulci."""
     from scipy import ndimage
+
     tissue = tissue_labels(grey_probability, white_probability)
     envelope = (grey_probability + white_probability) > 0.1
     envelope = np.stack([ndimage.binary_fill_holes(envelope[:, :, z]) for z in range(envelope.shape[2])], axis=2)
@@ -106,7 +113,7 @@ def rician_noise(volume, sigma, rng):
     """Magnitude-MR noise: |volume + complex Gaussian noise|."""
     real = volume + rng.normal(0.0, sigma, volume.shape)
     imaginary = rng.normal(0.0, sigma, volume.shape)
-    return np.sqrt(real ** 2 + imaginary ** 2).astype(np.float32)
+    return np.sqrt(real**2 + imaginary**2).astype(np.float32)
 
 
 def slab_ranges(labels):
@@ -128,9 +135,9 @@ def _save_slab(path, volume, affine, header, z0, dtype):
 
 def write_demo_sources(out_dir, seed=0):
     """Writes the demo's two source datasets from the template and returns their folders:
-        <out_dir>/tissue/{imagesTr,labelsTr}/slabNN.nii.gz + dataset.json    (segmentation, MSD layout)
-        <out_dir>/denoise/{noisy,clean}/slabNN.nii.gz                          (Rician-noise denoising)
-        <out_dir>/test_cases.txt                                               (held-out slab ids)
+    <out_dir>/tissue/{imagesTr,labelsTr}/slabNN.nii.gz + dataset.json    (segmentation, MSD layout)
+    <out_dir>/denoise/{noisy,clean}/slabNN.nii.gz                          (Rician-noise denoising)
+    <out_dir>/test_cases.txt                                               (held-out slab ids)
     """
     t1_image, grey, white = (load_template(name) for name in ("t1", "gm", "wm"))
     t1 = np.asarray(t1_image.dataobj, dtype=np.float32)
@@ -143,16 +150,44 @@ def write_demo_sources(out_dir, seed=0):
         if number % TEST_EVERY == TEST_EVERY - 1:
             test_ids.append(case_id)
         block = slice(z0, z1)
-        _save_slab(os.path.join(tissue, "imagesTr", f"{case_id}.nii.gz"), t1[:, :, block], t1_image.affine,
-                   t1_image.header, z0, np.float32)
-        _save_slab(os.path.join(tissue, "labelsTr", f"{case_id}.nii.gz"), labels[:, :, block], t1_image.affine,
-                   t1_image.header, z0, np.uint8)
-        _save_slab(os.path.join(denoise, "noisy", f"{case_id}.nii.gz"), noisy[:, :, block], t1_image.affine,
-                   t1_image.header, z0, np.float32)
-        _save_slab(os.path.join(denoise, "clean", f"{case_id}.nii.gz"), t1[:, :, block], t1_image.affine,
-                   t1_image.header, z0, np.float32)
-    description = {"name": "MNI152 2009 tissue slabs", "modality": {"0": "MRI"}, "file_ending": ".nii.gz",
-                   "labels": {str(i): name for i, name in DEMO_CLASS_NAMES.items()}}
+        _save_slab(
+            os.path.join(tissue, "imagesTr", f"{case_id}.nii.gz"),
+            t1[:, :, block],
+            t1_image.affine,
+            t1_image.header,
+            z0,
+            np.float32,
+        )
+        _save_slab(
+            os.path.join(tissue, "labelsTr", f"{case_id}.nii.gz"),
+            labels[:, :, block],
+            t1_image.affine,
+            t1_image.header,
+            z0,
+            np.uint8,
+        )
+        _save_slab(
+            os.path.join(denoise, "noisy", f"{case_id}.nii.gz"),
+            noisy[:, :, block],
+            t1_image.affine,
+            t1_image.header,
+            z0,
+            np.float32,
+        )
+        _save_slab(
+            os.path.join(denoise, "clean", f"{case_id}.nii.gz"),
+            t1[:, :, block],
+            t1_image.affine,
+            t1_image.header,
+            z0,
+            np.float32,
+        )
+    description = {
+        "name": "MNI152 2009 tissue slabs",
+        "modality": {"0": "MRI"},
+        "file_ending": ".nii.gz",
+        "labels": {str(i): name for i, name in DEMO_CLASS_NAMES.items()},
+    }
     with open(os.path.join(tissue, "dataset.json"), "w") as handle:
         json.dump(description, handle, indent=1)
     test_cases = os.path.join(out_dir, "test_cases.txt")

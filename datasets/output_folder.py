@@ -9,6 +9,7 @@ how a rerun resumes, and how every file lands on disk whole.
 
 Every PNG and JSON file goes through a temporary file, fsync and rename (util.files.atomic_output).
 """
+
 import json
 import os
 import shutil
@@ -27,12 +28,12 @@ SETTINGS_NAME = "prepare_settings.json"
 # Settings that do not change what is written, so a rerun may change them.
 # Splits are drawn afresh each run and enter the manifest; with --test_slices they decide which slices a
 # case keeps, and a rerun prepares again each finished case whose kept slices no longer fit (record_fits).
-RUN_ONLY_SETTINGS = {"workers", "overwrite", "out", "command", "test_fraction", "seed", "test_cases",
-                     "test_slices"}
+RUN_ONLY_SETTINGS = {"workers", "overwrite", "out", "command", "test_fraction", "seed", "test_cases", "test_slices"}
 ALL_SLICES, FOREGROUND_SLICES = "all", "foreground"
 
 
 # ---------------------------------------------------------------- writing files whole
+
 
 def write_png(path, picture):
     """Through a temporary file, fsync and rename, like every file prepare writes: a case's record may
@@ -62,11 +63,14 @@ def move_into_place(finished, final):
 
 # ---------------------------------------------------------------- claiming the dataset folder
 
+
 def check_dataset_name(name):
     """The dataset goes to <out>/<name>: one plain folder, not '..', '' (--out itself) or a path."""
     if not is_plain_name(name):
-        raise UsageError(f"--dataset {quoted(name)}: not a plain folder name ({PLAIN_NAME_RULE}); the "
-                         f"dataset goes to <out>/<dataset>, one folder below --out")
+        raise UsageError(
+            f"--dataset {quoted(name)}: not a plain folder name ({PLAIN_NAME_RULE}); the "
+            f"dataset goes to <out>/<dataset>, one folder below --out"
+        )
 
 
 def recorded_dataset(path):
@@ -82,8 +86,7 @@ def recorded_dataset(path):
 def is_preparation_of(dataset_dir, name):
     """Whether the folder holds a preparation of the dataset `name`: a finished one has a manifest that
     names it, an unfinished one the settings file a run writes before anything else, which names it too."""
-    return any(recorded_dataset(os.path.join(dataset_dir, marker)) == name
-               for marker in (MANIFEST_NAME, SETTINGS_NAME))
+    return any(recorded_dataset(os.path.join(dataset_dir, marker)) == name for marker in (MANIFEST_NAME, SETTINGS_NAME))
 
 
 def claim_dataset_folder(dataset_dir, args):
@@ -97,9 +100,11 @@ def claim_dataset_folder(dataset_dir, args):
     try:
         empty = not os.listdir(dataset_dir)
         if not empty and not is_preparation_of(dataset_dir, args.dataset):
-            raise UsageError(f"{dataset_dir}: holds files that are not a preparation of dataset '{args.dataset}' "
-                             f"(no {MANIFEST_NAME} or {SETTINGS_NAME} naming it); refusing to {action} it, "
-                             f"choose another --dataset or --out")
+            raise UsageError(
+                f"{dataset_dir}: holds files that are not a preparation of dataset '{args.dataset}' "
+                f"(no {MANIFEST_NAME} or {SETTINGS_NAME} naming it); refusing to {action} it, "
+                f"choose another --dataset or --out"
+            )
         if args.overwrite:
             shutil.rmtree(dataset_dir)
     except OSError as error:
@@ -122,8 +127,10 @@ def start_dataset_folder(dataset_dir, args):
             earlier = json.load(handle)
         changed = sorted(key for key in set(settings) | set(earlier) if settings.get(key) != earlier.get(key))
         if changed:
-            raise InputError(f"{dataset_dir} was prepared with other settings ({', '.join(changed)}); "
-                             f"use --overwrite to start again or choose another --dataset/--out")
+            raise InputError(
+                f"{dataset_dir} was prepared with other settings ({', '.join(changed)}); "
+                f"use --overwrite to start again or choose another --dataset/--out"
+            )
     write_json(settings_path, settings)
     try:
         os.makedirs(os.path.join(dataset_dir, META_FOLDER), exist_ok=True)
@@ -138,6 +145,7 @@ def clear_partial(dataset_dir):
 
 
 # ---------------------------------------------------------------- case records and resuming
+
 
 def record_path(dataset_dir, case_id):
     return os.path.join(dataset_dir, META_FOLDER, case_id + ".json")

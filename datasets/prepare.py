@@ -70,6 +70,7 @@ with '.'), one folder level below --out. A run writes into <out>/<dataset> (and 
 it) only when that folder is empty or holds a preparation of this very dataset: a manifest.json or
 prepare_settings.json that names it; anything else is refused.
 """
+
 import argparse
 import os
 import random
@@ -94,6 +95,7 @@ FORMAT_VERSION = 1
 
 # ---------------------------------------------------------------- cases, splits and settings
 
+
 def parse_pairs(text, what, value_type=int):
     """'1:2,3:0' -> {1: 2, 3: 0}."""
     pairs = {}
@@ -115,13 +117,16 @@ def check_case_ids(cases):
     refused = [case for case in cases if not is_plain_name(case.case_id)]
     if refused:
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-        raise InputError(f"case id {quoted(refused[0].case_id)} from {next(iter(refused[0].sources.values()))} "
-                         f"is not a plain name ({PLAIN_NAME_RULE}){more}; rename the source file or folder")
+        raise InputError(
+            f"case id {quoted(refused[0].case_id)} from {next(iter(refused[0].sources.values()))} "
+            f"is not a plain name ({PLAIN_NAME_RULE}){more}; rename the source file or folder"
+        )
     seen = {}
     for case in cases:
         if case.case_id in seen:
-            raise InputError(f"case id '{case.case_id}' occurs twice: {seen[case.case_id]} and "
-                             f"{next(iter(case.sources.values()))}")
+            raise InputError(
+                f"case id '{case.case_id}' occurs twice: {seen[case.case_id]} and {next(iter(case.sources.values()))}"
+            )
         seen[case.case_id] = next(iter(case.sources.values()))
 
 
@@ -140,9 +145,8 @@ def assign_splits(cases, test_fraction, seed, test_cases_file):
     splits = {case.case_id: case.split for case in cases if case.split}
     undecided = sorted(case.case_id for case in cases if not case.split)
     random.Random(seed).shuffle(undecided)
-    test_count = int(round(test_fraction * len(undecided)))
-    splits.update({case_id: "test" if rank < test_count else "train"
-                   for rank, case_id in enumerate(undecided)})
+    test_count = round(test_fraction * len(undecided))
+    splits.update({case_id: "test" if rank < test_count else "train" for rank, case_id in enumerate(undecided)})
     return splits
 
 
@@ -151,8 +155,9 @@ def spacing_affine(spacing):
     if spacing is None:
         return None
     if len(spacing) not in (2, 3) or min(spacing) <= 0:
-        raise InputError(f"--spacing {' '.join(map(str, spacing))}: give 2 (picture) or 3 (volume) "
-                         f"positive sizes in mm")
+        raise InputError(
+            f"--spacing {' '.join(map(str, spacing))}: give 2 (picture) or 3 (volume) positive sizes in mm"
+        )
     return np.diag(list(spacing) + [1.0] * (4 - len(spacing))).tolist()
 
 
@@ -170,17 +175,30 @@ def build_config(args, layout, found) -> PrepareConfig:
     names.update(overrides)
     if layout.task.target_is_label:
         names.setdefault(0, "background")
-    slicing = SliceSettings.from_args(args, args.size, modality, fit=args.fit, spacing=spacing_affine(args.spacing),
-                                      affine_tolerance=args.affine_tolerance)
+    slicing = SliceSettings.from_args(
+        args,
+        args.size,
+        modality,
+        fit=args.fit,
+        spacing=spacing_affine(args.spacing),
+        affine_tolerance=args.affine_tolerance,
+    )
     return PrepareConfig(
-        task=layout.task, folders=layout.folders(args), slicing=slicing,
+        task=layout.task,
+        folders=layout.folders(args),
+        slicing=slicing,
         modality="MRI" if modality.upper() == "MR" else modality.upper(),
-        min_foreground=args.min_foreground, min_body_fraction=args.min_body_fraction,
-        min_mask_pixels=getattr(args, "min_mask_pixels", 0), label_map=label_map, class_names=names,
-        class_names_fixed=bool(found.class_names or overrides))
+        min_foreground=args.min_foreground,
+        min_body_fraction=args.min_body_fraction,
+        min_mask_pixels=getattr(args, "min_mask_pixels", 0),
+        label_map=label_map,
+        class_names=names,
+        class_names_fixed=bool(found.class_names or overrides),
+    )
 
 
 # ---------------------------------------------------------------- running the cases
+
 
 def run_cases(pending, selections, config, dataset_dir, workers):
     """Prepares the pending cases, each keeping selections[case id]; returns (records by case id, error
@@ -216,18 +234,22 @@ def report_cases(new_records, errors, cases):
         replaced = {folder: count for folder, count in record["non_finite_voxels"].items() if count}
         if replaced:
             files = ", ".join(f"{count} in {record['sources'][folder]}" for folder, count in replaced.items())
-            warn(f"case '{record['case']}': NaN or infinite voxels ({files}), set to the volume's smallest "
-                 f"finite value before normalising")
+            warn(
+                f"case '{record['case']}': NaN or infinite voxels ({files}), set to the volume's smallest "
+                f"finite value before normalising"
+            )
         if record["status"] == "skipped":
             warn(f"case '{case_id}' skipped: {record['reason']}")
     if errors:
         for error in errors:
             warn(error.replace("\n", "\n  "))
-        raise UsageError(f"{len(errors)} of {len(cases)} cases failed (listed above); fix them and rerun "
-                         f"(finished cases are kept)")
+        raise UsageError(
+            f"{len(errors)} of {len(cases)} cases failed (listed above); fix them and rerun (finished cases are kept)"
+        )
 
 
 # ---------------------------------------------------------------- the manifest
+
 
 def class_table(config, records):
     """[{id, name}] for label tasks: the source's classes, else every id found, named class_<id>."""
@@ -250,16 +272,26 @@ def write_manifest(dataset_dir, dataset_name, config, records, splits):
         else:
             skipped[case_id] = record
     manifest = {
-        "format_version": FORMAT_VERSION, "dataset": dataset_name, "task": config.task.name,
-        "modality": config.modality, "input_folder": config.input_folder,
-        "target_folder": config.target_folder, "folders": config.folders,
-        "classes": class_table(config, records), "label_map": config.label_map or None,
-        "size": [config.slicing.size, config.slicing.size], "fit": config.slicing.fit,
-        "slice_axis": config.slicing.axis, "slice_axis_name": config.slicing.axis_name,
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset_name,
+        "task": config.task.name,
+        "modality": config.modality,
+        "input_folder": config.input_folder,
+        "target_folder": config.target_folder,
+        "folders": config.folders,
+        "classes": class_table(config, records),
+        "label_map": config.label_map or None,
+        "size": [config.slicing.size, config.slicing.size],
+        "fit": config.slicing.fit,
+        "slice_axis": config.slicing.axis,
+        "slice_axis_name": config.slicing.axis_name,
         "slice_orientation": "canonical RAS volume; picture = flipud(slice.T) (datasets/geometry.py)",
-        "splits": {split: sorted(c for c in cases if cases[c]["split"] == split)
-                   for split in sorted({r["split"] for r in cases.values()})},
-        "cases": cases, "skipped": skipped,
+        "splits": {
+            split: sorted(c for c in cases if cases[c]["split"] == split)
+            for split in sorted({r["split"] for r in cases.values()})
+        },
+        "cases": cases,
+        "skipped": skipped,
     }
     output_folder.write_json(os.path.join(dataset_dir, MANIFEST_NAME), manifest)
     return manifest
@@ -272,17 +304,21 @@ def warn_binary_255(records, config):
     for record in records.values():
         found.update(record.get("label_ids", []))
     if config.task.target_is_label and not config.label_map and found == {0, 255}:
-        warn("the labels hold only the ids 0 and 255, a binary mask saved as a picture; "
-             "rerun with --overwrite --label_map 255:1 to make the foreground class 1")
+        warn(
+            "the labels hold only the ids 0 and 255, a binary mask saved as a picture; "
+            "rerun with --overwrite --label_map 255:1 to make the foreground class 1"
+        )
 
 
 def summary_line(manifest, dataset_dir):
     kept = manifest["cases"].values()
     without_foreground = sum(not record["foreground_slices"] for record in kept)
     note = f" ({without_foreground} test cases without foreground, kept whole)" if without_foreground else ""
-    return (f"{manifest['dataset']}: {len(kept)} cases{note}, {sum(len(r['slices']) for r in kept)} slices "
-            f"({sum(len(r['foreground_slices']) for r in kept)} with foreground), "
-            f"{len(manifest['skipped'])} skipped -> {dataset_dir}")
+    return (
+        f"{manifest['dataset']}: {len(kept)} cases{note}, {sum(len(r['slices']) for r in kept)} slices "
+        f"({sum(len(r['foreground_slices']) for r in kept)} with foreground), "
+        f"{len(manifest['skipped'])} skipped -> {dataset_dir}"
+    )
 
 
 def prepare_dataset(args):
@@ -300,8 +336,11 @@ def prepare_dataset(args):
 
     selections = {case_id: output_folder.slice_selection(split, args.test_slices) for case_id, split in splits.items()}
     records = {case.case_id: output_folder.finished_record(dataset_dir, case.case_id) for case in cases}
-    records = {case_id: record for case_id, record in records.items()
-               if record and output_folder.record_fits(record, selections[case_id])}
+    records = {
+        case_id: record
+        for case_id, record in records.items()
+        if record and output_folder.record_fits(record, selections[case_id])
+    }
     pending = [case for case in cases if case.case_id not in records]
     if records:
         log(f"{len(records)} cases already prepared, {len(pending)} to go")
@@ -318,6 +357,7 @@ def prepare_dataset(args):
 
 # ---------------------------------------------------------------- command line
 
+
 def add_common_arguments(parser, task):
     """The flags of every layout; label tasks add --label_map and --class_names, tasks with a region
     folder --min_mask_pixels."""
@@ -325,43 +365,75 @@ def add_common_arguments(parser, task):
     output.add_argument("--root", required=True, help="folder holding the source data")
     output.add_argument("--out", required=True, help="output root; the dataset goes to <out>/<dataset>")
     output.add_argument("--dataset", required=True, help="dataset name, the output folder name")
-    output.add_argument("--modality", help="CT, MRI, US, XR, ... (CT: HU window; MRI: percentile "
-                                           "clipping; others: min-max). Defaults to what the layout "
-                                           "or dataset.json says")
+    output.add_argument(
+        "--modality",
+        help="CT, MRI, US, XR, ... (CT: HU window; MRI: percentile "
+        "clipping; others: min-max). Defaults to what the layout "
+        "or dataset.json says",
+    )
     output.add_argument("--workers", type=int, default=1, help="processes working on cases in parallel")
-    output.add_argument("--overwrite", action="store_true",
-                        help="delete <out>/<dataset> first instead of resuming")
+    output.add_argument("--overwrite", action="store_true", help="delete <out>/<dataset> first instead of resuming")
     geometry_group = parser.add_argument_group("geometry")
     add_slicing_arguments(geometry_group, "; with nnU-Net _XXXX files, the channel file (0 if not given)")
     geometry_group.add_argument("--size", type=int, default=512, help="slices become size x size")
-    geometry_group.add_argument("--fit", choices=["stretch", "pad"], default="stretch",
-                                help="non-square slices: stretch to the square, or zero-pad to a "
-                                     "centred square first (recorded per case either way)")
-    geometry_group.add_argument("--affine_tolerance", type=float, default=1e-3,
-                                help="largest affine difference (mm) between the volumes of a case")
-    geometry_group.add_argument("--spacing", type=float, nargs="+", metavar="MM",
-                                help="voxel size along the file's axes for formats that store none "
-                                     "(pictures, HDF5): 'COLUMN ROW' for a picture, 'X Y Z' for a volume. "
-                                     "Without it they count as 1 mm, and so do distances like HD95")
+    geometry_group.add_argument(
+        "--fit",
+        choices=["stretch", "pad"],
+        default="stretch",
+        help="non-square slices: stretch to the square, or zero-pad to a "
+        "centred square first (recorded per case either way)",
+    )
+    geometry_group.add_argument(
+        "--affine_tolerance",
+        type=float,
+        default=1e-3,
+        help="largest affine difference (mm) between the volumes of a case",
+    )
+    geometry_group.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        metavar="MM",
+        help="voxel size along the file's axes for formats that store none "
+        "(pictures, HDF5): 'COLUMN ROW' for a picture, 'X Y Z' for a volume. "
+        "Without it they count as 1 mm, and so do distances like HD95",
+    )
     intensity.add_intensity_arguments(parser.add_argument_group("intensities"))
     selection = parser.add_argument_group("slices and splits")
-    selection.add_argument("--min_foreground", type=int, default=1,
-                           help="label tasks: keep slices with at least this many label pixels")
-    selection.add_argument("--min_body_fraction", type=float, default=0.05,
-                           help="other tasks: keep slices whose input has at least this fraction of "
-                                "pixels above black")
+    selection.add_argument(
+        "--min_foreground", type=int, default=1, help="label tasks: keep slices with at least this many label pixels"
+    )
+    selection.add_argument(
+        "--min_body_fraction",
+        type=float,
+        default=0.05,
+        help="other tasks: keep slices whose input has at least this fraction of pixels above black",
+    )
     if task.region_folder:
-        selection.add_argument("--min_mask_pixels", type=int, default=0,
-                               help=f"also require this many {task.region_folder} pixels in a kept slice")
-    selection.add_argument("--test_slices", choices=[ALL_SLICES, FOREGROUND_SLICES], default=ALL_SLICES,
-                           help="test cases keep every slice of the volume (evaluation can then score whole "
-                                "volumes as well as foreground slices), or only their foreground slices like "
-                                "train cases")
-    selection.add_argument("--test_fraction", type=float, default=0.2,
-                           help="share of test cases drawn when the source has no split of its own")
+        selection.add_argument(
+            "--min_mask_pixels",
+            type=int,
+            default=0,
+            help=f"also require this many {task.region_folder} pixels in a kept slice",
+        )
+    selection.add_argument(
+        "--test_slices",
+        choices=[ALL_SLICES, FOREGROUND_SLICES],
+        default=ALL_SLICES,
+        help="test cases keep every slice of the volume (evaluation can then score whole "
+        "volumes as well as foreground slices), or only their foreground slices like "
+        "train cases",
+    )
+    selection.add_argument(
+        "--test_fraction",
+        type=float,
+        default=0.2,
+        help="share of test cases drawn when the source has no split of its own",
+    )
     selection.add_argument("--seed", type=int, default=0, help="seed of that draw")
-    selection.add_argument("--test_cases", help="text file of case ids (one a line) that form the test "
-                                                "split; all other cases are train")
+    selection.add_argument(
+        "--test_cases", help="text file of case ids (one a line) that form the test split; all other cases are train"
+    )
     if task.target_is_label:
         labels = parser.add_argument_group("labels")
         labels.add_argument("--label_map", help="remap ids, e.g. '2:1,3:0' merges 2 into 1 and drops 3")
@@ -370,18 +442,25 @@ def add_common_arguments(parser, task):
 
 def build_parser():
     parser = ArgumentParser(
-        prog="python -m datasets.prepare", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m datasets.prepare",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="LAYOUT")
     for layout in LAYOUTS.values():
         sub = commands.add_parser(
-            layout.name, help=layout.help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            layout.name,
+            help=layout.help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
             description=f"{layout.help}; task {layout.task.name}: {layout.task.help}. Output layout, "
-                        f"processing and examples: python -m datasets.prepare --help")
+            f"processing and examples: python -m datasets.prepare --help",
+        )
         layout.add_arguments(sub)
         add_common_arguments(sub, layout.task)
-    commands.add_parser("verify", help="check a prepared root: python -m datasets.prepare verify <root>",
-                        add_help=False)
+    commands.add_parser(
+        "verify", help="check a prepared root: python -m datasets.prepare verify <root>", add_help=False
+    )
     return parser
 
 

@@ -37,6 +37,7 @@ saved from grey (all components equal) collapses to grey.
 `read_header` returns only shape and affine and reads no pixel data where the format allows (for a
 DICOM series: each file's header), so the whole input can be checked before any case is processed.
 """
+
 import os
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ class MissingExtraError(InputError):
 @dataclass(frozen=True)
 class Source:
     """One volume on disk. `key` names the array inside an HDF5 file."""
+
     path: str
     key: str | None = None
 
@@ -72,7 +74,8 @@ def _require(module_name, pip_name, what):
         return __import__(module_name)
     except ImportError as error:
         raise MissingExtraError(
-            f"reading {what} needs the optional package '{pip_name}': pip install {pip_name}") from error
+            f"reading {what} needs the optional package '{pip_name}': pip install {pip_name}"
+        ) from error
 
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
@@ -83,29 +86,44 @@ PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")
 DICOM_FILE_EXTENSIONS = (".dcm", ".dicom")
 # Every file these readers take (a DICOM series is a folder, so it has none).
-VOLUME_FILE_EXTENSIONS = (NIFTI_EXTENSIONS + METAIMAGE_EXTENSIONS + NRRD_EXTENSIONS + HDF5_EXTENSIONS
-                          + PICTURE_EXTENSIONS + DICOM_FILE_EXTENSIONS)
+VOLUME_FILE_EXTENSIONS = (
+    NIFTI_EXTENSIONS
+    + METAIMAGE_EXTENSIONS
+    + NRRD_EXTENSIONS
+    + HDF5_EXTENSIONS
+    + PICTURE_EXTENSIONS
+    + DICOM_FILE_EXTENSIONS
+)
 FORMATS_WITHOUT_SPACING = ("hdf5", "picture")
 
 
 def check_lossless(path, where, kind="label"):
     """Labels and masks must come from a lossless file: JPEG changes ids along every edge."""
     if path.lower().endswith(LOSSY_EXTENSIONS):
-        raise InputError(f"{where}: a {kind} in JPEG, whose lossy compression changes ids at edges; use "
-                         f"the PNG (or another lossless) version")
+        raise InputError(
+            f"{where}: a {kind} in JPEG, whose lossy compression changes ids at edges; use "
+            f"the PNG (or another lossless) version"
+        )
 
 
 def volume_format(path):
     lower = path.lower()
     if os.path.isdir(path):
         return "dicom"
-    formats = (("nifti", NIFTI_EXTENSIONS), ("metaimage", METAIMAGE_EXTENSIONS), ("nrrd", NRRD_EXTENSIONS),
-               ("hdf5", HDF5_EXTENSIONS), ("picture", PICTURE_EXTENSIONS), ("dicom_file", DICOM_FILE_EXTENSIONS))
+    formats = (
+        ("nifti", NIFTI_EXTENSIONS),
+        ("metaimage", METAIMAGE_EXTENSIONS),
+        ("nrrd", NRRD_EXTENSIONS),
+        ("hdf5", HDF5_EXTENSIONS),
+        ("picture", PICTURE_EXTENSIONS),
+        ("dicom_file", DICOM_FILE_EXTENSIONS),
+    )
     for name, extensions in formats:
         if lower.endswith(extensions):
             return name
-    raise InputError(f"{path}: unknown volume format (expected {', '.join(VOLUME_FILE_EXTENSIONS)} "
-                     f"or a DICOM series folder)")
+    raise InputError(
+        f"{path}: unknown volume format (expected {', '.join(VOLUME_FILE_EXTENSIONS)} or a DICOM series folder)"
+    )
 
 
 def read_volume(source):
@@ -119,9 +137,15 @@ def read_header(source):
 
 
 def _dispatch(source, header_only):
-    readers = {"nifti": _read_nifti, "metaimage": _read_itk_file, "nrrd": _read_itk_file,
-               "dicom": _read_dicom, "hdf5": _read_hdf5, "picture": _read_picture,
-               "dicom_file": _read_dicom_file}
+    readers = {
+        "nifti": _read_nifti,
+        "metaimage": _read_itk_file,
+        "nrrd": _read_itk_file,
+        "dicom": _read_dicom,
+        "hdf5": _read_hdf5,
+        "picture": _read_picture,
+        "dicom_file": _read_dicom_file,
+    }
     if not os.path.exists(source.path):
         raise InputError(f"{source.path}: file not found")
     reader = readers[volume_format(source.path)]
@@ -183,8 +207,10 @@ def _itk_affine(spacing, origin, direction):
 def _itk_shape(size, components, path):
     """(i, j, k[, t]) from ITK's size (x fastest), plus a last axis for vector components."""
     if not 2 <= len(size) <= (3 if components > 1 else 4):
-        raise InputError(f"{path}: a {len(size)}D image with {components} components per voxel; expected a "
-                         f"2D, 3D or 4D image (2D or 3D when it has several components)")
+        raise InputError(
+            f"{path}: a {len(size)}D image with {components} components per voxel; expected a "
+            f"2D, 3D or 4D image (2D or 3D when it has several components)"
+        )
     return tuple(int(n) for n in size) + ((int(components),) if components > 1 else ())
 
 
@@ -213,9 +239,14 @@ def _read_itk_file(source, header_only):
 # ---------------------------------------------------------------- DICOM series (one folder)
 
 # The header fields that place a slice, by DICOM keyword, as SimpleITK names them (group|element).
-DICOM_TAGS = {"SeriesInstanceUID": "0020|000e", "ImagePositionPatient": "0020|0032",
-              "ImageOrientationPatient": "0020|0037", "PixelSpacing": "0028|0030", "SliceThickness": "0018|0050",
-              "PhotometricInterpretation": "0028|0004"}
+DICOM_TAGS = {
+    "SeriesInstanceUID": "0020|000e",
+    "ImagePositionPatient": "0020|0032",
+    "ImageOrientationPatient": "0020|0037",
+    "PixelSpacing": "0028|0030",
+    "SliceThickness": "0018|0050",
+    "PhotometricInterpretation": "0028|0004",
+}
 DUPLICATE_MM = 0.01  # slices closer than this along the normal are one position written twice
 # Allowed deviation of a slice step from the series' median step, as a fraction of it: positions are
 # often written with two or three decimals, while a missing slice doubles a step.
@@ -225,6 +256,7 @@ SLICE_STEP_TOLERANCE = 0.1
 @dataclass(frozen=True)
 class _DicomSlice:
     """The header fields of one slice file that place it in its series."""
+
     path: str
     series: str
     size: tuple  # (columns, rows, frames)
@@ -250,9 +282,11 @@ def _dicom_numbers(reader, keyword, path, count=None):
         numbers = ()
     if count is not None and len(numbers) != count:
         found = f"'{value}'" if value else "none"
-        raise InputError(f"{path}: a slice of a DICOM series needs {count} numbers in {keyword} "
-                         f"({DICOM_TAGS[keyword].replace('|', ',')}), found {found}; a radiograph or other "
-                         f"unplaced image is read as a single file (give its path)")
+        raise InputError(
+            f"{path}: a slice of a DICOM series needs {count} numbers in {keyword} "
+            f"({DICOM_TAGS[keyword].replace('|', ',')}), found {found}; a radiograph or other "
+            f"unplaced image is read as a single file (give its path)"
+        )
     return numbers
 
 
@@ -272,15 +306,21 @@ def _dicom_header(sitk, path):
 def _dicom_slice(reader, path):
     size = tuple(reader.GetSize()) + (1,) * (3 - reader.GetDimension())
     if size[2] > 1:
-        raise InputError(f"{path}: multi-frame DICOM ({size[2]} frames) is not supported; convert it to "
-                         f"NIfTI first (e.g. with dcm2niix)")
-    return _DicomSlice(path=path, series=_dicom_text(reader, "SeriesInstanceUID"), size=size,
-                      components=reader.GetNumberOfComponents(),
-                      position=_dicom_numbers(reader, "ImagePositionPatient", path, 3),
-                      orientation=_dicom_numbers(reader, "ImageOrientationPatient", path, 6),
-                      pixel_spacing=_dicom_numbers(reader, "PixelSpacing", path, 2),
-                      thickness=(_dicom_numbers(reader, "SliceThickness", path) or (1.0,))[0] or 1.0,
-                      photometric=_dicom_text(reader, "PhotometricInterpretation").upper())
+        raise InputError(
+            f"{path}: multi-frame DICOM ({size[2]} frames) is not supported; convert it to "
+            f"NIfTI first (e.g. with dcm2niix)"
+        )
+    return _DicomSlice(
+        path=path,
+        series=_dicom_text(reader, "SeriesInstanceUID"),
+        size=size,
+        components=reader.GetNumberOfComponents(),
+        position=_dicom_numbers(reader, "ImagePositionPatient", path, 3),
+        orientation=_dicom_numbers(reader, "ImageOrientationPatient", path, 6),
+        pixel_spacing=_dicom_numbers(reader, "PixelSpacing", path, 2),
+        thickness=(_dicom_numbers(reader, "SliceThickness", path) or (1.0,))[0] or 1.0,
+        photometric=_dicom_text(reader, "PhotometricInterpretation").upper(),
+    )
 
 
 def _dicom_series(folder, sitk):
@@ -295,8 +335,10 @@ def _dicom_series(folder, sitk):
         raise InputError(f"{folder}: no DICOM files found (a DICOM series folder holds one file per slice)")
     series = sorted({_dicom_text(header, "SeriesInstanceUID") for header in headers.values()})
     if len(series) > 1:
-        raise InputError(f"{folder}: holds {len(series)} DICOM series (SeriesInstanceUID "
-                         f"{', '.join(series)}); which one is meant? Give each series its own folder")
+        raise InputError(
+            f"{folder}: holds {len(series)} DICOM series (SeriesInstanceUID "
+            f"{', '.join(series)}); which one is meant? Give each series its own folder"
+        )
     slices = [_dicom_slice(header, path) for path, header in headers.items()]
     _check_slices_alike(folder, slices)
     normal = np.cross(*np.reshape(slices[0].orientation, (2, 3)))
@@ -312,14 +354,20 @@ def _check_slices_alike(folder, slices):
     for candidate in slices:
         name = os.path.basename(candidate.path)
         if candidate.components > 1:
-            raise InputError(f"{candidate.path}: a colour slice ({candidate.components} samples per pixel) "
-                             f"in a DICOM series; expected grey")
+            raise InputError(
+                f"{candidate.path}: a colour slice ({candidate.components} samples per pixel) "
+                f"in a DICOM series; expected grey"
+            )
         if candidate.size != first.size:
-            raise InputError(f"{folder}: slices of different sizes ({name}: {candidate.size[:2]}, "
-                             f"{os.path.basename(first.path)}: {first.size[:2]} columns x rows)")
+            raise InputError(
+                f"{folder}: slices of different sizes ({name}: {candidate.size[:2]}, "
+                f"{os.path.basename(first.path)}: {first.size[:2]} columns x rows)"
+            )
         if not np.allclose(candidate.orientation, first.orientation, atol=1e-4):
-            raise InputError(f"{folder}: slices with different ImageOrientationPatient ({name} and "
-                             f"{os.path.basename(first.path)}); one series is one stack of parallel slices")
+            raise InputError(
+                f"{folder}: slices with different ImageOrientationPatient ({name} and "
+                f"{os.path.basename(first.path)}); one series is one stack of parallel slices"
+            )
 
 
 def _check_slice_steps(folder, slices, offsets):
@@ -330,21 +378,27 @@ def _check_slice_steps(folder, slices, offsets):
     names = [os.path.basename(s.path) for s in slices]
     k = int(np.argmin(steps))
     if steps[k] < DUPLICATE_MM:
-        raise InputError(f"{folder}: two slices at the same position ({offsets[k]:g} mm along the slice "
-                         f"normal): {names[k]} and {names[k + 1]}; remove the duplicate")
+        raise InputError(
+            f"{folder}: two slices at the same position ({offsets[k]:g} mm along the slice "
+            f"normal): {names[k]} and {names[k + 1]}; remove the duplicate"
+        )
     nominal = float(np.median(steps))
     tolerance = SLICE_STEP_TOLERANCE * nominal
     grid = offsets[0] + np.arange(len(offsets)) * (offsets[-1] - offsets[0]) / len(steps)
     k = int(np.argmax(np.abs(steps - nominal)))
     if abs(steps[k] - nominal) <= tolerance and np.abs(offsets - grid).max() <= tolerance:
         return
-    between = (f"between {names[k]} ({offsets[k]:g} mm) and {names[k + 1]} ({offsets[k + 1]:g} mm) along "
-               f"the slice normal")
+    between = (
+        f"between {names[k]} ({offsets[k]:g} mm) and {names[k + 1]} ({offsets[k + 1]:g} mm) along the slice normal"
+    )
     if steps[k] > 1.5 * nominal:
-        raise InputError(f"{folder}: missing slice {between}: a step of {steps[k]:g} mm where the others "
-                         f"are {nominal:g} mm")
-    raise InputError(f"{folder}: uneven slice spacing: steps from {steps.min():g} to {steps.max():g} mm "
-                     f"(the least regular {between}); a volume needs one slice step")
+        raise InputError(
+            f"{folder}: missing slice {between}: a step of {steps[k]:g} mm where the others are {nominal:g} mm"
+        )
+    raise InputError(
+        f"{folder}: uneven slice spacing: steps from {steps.min():g} to {steps.max():g} mm "
+        f"(the least regular {between}); a volume needs one slice step"
+    )
 
 
 def _slice_affine(orientation, first_position, pixel_spacing, slice_step):
@@ -373,9 +427,11 @@ def _check_monochrome1_inverted(sitk, folder, first):
     back with white low."""
     itk_version = (sitk.Version.ITKMajorVersion(), sitk.Version.ITKMinorVersion())
     if first.photometric == "MONOCHROME1" and itk_version < (5, 3):
-        raise InputError(f"{folder}: a MONOCHROME1 series needs SimpleITK 2.3 or later, which inverts it so "
-                         f"that bright is high (installed: ITK {itk_version[0]}.{itk_version[1]}): "
-                         f"pip install -U SimpleITK")
+        raise InputError(
+            f"{folder}: a MONOCHROME1 series needs SimpleITK 2.3 or later, which inverts it so "
+            f"that bright is high (installed: ITK {itk_version[0]}.{itk_version[1]}): "
+            f"pip install -U SimpleITK"
+        )
 
 
 def _read_dicom(source, header_only):
@@ -396,6 +452,7 @@ def _read_dicom(source, header_only):
 
 # ---------------------------------------------------------------- single DICOM files (pydicom)
 
+
 def _displayed_bright(values, dataset):
     """MONOCHROME1 values flipped within their own range, so that high means bright."""
     if str(getattr(dataset, "PhotometricInterpretation", "")).upper() == "MONOCHROME1" and values.size:
@@ -407,8 +464,10 @@ def _dicom_values(dataset, where):
     """The (rows, cols[, samples]) pixel values after the modality rescale, MONOCHROME1 inverted."""
     frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
     if frames > 1:
-        raise InputError(f"{where}: multi-frame DICOM ({frames} frames) is not supported; convert it to "
-                         f"NIfTI first (e.g. with dcm2niix)")
+        raise InputError(
+            f"{where}: multi-frame DICOM ({frames} frames) is not supported; convert it to "
+            f"NIfTI first (e.g. with dcm2niix)"
+        )
     pixels = dataset.pixel_array.astype(np.float32)
     slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
@@ -429,8 +488,9 @@ def _placed_slice_affine(dataset):
     """A CT/MR slice file placed like a one-slice series: its step is the slice thickness."""
     normal = np.cross(*np.reshape(np.asarray(dataset.ImageOrientationPatient, dtype=float), (2, 3)))
     thickness = float(getattr(dataset, "SliceThickness", 1.0) or 1.0)
-    return _slice_affine(dataset.ImageOrientationPatient, dataset.ImagePositionPatient, dataset.PixelSpacing,
-                         normal * thickness)
+    return _slice_affine(
+        dataset.ImageOrientationPatient, dataset.ImagePositionPatient, dataset.PixelSpacing, normal * thickness
+    )
 
 
 def _read_dicom_file(source, header_only):
@@ -440,8 +500,7 @@ def _read_dicom_file(source, header_only):
     dataset = pydicom.dcmread(source.path, stop_before_pixels=header_only)
     if "PixelData" not in dataset and not header_only:
         raise InputError(f"{source.path}: DICOM file holds no image (no PixelData)")
-    placed = "ImageOrientationPatient" in dataset and "ImagePositionPatient" in dataset \
-        and "PixelSpacing" in dataset
+    placed = "ImageOrientationPatient" in dataset and "ImagePositionPatient" in dataset and "PixelSpacing" in dataset
     if placed:
         affine = _placed_slice_affine(dataset)
         shape = (int(dataset.Columns), int(dataset.Rows), 1)
@@ -449,8 +508,9 @@ def _read_dicom_file(source, header_only):
             return shape, affine
         values = _dicom_values(dataset, source.path)
         if values.ndim != 2:
-            raise InputError(f"{source.path}: a placed DICOM slice with {values.shape[2]} samples per "
-                             f"pixel; expected grey")
+            raise InputError(
+                f"{source.path}: a placed DICOM slice with {values.shape[2]} samples per pixel; expected grey"
+            )
         return values.T[:, :, None], affine
     row_spacing, column_spacing = _picture_spacing(dataset) or (1.0, 1.0)
     affine = _picture_affine(column_spacing, row_spacing)
@@ -464,6 +524,7 @@ def _read_dicom_file(source, header_only):
 
 
 # ---------------------------------------------------------------- pictures (PNG, JPEG, BMP, TIFF)
+
 
 def _picture_affine(column_spacing=1.0, row_spacing=1.0):
     """i runs along columns to the right, j along rows upwards: the axial view of the volume is the
@@ -488,6 +549,7 @@ def _read_picture(source, header_only):
     """A 2D picture. Palette pictures give their palette indices (label masks saved that way keep
     their class ids); 1-bit pictures give 0/1; 16-bit grey stays 16-bit."""
     from PIL import Image
+
     with Image.open(source.path) as picture:
         if picture.mode not in ("1", "L", "LA", "P", "I", "I;16", "I;16B", "I;16L", "F", "RGB", "RGBA"):
             picture = picture.convert("RGB")
@@ -500,12 +562,12 @@ def _read_picture(source, header_only):
 
 # ---------------------------------------------------------------- HDF5 (arrays only)
 
+
 def _read_hdf5(source, header_only):
     h5py = _require("h5py", "h5py", f"the HDF5 file {source.path}")
     with h5py.File(source.path, "r") as handle:
         if source.key not in handle:
-            raise InputError(f"{source.path}: no dataset '{source.key}' "
-                             f"(has: {', '.join(sorted(handle.keys()))})")
+            raise InputError(f"{source.path}: no dataset '{source.key}' (has: {', '.join(sorted(handle.keys()))})")
         dataset = handle[source.key]
         if header_only:
             return tuple(int(n) for n in dataset.shape), np.eye(4)

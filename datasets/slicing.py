@@ -20,8 +20,9 @@ pictures are stacked at their slice indices, reoriented from RAS to the original
 as the file was; SlicedVolumes.put_back also gives the values the task's target has in a volume. A
 prepared case's grid comes from its manifest record (SliceGrid.from_record).
 """
+
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,12 +38,13 @@ IMAGE, LABEL, MASK = "image", "label", "mask"  # the kinds of a folder (tasks.py
 @dataclass(frozen=True)
 class SliceSettings:
     """How volumes become slices: the shared flags of datasets.prepare and predict.py."""
+
     axis: int
     size: int  # slices become size x size; 0 keeps each slice's own size
     intensity: intensity.IntensitySettings
     fit: str = "stretch"
-    channel: Optional[int] = None
-    spacing: Optional[np.ndarray] = None  # the --spacing affine of formats that store no geometry
+    channel: int | None = None
+    spacing: np.ndarray | None = None  # the --spacing affine of formats that store no geometry
     affine_tolerance: float = 1e-3  # mm, between the volumes of a case or context pair
 
     @property
@@ -50,21 +52,29 @@ class SliceSettings:
         return AXIS_NAMES[self.axis]
 
     @classmethod
-    def from_args(cls, args, size: int, modality: Optional[str], **more) -> "SliceSettings":
+    def from_args(cls, args, size: int, modality: str | None, **more) -> "SliceSettings":
         """From the flags add_slicing_arguments and intensity.add_intensity_arguments add."""
-        return cls(axis=geometry.AXES[args.axis], size=size, channel=args.channel,
-                   intensity=intensity.IntensitySettings.from_args(args, modality), **more)
+        return cls(
+            axis=geometry.AXES[args.axis],
+            size=size,
+            channel=args.channel,
+            intensity=intensity.IntensitySettings.from_args(args, modality),
+            **more,
+        )
 
 
 def add_slicing_arguments(group, channel_note=""):
     """--axis and --channel, which datasets.prepare and predict.py share."""
-    group.add_argument("--axis", choices=sorted(geometry.AXES), default="axial",
-                       help="slicing axis of the RAS-reoriented volume")
-    group.add_argument("--channel", type=int,
-                       help=f"index into the 4th axis of 4D images (4D is refused without it){channel_note}")
+    group.add_argument(
+        "--axis", choices=sorted(geometry.AXES), default="axial", help="slicing axis of the RAS-reoriented volume"
+    )
+    group.add_argument(
+        "--channel", type=int, help=f"index into the 4th axis of 4D images (4D is refused without it){channel_note}"
+    )
 
 
 # ---------------------------------------------------------------- reading one volume as 3D
+
 
 def effective_shape(shape, kind, channel, where):
     """The 3D shape a volume has once trailing size-1 axes are dropped, 2D becomes one slice and a 4D
@@ -78,11 +88,13 @@ def effective_shape(shape, kind, channel, where):
         if kind != IMAGE:
             raise InputError(f"{where}: {kind} volume is 4D {tuple(shape)}; expected 3D")
         if channel is None:
-            raise InputError(f"{where}: image is 4D {tuple(shape)}; choose the channel/time index "
-                             f"with --channel (0..{shape[3] - 1})")
+            raise InputError(
+                f"{where}: image is 4D {tuple(shape)}; choose the channel/time index with --channel (0..{shape[3] - 1})"
+            )
         if not 0 <= channel < shape[3]:
-            raise InputError(f"{where}: --channel {channel} is outside 0..{shape[3] - 1} "
-                             f"of the 4D shape {tuple(shape)}")
+            raise InputError(
+                f"{where}: --channel {channel} is outside 0..{shape[3] - 1} of the 4D shape {tuple(shape)}"
+            )
         shape.pop()
     if len(shape) != 3:
         raise InputError(f"{where}: shape {tuple(shape)} is not a 2D or 3D volume")
@@ -122,8 +134,9 @@ def label_ids(data, where):
             raise InputError(f"{where}: label volume holds NaN or infinite values")
         rounded = np.rint(data)
         if np.abs(data - rounded).max() > 1e-3:
-            raise InputError(f"{where}: label volume holds non-integer values, e.g. "
-                             f"{data[np.abs(data - rounded) > 1e-3].ravel()[0]}")
+            raise InputError(
+                f"{where}: label volume holds non-integer values, e.g. {data[np.abs(data - rounded) > 1e-3].ravel()[0]}"
+            )
         data = rounded
     data = data.astype(np.int32)
     if data.size and data.min() < 0:
@@ -147,27 +160,36 @@ def remap_labels(labels, label_map):
 
 # ---------------------------------------------------------------- back onto the original grid
 
+
 @dataclass(frozen=True)
 class SliceGrid:
     """Where a volume's slices go back to: its voxel grid as read, the slicing axis and the plan."""
+
     original_affine: np.ndarray
-    written_shape: Tuple[int, ...]  # the file's shape (a 4D file: its 3D channel volume)
-    canonical_shape: Tuple[int, int, int]
+    written_shape: tuple[int, ...]  # the file's shape (a 4D file: its 3D channel volume)
+    canonical_shape: tuple[int, int, int]
     axis: int
-    plan: Optional[geometry.ResizePlan]  # None: the slices kept their own size
+    plan: geometry.ResizePlan | None  # None: the slices kept their own size
 
     @classmethod
     def from_record(cls, record: dict) -> "SliceGrid":
         """The grid of a prepared case, from its manifest record."""
-        return cls(np.asarray(record["original"]["affine"]), tuple(record["original"]["shape"]),
-                   tuple(record["canonical"]["shape"]), record["slice_axis"],
-                   geometry.ResizePlan.from_json(record["resize"]))
+        return cls(
+            np.asarray(record["original"]["affine"]),
+            tuple(record["original"]["shape"]),
+            tuple(record["canonical"]["shape"]),
+            record["slice_axis"],
+            geometry.ResizePlan.from_json(record["resize"]),
+        )
 
     def slice_back(self, picture, is_label: bool):
         """A predicted picture -> the canonical slice's in-plane voxel order and size."""
         if self.plan is not None:
-            picture = (geometry.unresize_nearest(picture, self.plan) if is_label
-                       else geometry.unresize_intensity(picture, self.plan))
+            picture = (
+                geometry.unresize_nearest(picture, self.plan)
+                if is_label
+                else geometry.unresize_intensity(picture, self.plan)
+            )
         return geometry.display_to_slice(picture)
 
     def put_back(self, pictures: Mapping[int, np.ndarray], is_label: bool, fill=0):
@@ -181,18 +203,20 @@ class SliceGrid:
 
 # ---------------------------------------------------------------- the volumes of a case or context pair
 
+
 @dataclass
 class SlicedVolumes:
     """Co-registered volumes ({folder: kind}, the input folder first) reoriented to RAS and normalised,
     ready to give any slice as datasets.prepare writes it."""
+
     settings: SliceSettings
-    kinds: Dict[str, str]
-    volumes: Dict[str, np.ndarray]  # canonical (RAS) arrays; images as read, NaN replaced
-    parameters: Dict[str, dict]  # intensity parameters of each image folder
-    non_finite: Dict[str, int]  # NaN and infinite voxels replaced, per image folder
-    original_shape: Tuple[int, int, int]  # the input's 3D shape and affine as read
+    kinds: dict[str, str]
+    volumes: dict[str, np.ndarray]  # canonical (RAS) arrays; images as read, NaN replaced
+    parameters: dict[str, dict]  # intensity parameters of each image folder
+    non_finite: dict[str, int]  # NaN and infinite voxels replaced, per image folder
+    original_shape: tuple[int, int, int]  # the input's 3D shape and affine as read
     original_affine: np.ndarray
-    written_shape: Tuple[int, ...]  # the input file's shape, which a volume written back takes
+    written_shape: tuple[int, ...]  # the input file's shape, which a volume written back takes
     canonical_affine: np.ndarray
     grid: SliceGrid = field(init=False)
 
@@ -202,10 +226,14 @@ class SlicedVolumes:
         if self.settings.size:
             rows, cols = geometry.slice_for_display(input_volume, self.settings.axis, 0).shape
             plan = geometry.fit_plan(rows, cols, self.settings.size, self.settings.fit)
-        self.grid = SliceGrid(np.asarray(self.original_affine), self.written_shape, input_volume.shape,
-                              self.settings.axis, plan)
-        self._label_dtypes = {folder: label_dtype(int(volume.max()) if volume.size else 0)
-                              for folder, volume in self.volumes.items() if self.kinds[folder] == LABEL}
+        self.grid = SliceGrid(
+            np.asarray(self.original_affine), self.written_shape, input_volume.shape, self.settings.axis, plan
+        )
+        self._label_dtypes = {
+            folder: label_dtype(int(volume.max()) if volume.size else 0)
+            for folder, volume in self.volumes.items()
+            if self.kinds[folder] == LABEL
+        }
 
     @property
     def input_folder(self) -> str:
@@ -216,7 +244,7 @@ class SlicedVolumes:
         return self.volumes[self.input_folder].shape[self.settings.axis]
 
     @property
-    def in_plane_axes(self) -> Tuple[int, int]:
+    def in_plane_axes(self) -> tuple[int, int]:
         return tuple(a for a in range(3) if a != self.settings.axis)
 
     def above_background(self, folder: str) -> np.ndarray:
@@ -238,7 +266,7 @@ class SlicedVolumes:
             return np.where(picture > 0, 255, 0).astype(np.uint8)
         return picture.astype(self._label_dtypes[folder])
 
-    def pictures(self, folder: str) -> List[np.ndarray]:
+    def pictures(self, folder: str) -> list[np.ndarray]:
         return [self.picture(folder, index) for index in range(self.num_slices)]
 
     def put_back(self, predictions: Sequence[np.ndarray], task: Task) -> np.ndarray:
@@ -253,9 +281,14 @@ class SlicedVolumes:
         return np.clip(np.round(volume), 0, 255).astype(np.uint8)
 
 
-def read_volumes(sources: Mapping[str, Source], kinds: Mapping[str, str], settings: SliceSettings,
-                 where: Mapping[str, str], target_on_input_scale: bool = False,
-                 label_map: Optional[Mapping[int, int]] = None) -> SlicedVolumes:
+def read_volumes(
+    sources: Mapping[str, Source],
+    kinds: Mapping[str, str],
+    settings: SliceSettings,
+    where: Mapping[str, str],
+    target_on_input_scale: bool = False,
+    label_map: Mapping[int, int] | None = None,
+) -> SlicedVolumes:
     """Reads the volumes of one case (or context pair), {folder: kind} with the input folder first;
     `where` names each folder's file in messages. Grids must agree within settings.affine_tolerance."""
     input_folder = next(iter(kinds))
@@ -268,8 +301,11 @@ def read_volumes(sources: Mapping[str, Source], kinds: Mapping[str, str], settin
             check_same_grid(original[0], original[1], data.shape, affine, settings, where, input_folder, folder)
         if kind == IMAGE:
             data, non_finite[folder] = intensity.replace_non_finite(data)
-            parameters[folder] = (parameters[input_folder] if target_on_input_scale and folder != input_folder
-                                  else fitted_parameters(data, settings, where[folder]))
+            parameters[folder] = (
+                parameters[input_folder]
+                if target_on_input_scale and folder != input_folder
+                else fitted_parameters(data, settings, where[folder])
+            )
         else:
             data = label_ids(data, where[folder])
             if kind == LABEL:
@@ -282,14 +318,18 @@ def read_volumes(sources: Mapping[str, Source], kinds: Mapping[str, str], settin
 
 def check_same_grid(shape, affine, other_shape, other_affine, settings, where, folder, other_folder):
     if not geometry.grids_match(shape, affine, other_shape, other_affine, settings.affine_tolerance):
-        raise InputError(f"{where[folder]} and {where[other_folder]}: the voxel grids differ "
-                         f"({geometry.grid_difference(shape, affine, other_shape, other_affine)})")
+        raise InputError(
+            f"{where[folder]} and {where[other_folder]}: the voxel grids differ "
+            f"({geometry.grid_difference(shape, affine, other_shape, other_affine)})"
+        )
 
 
 def fitted_parameters(volume, settings: SliceSettings, where: str) -> dict:
     if settings.intensity.method is None:
-        raise InputError(f"{where}: volumes need --modality (CT, MRI or other) or --normalization to "
-                         f"scale intensities the way the training data were")
+        raise InputError(
+            f"{where}: volumes need --modality (CT, MRI or other) or --normalization to "
+            f"scale intensities the way the training data were"
+        )
     return settings.intensity.fit(volume)
 
 
@@ -298,9 +338,13 @@ def read_image(path: str, settings: SliceSettings, where: str) -> SlicedVolumes:
     return read_volumes({IMAGE: Source(path)}, {IMAGE: IMAGE}, settings, {IMAGE: where})
 
 
-def read_pair(image: str, target: str, task: Task, settings: SliceSettings, where: Tuple[str, str]) -> SlicedVolumes:
+def read_pair(image: str, target: str, task: Task, settings: SliceSettings, where: tuple[str, str]) -> SlicedVolumes:
     """An input volume and its target (a context pair) as the task's input and target folders."""
     folders = (task.input_folder, task.target_folder)
-    return read_volumes(dict(zip(folders, (Source(image), Source(target)))),
-                        {folder: task.folders[folder] for folder in folders}, settings, dict(zip(folders, where)),
-                        task.target_on_input_scale)
+    return read_volumes(
+        dict(zip(folders, (Source(image), Source(target)))),
+        {folder: task.folders[folder] for folder in folders},
+        settings,
+        dict(zip(folders, where)),
+        task.target_on_input_scale,
+    )

@@ -2,11 +2,11 @@
 and the file matching that several layouts share: case ids from glob wildcards, files paired by case id,
 a volume file found by its name without extension.
 """
+
 import glob
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional
 
 from util.cli import log
 
@@ -17,16 +17,17 @@ from .readers import VOLUME_FILE_EXTENSIONS, InputError, Source
 class Case:
     """One case: its id, its volume per folder (role), and its split where the source has one (None:
     drawn later)."""
+
     case_id: str
-    sources: Dict[str, Source]
-    split: Optional[str] = None
+    sources: dict[str, Source]
+    split: str | None = None
     notes: dict = field(default_factory=dict)
 
 
 def strip_extension(name):
     for extension in VOLUME_FILE_EXTENSIONS:
         if name.lower().endswith(extension):
-            return name[:-len(extension)]
+            return name[: -len(extension)]
     return name
 
 
@@ -36,6 +37,7 @@ def problem_list_error(header, problems, shown=20):
 
 
 # ---------------------------------------------------------------- glob patterns with case ids
+
 
 def wildcard_regex(pattern):
     """A regex for a glob pattern whose groups capture what each run of wildcards matched.
@@ -76,8 +78,10 @@ def glob_by_case(root, pattern, what):
             continue
         case_id = "_".join(group for group in match.groups() if group)
         if case_id in found:
-            raise InputError(f"{what} glob '{pattern}': {found[case_id]} and {path} both give case id "
-                             f"'{case_id}'; make the pattern more specific")
+            raise InputError(
+                f"{what} glob '{pattern}': {found[case_id]} and {path} both give case id "
+                f"'{case_id}'; make the pattern more specific"
+            )
         found[case_id] = path
     if not found:
         raise InputError(f"{what} glob '{pattern}' matches nothing under {root}")
@@ -90,23 +94,34 @@ def pair_globs(root, patterns, roles, split=None, hdf5_keys=None, skip_unpaired=
     set whose masks cover only some images)."""
     by_role = {role: glob_by_case(root, pattern, role) for role, pattern in zip(roles, patterns)}
     all_ids = sorted(set().union(*by_role.values()))
-    problems = [f"case '{case_id}': no {role} file (glob '{pattern}')"
-                for case_id in all_ids for role, pattern in zip(roles, patterns)
-                if case_id not in by_role[role]]
+    problems = [
+        f"case '{case_id}': no {role} file (glob '{pattern}')"
+        for case_id in all_ids
+        for role, pattern in zip(roles, patterns)
+        if case_id not in by_role[role]
+    ]
     if problems and not skip_unpaired:
-        raise problem_list_error("files do not pair up by case id (--skip_unpaired leaves such cases "
-                                 "out):", problems)
+        raise problem_list_error("files do not pair up by case id (--skip_unpaired leaves such cases out):", problems)
     paired = [case_id for case_id in all_ids if all(case_id in by_role[role] for role in roles)]
     if problems:
-        log(f"note: {len(all_ids) - len(paired)} of {len(all_ids)} case ids lack a partner file and are "
-            f"left out (--skip_unpaired), e.g. {problems[0]}")
+        log(
+            f"note: {len(all_ids) - len(paired)} of {len(all_ids)} case ids lack a partner file and are "
+            f"left out (--skip_unpaired), e.g. {problems[0]}"
+        )
     if not paired:
         raise InputError(f"{root}: no case has all of {', '.join(roles)}")
     hdf5_keys = hdf5_keys or {}
-    return [Case(case_id, {role: Source(by_role[role][case_id], _hdf5_key(by_role[role][case_id],
-                                                                          hdf5_keys.get(role)))
-                           for role in roles}, split)
-            for case_id in paired]
+    return [
+        Case(
+            case_id,
+            {
+                role: Source(by_role[role][case_id], _hdf5_key(by_role[role][case_id], hdf5_keys.get(role)))
+                for role in roles
+            },
+            split,
+        )
+        for case_id in paired
+    ]
 
 
 def _hdf5_key(path, key):

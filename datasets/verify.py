@@ -11,6 +11,7 @@ ids among the manifest's classes; masks 0/255; no case folder that the manifest 
 an interrupted run). Problems are listed as warnings (the first SUMMARY_LIMIT), then the run ends with
 one error line and status 2, as it does when the root itself is missing or holds no dataset folder.
 """
+
 import argparse
 import os
 import sys
@@ -73,9 +74,11 @@ def verify_dataset(dataset_dir):
     foreground = sum(len(dataset.foreground_slice_indices(c)) for c in case_ids)
     splits = ", ".join(f"{split} {len(ids)}" for split, ids in dataset.manifest["splits"].items())
     classes = ", ".join(f"{i}:{n}" for i, n in dataset.classes.items()) or "-"
-    summary = (f"{dataset.name}: {dataset.task}, {dataset.modality}, {len(case_ids)} cases ({splits}), "
-               f"{slices} slices ({foreground} with foreground), "
-               f"{len(dataset.manifest.get('skipped', {}))} skipped, classes {classes}")
+    summary = (
+        f"{dataset.name}: {dataset.task}, {dataset.modality}, {len(case_ids)} cases ({splits}), "
+        f"{slices} slices ({foreground} with foreground), "
+        f"{len(dataset.manifest.get('skipped', {}))} skipped, classes {classes}"
+    )
     return summary, problems
 
 
@@ -96,17 +99,16 @@ def verify_case_folder(dataset, folder, kind, case_id, size, class_ids):
     case_dir = os.path.join(dataset.dataset_dir, folder, case_id)
     if not os.path.isdir(case_dir):
         return [f"{case_dir}: missing"]
-    expected = {os.path.basename(dataset.slice_path(folder, case_id, i)): i
-                for i in dataset.slice_indices(case_id)}
+    expected = {os.path.basename(dataset.slice_path(folder, case_id, i)): i for i in dataset.slice_indices(case_id)}
     if not expected:
         return [f"case '{case_id}': the manifest lists no slices"]
     present = {name for name in os.listdir(case_dir) if not name.startswith(HIDDEN_PREFIX)}
     problems = [f"{os.path.join(case_dir, name)}: missing" for name in sorted(set(expected) - present)]
-    problems += [f"{os.path.join(case_dir, name)}: not in the manifest"
-                 for name in sorted(present - set(expected))]
+    problems += [f"{os.path.join(case_dir, name)}: not in the manifest" for name in sorted(present - set(expected))]
     for name in sorted(set(expected) & present):
-        problem = check_picture(os.path.join(case_dir, name), kind, size, class_ids,
-                                dataset.case(case_id).get("label_bits", 8))
+        problem = check_picture(
+            os.path.join(case_dir, name), kind, size, class_ids, dataset.case(case_id).get("label_bits", 8)
+        )
         problems += [problem] if problem else []
     return problems
 
@@ -126,8 +128,12 @@ def verify_root(root):
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog="python -m datasets.verify", description=__doc__.split("\n\n")[0],
-                            epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m datasets.verify",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("root", help="the prepared root (the --out of datasets.prepare)")
     args = parser.parse_args(argv)
     summaries, problems = verify_root(args.root)

@@ -6,6 +6,7 @@ entry in tasks.py names its baselines; each is one function here:
                   (label targets; fitted on at most 200 training slices)
     identity      the query input itself as the prediction (image targets)
 """
+
 import numpy as np
 
 from datasets.manifest import PreparedDataset

@@ -8,6 +8,7 @@
                standardising each thumbnail), at most one per case
 Every choice is seeded by (seed, dataset, case, slice), so it does not depend on the order of queries.
 """
+
 import zlib
 
 import numpy as np
@@ -45,9 +46,12 @@ class ContextPicker:
         self.fixed = [(c, self._middle(c)) for c in self._choose_cases(np.random.default_rng(seed))]
         self.thumbnails = None
         if policy == "retrieval":
-            self.thumbnails = np.stack([thumbnail(read_png(dataset.slice_path(dataset.input_folder, c, i)))
-                                        for c, i in tqdm(self.pool, desc=f"{dataset.name}: context thumbnails",
-                                                         leave=False)])
+            self.thumbnails = np.stack(
+                [
+                    thumbnail(read_png(dataset.slice_path(dataset.input_folder, c, i)))
+                    for c, i in tqdm(self.pool, desc=f"{dataset.name}: context thumbnails", leave=False)
+                ]
+            )
 
     def _middle(self, case):
         slices = self.dataset.slice_indices(case)

@@ -6,6 +6,7 @@ volumes in 2D (metrics.segmentation_case_scores). Image targets: the task's metr
 case's slices, and inside the task's region (inpainting's removed region) as <metric>_region. A dataset's
 score is the mean over classes of the per-class mean over cases (labels), or the mean over cases.
 """
+
 import math
 
 import numpy as np
@@ -25,16 +26,27 @@ def prepared_spacing(dataset: PreparedDataset, case_id: str):
     u, v = [a for a in range(3) if a != axis]
     plan = record["resize"]
     # picture = flipud(slice.T): rows run along v, columns along u
-    return (spacing[axis], spacing[v] * plan["resized_from"][0] / plan["size"][0],
-            spacing[u] * plan["resized_from"][1] / plan["size"][1])
+    return (
+        spacing[axis],
+        spacing[v] * plan["resized_from"][0] / plan["size"][0],
+        spacing[u] * plan["resized_from"][1] / plan["size"][1],
+    )
 
 
-def score_case(task: Task, dataset: PreparedDataset, case_id: str, preds: dict, truths: dict, class_ids,
-               regions: dict = None) -> dict:
+def score_case(
+    task: Task,
+    dataset: PreparedDataset,
+    case_id: str,
+    preds: dict,
+    truths: dict,
+    class_ids,
+    regions: dict | None = None,
+) -> dict:
     """Scores of one case; preds, truths (and regions) map slice indices to 2D arrays."""
     if task.target_is_label:
-        return metrics.segmentation_case_scores(preds, truths, dataset.case(case_id)["num_slices"], class_ids,
-                                                prepared_spacing(dataset, case_id))
+        return metrics.segmentation_case_scores(
+            preds, truths, dataset.case(case_id)["num_slices"], class_ids, prepared_spacing(dataset, case_id)
+        )
     indices = sorted(preds)
     pred, truth = np.stack([preds[i] for i in indices]), np.stack([truths[i] for i in indices])
     scores = {name: IMAGE_METRICS[name](pred, truth) for name in task.metrics}
@@ -50,8 +62,13 @@ def summary_keys(task: Task) -> list:
 
 
 def summarise(task: Task, dataset: PreparedDataset, cases: dict, class_ids, protocol: str) -> dict:
-    summary = {"dataset": dataset.name, "task": dataset.task, "modality": dataset.modality, "protocol": protocol,
-               "cases": len(cases)}
+    summary = {
+        "dataset": dataset.name,
+        "task": dataset.task,
+        "modality": dataset.modality,
+        "protocol": protocol,
+        "cases": len(cases),
+    }
     if task.target_is_label:
         summary.update(label_summary(dataset, cases, class_ids))
     else:
@@ -59,7 +76,9 @@ def summarise(task: Task, dataset: PreparedDataset, cases: dict, class_ids, prot
             values = [r[key] for r in cases.values() if key in r]
             if values:
                 # An exact slice has infinite PSNR: capped, so one such case does not make the mean infinite.
-                summary[key] = metrics.nanmean([metrics.capped(v) for v in values] if key.startswith("psnr") else values)
+                summary[key] = metrics.nanmean(
+                    [metrics.capped(v) for v in values] if key.startswith("psnr") else values
+                )
     summary["per_case"] = cases
     return summary
 
@@ -67,11 +86,16 @@ def summarise(task: Task, dataset: PreparedDataset, cases: dict, class_ids, prot
 def label_summary(dataset: PreparedDataset, cases: dict, class_ids) -> dict:
     names = dataset.classes
     classes = {
-        str(c): {"name": names.get(c, str(c)),
-                 "dice": metrics.nanmean(r["dice"][c] for r in cases.values()),
-                 "hd95": metrics.nanmean(r["hd95"][c] for r in cases.values()),
-                 "hd95_undefined_cases": sum(math.isnan(r["hd95"][c]) for r in cases.values())}
-        for c in class_ids}
-    return {"classes": classes,
-            "dice": metrics.nanmean(v["dice"] for v in classes.values()),
-            "hd95": metrics.nanmean(v["hd95"] for v in classes.values())}
+        str(c): {
+            "name": names.get(c, str(c)),
+            "dice": metrics.nanmean(r["dice"][c] for r in cases.values()),
+            "hd95": metrics.nanmean(r["hd95"][c] for r in cases.values()),
+            "hd95_undefined_cases": sum(math.isnan(r["hd95"][c]) for r in cases.values()),
+        }
+        for c in class_ids
+    }
+    return {
+        "classes": classes,
+        "dice": metrics.nanmean(v["dice"] for v in classes.values()),
+        "hd95": metrics.nanmean(v["hd95"] for v in classes.values()),
+    }

@@ -5,6 +5,7 @@ batch masked the way training masks it (one AR half mask, one MIM block mask). E
 with 'eager' on the loss, the prediction and the gradient of every parameter and of both inputs.
 FlexAttention has no backward on the CPU; its gradients are checked only where CUDA is present.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -18,12 +19,12 @@ from rel_pos_attention import ATTENTION_PATHS, choose_attention
 # (canvas, build options): a 4x2 token grid, a 6x5 one (odd width, rows != 2 x columns), and a model
 # with a windowed block (2x2 windows and their own 3-entry tables).
 MODELS = {
-    '64x32': ((64, 32), {}),
-    '96x80': ((96, 80), {}),
-    '64x32-windowed': ((64, 32), dict(window_size=2, window_block_indexes=(1,))),
+    "64x32": ((64, 32), {}),
+    "96x80": ((96, 80), {}),
+    "64x32-windowed": ((64, 32), dict(window_size=2, window_block_indexes=(1,))),
 }
 # The new path on every model; timm's fused path and 'auto' (augmented here) on one each.
-CPU_CASES = [('augmented', name) for name in MODELS] + [('fused', '96x80'), ('auto', '64x32')]
+CPU_CASES = [("augmented", name) for name in MODELS] + [("fused", "96x80"), ("auto", "64x32")]
 CUDA = torch.cuda.is_available()
 
 
@@ -38,7 +39,7 @@ def tiny_model(canvas, dtype=torch.float32, **options):
     return model.to(dtype)
 
 
-def hybrid_batch(model, dtype=torch.float32, device='cpu'):
+def hybrid_batch(model, dtype=torch.float32, device="cpu"):
     """Two canvases: the first with the AR half mask, the second with MIM block masking."""
     grid = model.grid_size
     g = torch.Generator().manual_seed(2)
@@ -89,31 +90,31 @@ def encoder_results(model, imgs, tgts, mask, path):
 # exactness against the eager reference
 
 
-@pytest.mark.parametrize('path, model_name', CPU_CASES)
+@pytest.mark.parametrize("path, model_name", CPU_CASES)
 def test_path_matches_eager_forward_and_gradients_fp32(path, model_name):
     canvas, options = MODELS[model_name]
     model = tiny_model(canvas, **options)
     batch = hybrid_batch(model)
-    reference = train_results(model, *batch, 'eager')
+    reference = train_results(model, *batch, "eager")
     assert_same(train_results(model, *batch, path), reference, atol=1e-5, rtol=1e-5)
-    assert reference[2]['blocks.0.attn.rel_pos_h'].abs().sum() > 0
-    assert reference[2]['blocks.3.attn.rel_pos_w'].abs().sum() > 0
+    assert reference[2]["blocks.0.attn.rel_pos_h"].abs().sum() > 0
+    assert reference[2]["blocks.3.attn.rel_pos_w"].abs().sum() > 0
 
 
-@pytest.mark.parametrize('path', ('fused', 'augmented'))
+@pytest.mark.parametrize("path", ("fused", "augmented"))
 def test_path_matches_eager_encoder_and_gradients_fp64(path):
     model = tiny_model((96, 80), dtype=torch.float64)
     batch = hybrid_batch(model, dtype=torch.float64)
     features, grads = encoder_results(model, *batch, path)
-    ref_features, ref_grads = encoder_results(model, *batch, 'eager')
+    ref_features, ref_grads = encoder_results(model, *batch, "eager")
     torch.testing.assert_close(features, ref_features, atol=1e-10, rtol=1e-10)
-    assert grads.keys() == ref_grads.keys() and 'blocks.0.attn.rel_pos_h' in grads
+    assert grads.keys() == ref_grads.keys() and "blocks.0.attn.rel_pos_h" in grads
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-10, rtol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize('model_name', ('64x32', '96x80'))
-@pytest.mark.parametrize('path', ('flex', 'fused', 'augmented'))
+@pytest.mark.parametrize("model_name", ("64x32", "96x80"))
+@pytest.mark.parametrize("path", ("flex", "fused", "augmented"))
 def test_forward_without_gradients_matches_eager(path, model_name):
     """Inference takes other kernels (the CPU flash kernel with a mask for 'fused'); FlexAttention is
     checked here only, as it has no CPU backward (the CUDA test below covers its gradients)."""
@@ -122,10 +123,10 @@ def test_forward_without_gradients_matches_eager(path, model_name):
     imgs, tgts, mask = hybrid_batch(model)
     with torch.no_grad():
         outputs = {}
-        for name in (path, 'eager'):
+        for name in (path, "eager"):
             model.set_attention(name)
             outputs[name] = model(imgs, tgts, mask)[:2]
-    torch.testing.assert_close(outputs[path], outputs['eager'], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[path], outputs["eager"], atol=1e-5, rtol=1e-5)
 
 
 def test_augmented_needs_no_math_kernel_on_cpu():
@@ -133,7 +134,7 @@ def test_augmented_needs_no_math_kernel_on_cpu():
     backward; with the math kernel disallowed, any fallback would raise."""
     model = tiny_model((96, 80))
     imgs, tgts, mask = hybrid_batch(model)
-    model.set_attention('augmented')
+    model.set_attention("augmented")
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         loss, _, _ = model(imgs, tgts, mask)
         loss.backward()
@@ -148,7 +149,7 @@ def sabotaged_logit_terms(kind):
     correct = rel_pos_attention.rel_pos_logit_terms
 
     def terms(q, rel_pos_h, rel_pos_w, grid):
-        if kind == 'negated':
+        if kind == "negated":
             rel_pos_h = -rel_pos_h
         else:  # reversed relative distances: table_h[i, j] read as table_h[j, i]
             rel_pos_h = rel_pos_h.flip(0)
@@ -157,14 +158,14 @@ def sabotaged_logit_terms(kind):
     return terms
 
 
-@pytest.mark.parametrize('kind', ('negated', 'transposed'))
+@pytest.mark.parametrize("kind", ("negated", "transposed"))
 def test_a_wrong_bias_breaks_the_comparison(kind, monkeypatch):
     model = tiny_model((96, 80))
     batch = hybrid_batch(model)
-    reference = train_results(model, *batch, 'eager')
-    monkeypatch.setattr(rel_pos_attention, 'rel_pos_logit_terms', sabotaged_logit_terms(kind))
+    reference = train_results(model, *batch, "eager")
+    monkeypatch.setattr(rel_pos_attention, "rel_pos_logit_terms", sabotaged_logit_terms(kind))
     with pytest.raises(AssertionError):
-        assert_same(train_results(model, *batch, 'augmented'), reference, atol=1e-5, rtol=1e-5)
+        assert_same(train_results(model, *batch, "augmented"), reference, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,25 +174,25 @@ def test_a_wrong_bias_breaks_the_comparison(kind, monkeypatch):
 
 def test_set_attention_validates_and_set_fused_attn_maps_to_timm_paths():
     model = tiny_model((64, 32))
-    assert model.attention == 'auto' and {blk.attn.path for blk in model.blocks} == {'auto'}
+    assert model.attention == "auto" and {blk.attn.path for blk in model.blocks} == {"auto"}
     for path in ATTENTION_PATHS:
         model.set_attention(path)
         assert model.attention == path and {blk.attn.path for blk in model.blocks} == {path}
     model.set_fused_attn(False)
-    assert model.attention == 'eager'
+    assert model.attention == "eager"
     model.set_fused_attn(True)
-    assert model.attention == 'fused'
-    with pytest.raises(ValueError, match='attention path'):
-        model.set_attention('sparse')
+    assert model.attention == "fused"
+    with pytest.raises(ValueError, match="attention path"):
+        model.set_attention("sparse")
 
 
 def test_auto_rule():
-    assert choose_attention('cpu', torch.float32, needs_grad=True) == 'augmented'
-    assert choose_attention('cpu', torch.float32, needs_grad=False) == 'fused'
+    assert choose_attention("cpu", torch.float32, needs_grad=True) == "augmented"
+    assert choose_attention("cpu", torch.float32, needs_grad=False) == "fused"
     for needs_grad in (True, False):
-        assert choose_attention('cpu', torch.bfloat16, needs_grad) == 'eager'
-        assert choose_attention('cuda', torch.bfloat16, needs_grad) == 'augmented'
-        assert choose_attention('mps', torch.float32, needs_grad) == 'fused'
+        assert choose_attention("cpu", torch.bfloat16, needs_grad) == "eager"
+        assert choose_attention("cuda", torch.bfloat16, needs_grad) == "augmented"
+        assert choose_attention("mps", torch.float32, needs_grad) == "fused"
 
 
 def test_auto_follows_autocast_and_grad_mode(monkeypatch):
@@ -202,13 +203,13 @@ def test_auto_follows_autocast_and_grad_mode(monkeypatch):
         chosen.append(key)
         return real_choice(*key)
 
-    monkeypatch.setattr(rel_pos_attention, 'choose_attention', recorded_choice)
+    monkeypatch.setattr(rel_pos_attention, "choose_attention", recorded_choice)
     model = tiny_model((64, 32))
     imgs, tgts, mask = hybrid_batch(model)
     model(imgs, tgts, mask)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(imgs, tgts, mask)
-    assert set(chosen) == {('cpu', torch.float32, True), ('cpu', torch.bfloat16, False)}
+    assert set(chosen) == {("cpu", torch.float32, True), ("cpu", torch.bfloat16, False)}
 
 
 def test_model_without_rel_pos_keeps_timm_attention():
@@ -216,7 +217,7 @@ def test_model_without_rel_pos_keeps_timm_attention():
     model = mvg_vit_tiny_patch16(input_size=(64, 32), depth=4, use_rel_pos=False)
     imgs, tgts, mask = hybrid_batch(model)
     outputs = []
-    for path in ('augmented', 'eager'):
+    for path in ("augmented", "eager"):
         model.set_attention(path)
         outputs.append(model(imgs, tgts, mask)[1])
     assert not model.blocks[0].attn.fused_attn
@@ -227,26 +228,26 @@ def test_model_without_rel_pos_keeps_timm_attention():
 # CUDA: gradients through FlexAttention, and the fused kernels the new paths are for
 
 
-@pytest.mark.skipif(not CUDA, reason='needs CUDA')
-@pytest.mark.parametrize('path', ('augmented', 'flex'))
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("path", ("augmented", "flex"))
 def test_cuda_path_matches_eager_forward_and_gradients(path):
     model = tiny_model((96, 80)).cuda()
-    batch = hybrid_batch(model, device='cuda')
+    batch = hybrid_batch(model, device="cuda")
     # fp32 throughout: cuDNN's default TF32 convolutions would blur the comparison in the decoder.
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        reference = train_results(model, *batch, 'eager')
+        reference = train_results(model, *batch, "eager")
         results = train_results(model, *batch, path)
     # The fused kernels sum in another order than the eager matmuls.
     assert_same(results, reference, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(not CUDA, reason='needs CUDA')
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_augmented_bf16_training_uses_a_fused_kernel():
     model = tiny_model((96, 80)).cuda()
-    imgs, tgts, mask = hybrid_batch(model, device='cuda')
-    model.set_attention('augmented')
+    imgs, tgts, mask = hybrid_batch(model, device="cuda")
+    model.set_attention("augmented")
     fused_only = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
-    with sdpa_kernel(fused_only), torch.autocast('cuda', dtype=torch.bfloat16):
+    with sdpa_kernel(fused_only), torch.autocast("cuda", dtype=torch.bfloat16):
         loss, _, _ = model(imgs, tgts, mask)
     loss.backward()
     assert torch.isfinite(loss)

@@ -1,9 +1,9 @@
 """The training dataset: canvases for every task and label encoding, from data made by the prepare tool."""
+
 import dataclasses
 import json
 import os
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -14,67 +14,16 @@ from datasets.canvas import Augment, InContextDataset, Mixture, MixtureEntry, lo
 from label_encoding import random_palette, render_labels
 from masking_generator import MaskPolicy, sample_rng
 from tasks import TASK_NAMES, TASKS
+from tests.helpers import CANVAS, SLICE, policy, prepare_all, save, segmentation_case
 from util.cli import UsageError
 
-CANVAS = (64, 32)  # two 32x32 pairs; a 4x2 token grid
-SLICE = 40  # prepared slice size, so crops move
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
-def save(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4)), str(path))
-
-
-def segmentation_case(seed, depth=6):
-    """Every slice holds class 1 (left half) and class 2 (right half) inside a body."""
-    rng = np.random.default_rng(seed)
-    image = rng.normal(0, 50, size=(SLICE, SLICE, depth)).astype(np.float32)
-    label = np.zeros((SLICE, SLICE, depth), dtype=np.int16)
-    label[4:20, 4:36] = 1
-    label[20:36, 4:36] = 2
-    return image, label
-
-
-def prepare_all(root):
-    out = root / "prepared"
-    for i in range(3):
-        image, label = segmentation_case(i, depth=1 if i == 2 else 6)  # case 2 has a single slice
-        save(root / "seg" / "imagesTr" / f"c{i}.nii.gz", image)
-        save(root / "seg" / "labelsTr" / f"c{i}.nii.gz", label)
-    for i in range(2):
-        base = np.random.default_rng(10 + i).uniform(0, 100, size=(SLICE, SLICE, 4)).astype(np.float32)
-        case = root / "brats" / f"B-{i}"
-        for contrast, volume in (("t1c", base), ("t2w", 100 - base)):
-            save(case / f"B-{i}-{contrast}.nii.gz", volume)
-        save(root / "ldct" / "low" / f"p{i}.nii.gz", base + np.random.default_rng(i).normal(0, 10, base.shape))
-        save(root / "ldct" / "full" / f"p{i}.nii.gz", base)
-        hole = np.zeros(base.shape, np.uint8)
-        hole[10:30, 10:30, 1:3] = 1
-        local = root / "local" / f"L-{i}"
-        save(local / f"L-{i}-t1n.nii.gz", base)
-        save(local / f"L-{i}-t1n-voided.nii.gz", base * (1 - hole))
-        save(local / f"L-{i}-mask.nii.gz", hole)
-    common = ["--out", str(out), "--size", str(SLICE), "--test_fraction", "0"]
-    assert prepare.main(["msd", "--root", str(root / "seg"), "--dataset", "Seg", "--modality", "CT", *common]) == 0
-    assert prepare.main(["brats-synthesis", "--root", str(root / "brats"), "--source", "t1c", "--target", "t2w",
-                         "--dataset", "Synth", *common]) == 0
-    assert prepare.main(["denoising", "--root", str(root / "ldct"), "--low_dose", "low/*.nii.gz",
-                         "--normal_dose", "full/*.nii.gz", "--modality", "CT", "--dataset", "Denoise",
-                         *common]) == 0
-    assert prepare.main(["brats-inpainting", "--root", str(root / "local"), "--dataset", "Inpaint", *common]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     return prepare_all(tmp_path_factory.mktemp("canvas"))
-
-
-def policy(half_mask_ratio=0.0):
-    return MaskPolicy(input_size=(4, 2), num_mask_patches=3, min_mask_patches_per_block=1,
-                      max_mask_patches_per_block=2, half_mask_ratio=half_mask_ratio)
 
 
 def dataset(prepared, names=None, **kwargs):
@@ -158,8 +107,9 @@ def test_items_are_deterministic_per_seed_epoch_index_and_across_workers(prepare
     data.set_epoch(1)
     assert not torch.equal(data[7]["imgs"], a["imgs"])
     direct = [data[i]["imgs"] for i in range(6)]
-    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2,
-                                         sampler=torch.utils.data.SequentialSampler(range(6)))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=2, num_workers=2, sampler=torch.utils.data.SequentialSampler(range(6))
+    )
     batched = torch.cat([batch["imgs"] for batch in loader])
     assert torch.equal(batched, torch.stack(direct))
 
@@ -176,9 +126,13 @@ def test_mixture_weights_and_balance(prepared):
 
 
 def test_mixture_file_case_subsets_and_errors(prepared, tmp_path):
-    spec = {"balance": "slices", "datasets": [
-        {"path": os.path.relpath(prepared / "Seg", tmp_path), "weight": 2, "case_stride": 2},
-        {"path": os.path.relpath(prepared / "Synth", tmp_path), "case_fraction": 0.5, "swap_prob": 1.0}]}
+    spec = {
+        "balance": "slices",
+        "datasets": [
+            {"path": os.path.relpath(prepared / "Seg", tmp_path), "weight": 2, "case_stride": 2},
+            {"path": os.path.relpath(prepared / "Synth", tmp_path), "case_fraction": 0.5, "swap_prob": 1.0},
+        ],
+    }
     (tmp_path / "mix.json").write_text(json.dumps(spec))
     data = dataset(prepared, mixture=load_mixture(str(tmp_path / "mix.json")))
     assert [len(s.cases) for s in data.sources] == [2, 1]
@@ -206,8 +160,9 @@ def test_synthesis_swap_reverses_the_direction(prepared):
 
 def test_task_settings_come_from_the_registry(prepared, monkeypatch):
     data = dataset(prepared, ["Seg", "Synth", "Denoise"])
-    assert [source.swap_prob for source in data.sources] == [TASKS[name].swap_prob
-                                                             for name in ("segmentation", "synthesis", "denoising")]
+    assert [source.swap_prob for source in data.sources] == [
+        TASKS[name].swap_prob for name in ("segmentation", "synthesis", "denoising")
+    ]
     monkeypatch.setitem(TASKS, "segmentation", dataclasses.replace(TASKS["segmentation"], background_weight=0.25))
     item = dataset(prepared, ["Seg"])[0]
     background = ~raw_pixels(item["tgts"]).any(axis=2)
@@ -245,6 +200,7 @@ def test_augment_crops_pairs_identically():
 
 def test_missing_slice_files_are_reported_up_front(prepared, tmp_path):
     import shutil
+
     copy = tmp_path / "copy"
     shutil.copytree(prepared / "Denoise", copy / "Denoise")
     first = sorted((copy / "Denoise" / "image" / "p0").iterdir())[0]
@@ -301,12 +257,43 @@ def prepare_recipe_tree(root):
         save(root / "ldct" / "full" / f"p{i}.nii.gz", base)
     common = ["--out", str(out), "--size", str(SLICE), "--test_fraction", "0"]
     assert prepare.main(["msd", "--root", str(root / "seg"), "--dataset", "Seg", "--modality", "CT", *common]) == 0
-    assert prepare.main(["brats-synthesis", "--root", str(root / "brats"), "--source", "t1c", "--target", "t2w",
-                         "--dataset", "Synth", *common]) == 0
+    assert (
+        prepare.main(
+            [
+                "brats-synthesis",
+                "--root",
+                str(root / "brats"),
+                "--source",
+                "t1c",
+                "--target",
+                "t2w",
+                "--dataset",
+                "Synth",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert prepare.main(["brats-inpainting", "--root", str(root / "local"), "--dataset", "Inpaint", *common]) == 0
-    assert prepare.main(["denoising", "--root", str(root / "ldct"), "--low_dose", "low/*.nii.gz",
-                         "--normal_dose", "full/*.nii.gz", "--modality", "CT", "--dataset", "Denoise",
-                         *common]) == 0
+    assert (
+        prepare.main(
+            [
+                "denoising",
+                "--root",
+                str(root / "ldct"),
+                "--low_dose",
+                "low/*.nii.gz",
+                "--normal_dose",
+                "full/*.nii.gz",
+                "--modality",
+                "CT",
+                "--dataset",
+                "Denoise",
+                *common,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -325,11 +312,13 @@ def authors_slice_list(root):
             manifest = json.load(handle)
         cases = sorted(c for c, record in manifest["cases"].items() if record["split"] == "train")
         if manifest["task"] == "inpainting":
-            cases = cases[:len(cases) // 2]
+            cases = cases[: len(cases) // 2]
         elif manifest["task"] == "synthesis":
             cases = cases[::4]
-        listed[manifest["dataset"]] = ({case: manifest["cases"][case]["slices"] for case in cases},
-                                       2.0 if manifest["task"] == "segmentation" else 1.0)
+        listed[manifest["dataset"]] = (
+            {case: manifest["cases"][case]["slices"] for case in cases},
+            2.0 if manifest["task"] == "segmentation" else 1.0,
+        )
     return listed
 
 
@@ -397,8 +386,9 @@ def test_recipes_set_up_datasets_by_task_and_guard_the_balance(prepared, tmp_pat
     balanced = Mixture.of([str(prepared)], balance="slices")
     assert balanced.balance == "slices" and {e.weight for e in balanced.entries} == {1}
     assert "recipe 'paper'" in dataset(prepared, mixture=paper).describe()
-    (tmp_path / "mix.json").write_text(json.dumps({"slice_sampling": "uniform", "datasets": [
-        {"path": os.path.relpath(prepared / "Seg", tmp_path)}]}))
+    (tmp_path / "mix.json").write_text(
+        json.dumps({"slice_sampling": "uniform", "datasets": [{"path": os.path.relpath(prepared / "Seg", tmp_path)}]})
+    )
     from_file = load_mixture(str(tmp_path / "mix.json"))
     assert from_file.slice_sampling == "uniform"
     assert "recipe 'custom'" in dataset(prepared, mixture=from_file).describe()

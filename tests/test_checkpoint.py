@@ -1,5 +1,6 @@
 """util.checkpoint's writing: atomic files, pruning of numbered checkpoints, and the background writer
 that lets training go on while a checkpoint is written."""
+
 import os
 import threading
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from engine_pretrain import Progress
-from tests.test_train import assert_same_weights
+from tests.helpers import assert_same_weights
 from util import checkpoint
 from util.cli import UsageError
 
@@ -37,9 +38,18 @@ def test_background_checkpoint_holds_the_state_of_its_step_and_errors_surface(tm
     monkeypatch.setattr(checkpoint, "atomic_save", slow_disk)
     writer = checkpoint.CheckpointWriter()
     path = str(tmp_path / checkpoint.LAST)
-    checkpoint.save_training_state(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), Progress(),
-                                   {"model": "linear"}, global_batch=1, world_size=1, writer=writer,
-                                   then=lambda: open(tmp_path / "then-ran", "w").close())
+    checkpoint.save_training_state(
+        path,
+        model,
+        optimizer,
+        torch.amp.GradScaler("cpu", enabled=False),
+        Progress(),
+        {"model": "linear"},
+        global_batch=1,
+        world_size=1,
+        writer=writer,
+        then=lambda: open(tmp_path / "then-ran", "w").close(),
+    )
     with torch.no_grad():
         model.weight.add_(1.0)  # training goes on while the write waits for the disk
     assert not os.path.exists(path)
@@ -56,11 +66,22 @@ def test_background_checkpoint_holds_the_state_of_its_step_and_errors_surface(tm
         raise ValueError("a bug")
 
     # A file system error is the user's to fix: one line naming the file; anything else keeps its traceback.
-    for failing, error, message in ((full_disk, UsageError, f"{path}: cannot write the checkpoint (the disk is full)"),
-                                    (bug, RuntimeError, "writing a checkpoint failed: ValueError: a bug")):
+    for failing, error, message in (
+        (full_disk, UsageError, f"{path}: cannot write the checkpoint (the disk is full)"),
+        (bug, RuntimeError, "writing a checkpoint failed: ValueError: a bug"),
+    ):
         monkeypatch.setattr(checkpoint, "atomic_save", failing)
-        checkpoint.save_training_state(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                                       Progress(), {}, global_batch=1, world_size=1, writer=writer)
+        checkpoint.save_training_state(
+            path,
+            model,
+            optimizer,
+            torch.amp.GradScaler("cpu", enabled=False),
+            Progress(),
+            {},
+            global_batch=1,
+            world_size=1,
+            writer=writer,
+        )
         with pytest.raises(error) as raised:
             writer.wait()
         assert str(raised.value).startswith(message)

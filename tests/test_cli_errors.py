@@ -2,6 +2,7 @@
 never a traceback; what the data-reading layer says about bad prepared roots and manifests; how a
 SLURM job decides that its training run is finished; and that the installed packages meet the floors
 of requirements.txt."""
+
 import json
 import os
 import stat
@@ -27,8 +28,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_module(*argv, env=None):
     """python -m argv... in the repository, with this interpreter (the venv's)."""
-    return subprocess.run([sys.executable, "-m", *map(str, argv)], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", *map(str, argv)], cwd=REPO, capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def assert_one_error_line(result, *fragments):
@@ -78,8 +80,26 @@ def prepared(tmp_path):
     for folder, volume in (("imagesTr", image), ("labelsTr", label)):
         os.makedirs(tmp_path / "src" / folder)
         nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "src" / folder / "c0.nii.gz")
-    assert prepare.main(["msd", "--root", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
-                         "--dataset", "DS", "--size", "8", "--modality", "CT", "--test_fraction", "0"]) == 0
+    assert (
+        prepare.main(
+            [
+                "msd",
+                "--root",
+                str(tmp_path / "src"),
+                "--out",
+                str(tmp_path / "out"),
+                "--dataset",
+                "DS",
+                "--size",
+                "8",
+                "--modality",
+                "CT",
+                "--test_fraction",
+                "0",
+            ]
+        )
+        == 0
+    )
     return tmp_path / "out"
 
 
@@ -118,7 +138,8 @@ def test_a_root_without_datasets(tmp_path):
 
 def test_a_dataset_folder_given_as_the_root(prepared):
     assert usage_error(find_datasets, prepared / "DS") == (
-        f"{prepared / 'DS'}: a dataset folder, not a prepared root; give the folder that holds it, {prepared}")
+        f"{prepared / 'DS'}: a dataset folder, not a prepared root; give the folder that holds it, {prepared}"
+    )
 
 
 def test_a_dataset_folder_without_its_manifest(prepared):
@@ -136,17 +157,24 @@ def test_a_manifest_that_is_not_json(prepared):
     assert usage_error(load_manifest, prepared / "DS").endswith("expected a JSON object, found a list")
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda m: m.pop("cases"), "manifest.json lacks the key 'cases'"),
-    (lambda m: m.update(size="512x512"), "manifest.json: 'size' should be a list, not a string"),
-    (lambda m: m.update(classes={}), "manifest.json: 'classes' should be a list or null, not an object"),
-    (lambda m: m["cases"]["c0"].pop("slices"), "manifest.json: cases['c0'] lacks the key 'slices'"),
-    (lambda m: m["cases"]["c0"].update(num_slices="4"),
-     "manifest.json: cases['c0']: 'num_slices' should be a whole number, not a string"),
-    (lambda m: m["cases"]["c0"].update(foreground_slices=None),
-     "manifest.json: cases['c0']: 'foreground_slices' should be a list, not null"),
-    (lambda m: m["cases"].update(c1=[]), "manifest.json: cases['c1'] should be an object, not a list"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda m: m.pop("cases"), "manifest.json lacks the key 'cases'"),
+        (lambda m: m.update(size="512x512"), "manifest.json: 'size' should be a list, not a string"),
+        (lambda m: m.update(classes={}), "manifest.json: 'classes' should be a list or null, not an object"),
+        (lambda m: m["cases"]["c0"].pop("slices"), "manifest.json: cases['c0'] lacks the key 'slices'"),
+        (
+            lambda m: m["cases"]["c0"].update(num_slices="4"),
+            "manifest.json: cases['c0']: 'num_slices' should be a whole number, not a string",
+        ),
+        (
+            lambda m: m["cases"]["c0"].update(foreground_slices=None),
+            "manifest.json: cases['c0']: 'foreground_slices' should be a list, not null",
+        ),
+        (lambda m: m["cases"].update(c1=[]), "manifest.json: cases['c1'] should be an object, not a list"),
+    ],
+)
 def test_a_manifest_without_a_required_key_or_of_a_wrong_type(prepared, edit, expected):
     rewrite_manifest(prepared, edit)
     message = usage_error(PreparedDataset, prepared / "DS")
@@ -156,7 +184,8 @@ def test_a_manifest_without_a_required_key_or_of_a_wrong_type(prepared, edit, ex
 def test_an_unsupported_format_version(prepared):
     rewrite_manifest(prepared, lambda m: m.update(format_version=99))
     assert usage_error(load_manifest, prepared / "DS").startswith(
-        f"{manifest_path(prepared)}: unsupported format_version 99 (this version of MVG reads 1)")
+        f"{manifest_path(prepared)}: unsupported format_version 99 (this version of MVG reads 1)"
+    )
     rewrite_manifest(prepared, lambda m: m.pop("format_version"))
     assert "unsupported format_version null" in usage_error(load_manifest, prepared / "DS")
 
@@ -168,14 +197,25 @@ def test_verify_reports_a_bad_manifest_among_its_problems(prepared, capsys):
 
 
 def test_verify_of_a_missing_root_is_one_error_line():
-    assert_one_error_line(run_module("datasets.prepare", "verify", "/nonexistent"),
-                          "/nonexistent: prepared root not found")
+    assert_one_error_line(
+        run_module("datasets.prepare", "verify", "/nonexistent"), "/nonexistent: prepared root not found"
+    )
     assert_one_error_line(run_module("datasets.verify", "/nonexistent"), "/nonexistent")
 
 
 def test_prepare_with_bad_input_is_one_error_line(tmp_path):
-    result = run_module("datasets.prepare", "msd", "--root", tmp_path / "nothing", "--out", tmp_path / "out",
-                        "--dataset", "X", "--modality", "CT")
+    result = run_module(
+        "datasets.prepare",
+        "msd",
+        "--root",
+        tmp_path / "nothing",
+        "--out",
+        tmp_path / "out",
+        "--dataset",
+        "X",
+        "--modality",
+        "CT",
+    )
     assert_one_error_line(result, str(tmp_path / "nothing"))
 
 
@@ -185,9 +225,20 @@ def test_prepare_with_bad_input_is_one_error_line(tmp_path):
 def save_last_checkpoint(output_dir, epoch, step_in_epoch, global_step, **args):
     """checkpoint-last.pth as util.checkpoint.save_training_state writes it, with empty weights."""
     os.makedirs(output_dir, exist_ok=True)
-    state = {"model": {}, "optimizer": {}, "scaler": {}, "epoch": epoch, "step_in_epoch": step_in_epoch,
-             "global_step": global_step, "skipped_steps": 0, "consecutive_skips": 0, "global_batch": 16,
-             "world_size": 1, "rng": [], "args": {"epochs": 100, "stop_after_steps": 0, **args}}
+    state = {
+        "model": {},
+        "optimizer": {},
+        "scaler": {},
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "global_step": global_step,
+        "skipped_steps": 0,
+        "consecutive_skips": 0,
+        "global_batch": 16,
+        "world_size": 1,
+        "rng": [],
+        "args": {"epochs": 100, "stop_after_steps": 0, **args},
+    }
     torch.save(state, os.path.join(output_dir, LAST_CHECKPOINT))
 
 
@@ -211,7 +262,8 @@ def test_a_run_without_a_readable_record_is_an_error(tmp_path):
     assert usage_error(run_is_finished, tmp_path).startswith(f"{tmp_path / LAST_CHECKPOINT}: not found")
     (tmp_path / LAST_CHECKPOINT).write_bytes(b"torn")
     assert usage_error(run_is_finished, tmp_path).startswith(
-        f"{tmp_path / LAST_CHECKPOINT}: cannot be read as a checkpoint")
+        f"{tmp_path / LAST_CHECKPOINT}: cannot be read as a checkpoint"
+    )
     torch.save({"model": {}, "epoch": 1, "global_step": 3, "args": {"epochs": "many"}}, tmp_path / LAST_CHECKPOINT)
     assert usage_error(run_is_finished, tmp_path).endswith("records no whole number for epochs")
 
@@ -237,14 +289,27 @@ def run_slurm_script(tmp_path, srun_status):
     bin_dir = tmp_path / "bin"
     os.makedirs(bin_dir, exist_ok=True)
     write_executable(bin_dir / "srun", f"#!/bin/sh\nexit {srun_status}\n")
-    write_executable(bin_dir / "scontrol", '#!/bin/sh\nif [ "$1" = show ]; then echo node1; '
-                                           'else echo "$@" >> "$REQUEUE_LOG"; fi\n')
+    write_executable(
+        bin_dir / "scontrol", '#!/bin/sh\nif [ "$1" = show ]; then echo node1; else echo "$@" >> "$REQUEUE_LOG"; fi\n'
+    )
     log = tmp_path / "requeue.log"
-    env = dict(os.environ, PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
-               DATA="prepared", OUT=str(tmp_path / "run"), SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node1",
-               SLURM_SUBMIT_DIR=REPO, REQUEUE_LOG=str(log))
-    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "train_slurm.sh"), "--epochs", "3"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ,
+        PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
+        DATA="prepared",
+        OUT=str(tmp_path / "run"),
+        SLURM_JOB_ID="7",
+        SLURM_JOB_NODELIST="node1",
+        SLURM_SUBMIT_DIR=REPO,
+        REQUEUE_LOG=str(log),
+    )
+    result = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", "train_slurm.sh"), "--epochs", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return result.returncode, log.read_text() if log.exists() else ""
 
 
@@ -291,9 +356,9 @@ def test_the_installed_packages_meet_the_floors_of_requirements_txt():
 
 def test_an_unmet_floor_is_found():
     installed_torch = version("torch")
-    assert unmet_requirements([f"torch>={Version(installed_torch).public}  # the installed release", "torch>=999",
-                               "no-such-package-xyz>=1"]) == [
-        f"torch>=999 (installed {installed_torch})", "no-such-package-xyz>=1 (not installed)"]
+    assert unmet_requirements(
+        [f"torch>={Version(installed_torch).public}  # the installed release", "torch>=999", "no-such-package-xyz>=1"]
+    ) == [f"torch>=999 (installed {installed_torch})", "no-such-package-xyz>=1 (not installed)"]
 
 
 # ---------------------------------------------------------------- every entry script, bad paths
@@ -305,8 +370,17 @@ def run_script(*argv):
 
 def test_training_on_a_missing_data_path_is_one_error_line(tmp_path):
     """The seed command's most common mistake, answered before any model is built."""
-    result = run_script("main_pretrain.py", "--device", "cpu", "--model", "mvg_vit_tiny_patch16", "--data_path",
-                        tmp_path / "nowhere", "--output_dir", tmp_path / "out")
+    result = run_script(
+        "main_pretrain.py",
+        "--device",
+        "cpu",
+        "--model",
+        "mvg_vit_tiny_patch16",
+        "--data_path",
+        tmp_path / "nowhere",
+        "--output_dir",
+        tmp_path / "out",
+    )
     assert_one_error_line(result, "nowhere: prepared root not found")
 
 
@@ -315,8 +389,19 @@ def test_evaluation_and_prediction_with_a_broken_checkpoint_are_one_error_line(t
     broken.write_bytes(os.urandom(4096))
     result = run_script("main_eval.py", "--checkpoint", broken, "--data_path", prepared, "--device", "cpu")
     assert_one_error_line(result, f"--checkpoint {broken}: not a readable checkpoint")
-    result = run_script("predict.py", "--checkpoint", broken, "--context_image", "a.png", "--context_label", "b.png",
-                        "--query", "c.png", "--output", tmp_path / "d.png")
+    result = run_script(
+        "predict.py",
+        "--checkpoint",
+        broken,
+        "--context_image",
+        "a.png",
+        "--context_label",
+        "b.png",
+        "--query",
+        "c.png",
+        "--output",
+        tmp_path / "d.png",
+    )
     assert_one_error_line(result, f"--checkpoint {broken}: not a readable checkpoint")
 
 
@@ -324,6 +409,7 @@ def entry_point_mains():
     import main_eval
     import main_pretrain
     import predict
+
     return {"train": lambda argv: run_main(main_pretrain.main, argv), "eval": main_eval.main, "predict": predict.main}
 
 
@@ -331,17 +417,42 @@ BAD_PATHS = {  # entry point, its arguments ({root}: a prepared root, {tmp}: a s
     "train, empty root": ("train", ["--data_path", "{tmp}/empty"], "no dataset folder with a manifest.json"),
     "train, bad manifest": ("train", ["--data_path", "{root}"], "manifest.json: not valid JSON"),
     "train, missing mixture": ("train", ["--mixture", "{tmp}/mix.json"], "mix.json"),
-    "train, missing finetune": ("train", ["--finetune", "{tmp}/mae.pth", "--data_path", "{root}"],
-                                "--finetune {tmp}/mae.pth: file not found"),
-    "eval, missing root": ("eval", ["--checkpoint", "{tmp}/c.pth", "--data_path", "{tmp}/none"],
-                           "{tmp}/none: prepared root not found"),
-    "eval, bad manifest": ("eval", ["--checkpoint", "{tmp}/c.pth", "--data_path", "{root}"],
-                           "manifest.json: not valid JSON"),
-    "eval, missing checkpoint": ("eval", ["--checkpoint", "{tmp}/c.pth", "--data_path", "{good}"],
-                                 "--checkpoint {tmp}/c.pth: file not found"),
-    "predict, missing checkpoint": ("predict", ["--checkpoint", "{tmp}/c.pth", "--context_image", "{tmp}/a.png",
-                                                "--context_label", "{tmp}/b.png", "--query", "{tmp}/q.png",
-                                                "--output", "{tmp}/o.png"], "--checkpoint {tmp}/c.pth: file not found"),
+    "train, missing finetune": (
+        "train",
+        ["--finetune", "{tmp}/mae.pth", "--data_path", "{root}"],
+        "--finetune {tmp}/mae.pth: file not found",
+    ),
+    "eval, missing root": (
+        "eval",
+        ["--checkpoint", "{tmp}/c.pth", "--data_path", "{tmp}/none"],
+        "{tmp}/none: prepared root not found",
+    ),
+    "eval, bad manifest": (
+        "eval",
+        ["--checkpoint", "{tmp}/c.pth", "--data_path", "{root}"],
+        "manifest.json: not valid JSON",
+    ),
+    "eval, missing checkpoint": (
+        "eval",
+        ["--checkpoint", "{tmp}/c.pth", "--data_path", "{good}"],
+        "--checkpoint {tmp}/c.pth: file not found",
+    ),
+    "predict, missing checkpoint": (
+        "predict",
+        [
+            "--checkpoint",
+            "{tmp}/c.pth",
+            "--context_image",
+            "{tmp}/a.png",
+            "--context_label",
+            "{tmp}/b.png",
+            "--query",
+            "{tmp}/q.png",
+            "--output",
+            "{tmp}/o.png",
+        ],
+        "--checkpoint {tmp}/c.pth: file not found",
+    ),
 }
 
 
@@ -364,8 +475,16 @@ def test_bad_paths_are_one_error_line_in_every_entry_point(case, tmp_path, prepa
 
 # ---------------------------------------------------------------- one convention across entry points
 
-SHARED_FLAGS = ("--device", "--precision", "--attention", "--model", "--input_size", "--depth", "--label_encoding",
-                "--force")
+SHARED_FLAGS = (
+    "--device",
+    "--precision",
+    "--attention",
+    "--model",
+    "--input_size",
+    "--depth",
+    "--label_encoding",
+    "--force",
+)
 PROMPT_FLAGS = ("--num_prompts", "--ensemble", "--scale")
 
 
@@ -373,8 +492,12 @@ def entry_point_parsers():
     import main_eval
     import main_pretrain
     import predict
-    return {"train": main_pretrain.get_args_parser(), "eval": main_eval.get_args_parser(),
-            "predict": predict.get_args_parser()}
+
+    return {
+        "train": main_pretrain.get_args_parser(),
+        "eval": main_eval.get_args_parser(),
+        "predict": predict.get_args_parser(),
+    }
 
 
 def flag_spec(parser, flag):
@@ -403,6 +526,7 @@ def test_a_bad_flag_value_is_one_error_line_in_every_entry_point(entry, capsys):
 
 def test_fp16_on_the_cpu_is_refused_by_name():
     from util.runtime import resolve_precision
+
     with pytest.raises(UsageError, match="--precision fp16 needs a CUDA device"):
         resolve_precision("fp16", "cpu")
     assert resolve_precision("auto", "cpu") == "fp32"

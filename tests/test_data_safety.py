@@ -1,5 +1,6 @@
 """Data safety: what prepare may delete and where it may write, the names and splits a manifest may hold,
 damaged slices, a full or read-only disk, and NaN voxels. Each bad input gets one line that names it."""
+
 import errno
 import json
 import os
@@ -13,8 +14,7 @@ from datasets import prepare
 from datasets.canvas import InContextDataset, Mixture, MixtureEntry
 from datasets.manifest import PreparedDataset, read_png
 from datasets.verify import verify_root
-from tests.test_canvas import CANVAS, policy
-from tests.test_prepare import labelled_volume, save_nifti, write_msd
+from tests.helpers import CANVAS, labelled_volume, policy, save_nifti, write_msd
 from util.cli import UsageError
 
 CASES = ("c0", "c1", "c2")
@@ -22,15 +22,31 @@ CASES = ("c0", "c1", "c2")
 
 # ---------------------------------------------------------------- helpers
 
+
 def write_source(root):
     """Three segmentation cases c0, c1, c2 in the nnU-Net layout."""
-    write_msd(root, {case_id: labelled_volume(ids_on_slices={1: 1, 2: 1}, seed=seed)
-                     for seed, case_id in enumerate(CASES)})
+    write_msd(
+        root, {case_id: labelled_volume(ids_on_slices={1: 1, 2: 1}, seed=seed) for seed, case_id in enumerate(CASES)}
+    )
 
 
 def run_prepare(source, out, dataset, *extra):
-    return prepare.main(["msd", "--root", str(source), "--out", str(out), "--dataset", str(dataset),
-                         "--modality", "CT", "--size", "8", *map(str, extra)])
+    return prepare.main(
+        [
+            "msd",
+            "--root",
+            str(source),
+            "--out",
+            str(out),
+            "--dataset",
+            str(dataset),
+            "--modality",
+            "CT",
+            "--size",
+            "8",
+            *map(str, extra),
+        ]
+    )
 
 
 def error_lines(capsys):
@@ -76,6 +92,7 @@ def edit_manifest(dataset_dir, edit):
 
 # ---------------------------------------------------------------- 1. --dataset and --overwrite
 
+
 @pytest.mark.parametrize("name", ["..", "", "../../x", "sub/DS", ".hidden", "ABSOLUTE"])
 def test_a_dataset_name_that_is_not_a_plain_folder_name_is_refused(tmp_path, capsys, name):
     write_source(tmp_path / "src")
@@ -116,11 +133,13 @@ def test_a_folder_that_is_not_a_preparation_of_the_dataset_is_left_alone(tmp_pat
 
 # ---------------------------------------------------------------- 2. names in a manifest, case ids from sources
 
+
 def rename_case(old, new):
     def edit(manifest):
         manifest["cases"][new] = manifest["cases"].pop(old)
         for case_ids in manifest["splits"].values():
             case_ids[:] = [new if case_id == old else case_id for case_id in case_ids]
+
     return edit
 
 
@@ -129,6 +148,7 @@ def rename_folder(old, new):
         manifest["folders"][new] = manifest["folders"].pop(old)
         for key in ("input_folder", "target_folder"):
             manifest[key] = new if manifest[key] == old else manifest[key]
+
     return edit
 
 
@@ -136,18 +156,31 @@ def set_key(key, value):
     return lambda manifest: manifest.update({key: value})
 
 
-@pytest.mark.parametrize("edit, name", [
-    (rename_case("c0", "../../../../tmp/x"), "../../../../tmp/x"),
-    (rename_case("c0", ".."), ".."),
-    (rename_case("c0", "/tmp/x"), "/tmp/x"),
-    (rename_case("c0", ""), ""),
-    (rename_folder("image", "../image"), "../image"),
-    (rename_folder("label", "/tmp"), "/tmp"),
-    (set_key("input_folder", "../../x"), "../../x"),
-    (set_key("target_folder", ".."), ".."),
-    (set_key("dataset", "../x"), "../x"),
-], ids=["case ../../../../tmp/x", "case ..", "case /tmp/x", "case ''", "folders ../image", "folders /tmp",
-        "input_folder ../../x", "target_folder ..", "dataset ../x"])
+@pytest.mark.parametrize(
+    "edit, name",
+    [
+        (rename_case("c0", "../../../../tmp/x"), "../../../../tmp/x"),
+        (rename_case("c0", ".."), ".."),
+        (rename_case("c0", "/tmp/x"), "/tmp/x"),
+        (rename_case("c0", ""), ""),
+        (rename_folder("image", "../image"), "../image"),
+        (rename_folder("label", "/tmp"), "/tmp"),
+        (set_key("input_folder", "../../x"), "../../x"),
+        (set_key("target_folder", ".."), ".."),
+        (set_key("dataset", "../x"), "../x"),
+    ],
+    ids=[
+        "case ../../../../tmp/x",
+        "case ..",
+        "case /tmp/x",
+        "case ''",
+        "folders ../image",
+        "folders /tmp",
+        "input_folder ../../x",
+        "target_folder ..",
+        "dataset ../x",
+    ],
+)
 def test_manifest_names_that_could_lead_outside_the_dataset_are_refused(dataset_copy, edit, name):
     edit_manifest(dataset_copy, edit)
     with pytest.raises(UsageError) as refused:
@@ -162,9 +195,30 @@ def test_case_ids_with_spaces_and_brackets_are_kept(tmp_path):
     image, label = labelled_volume(ids_on_slices={1: 1})
     save_nifti(tmp_path / "src" / "img" / "imgbenign (1).nii.gz", image)
     save_nifti(tmp_path / "src" / "label" / "labelbenign (1).nii.gz", label)
-    assert prepare.main(["glob", "--root", str(tmp_path / "src"), "--images", "img/img*.nii.gz", "--labels",
-                         "label/label*.nii.gz", "--modality", "CT", "--out", str(tmp_path / "out"),
-                         "--dataset", "DS", "--size", "8", "--test_fraction", "0"]) == 0
+    assert (
+        prepare.main(
+            [
+                "glob",
+                "--root",
+                str(tmp_path / "src"),
+                "--images",
+                "img/img*.nii.gz",
+                "--labels",
+                "label/label*.nii.gz",
+                "--modality",
+                "CT",
+                "--out",
+                str(tmp_path / "out"),
+                "--dataset",
+                "DS",
+                "--size",
+                "8",
+                "--test_fraction",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert PreparedDataset(str(tmp_path / "out" / "DS")).case_ids() == ["benign (1)"]
 
 
@@ -173,9 +227,25 @@ def test_prepare_refuses_case_ids_that_are_not_plain_names(tmp_path, capsys, ste
     image, label = labelled_volume(ids_on_slices={1: 1})
     save_nifti(tmp_path / "src" / "img" / f"img{stem}.nii.gz", image)
     save_nifti(tmp_path / "src" / "label" / f"label{stem}.nii.gz", label)
-    status = prepare.main(["glob", "--root", str(tmp_path / "src"), "--images", "img/img*.nii.gz",
-                           "--labels", "label/label*.nii.gz", "--modality", "CT", "--size", "8",
-                           "--out", str(tmp_path / "out"), "--dataset", "G"])
+    status = prepare.main(
+        [
+            "glob",
+            "--root",
+            str(tmp_path / "src"),
+            "--images",
+            "img/img*.nii.gz",
+            "--labels",
+            "label/label*.nii.gz",
+            "--modality",
+            "CT",
+            "--size",
+            "8",
+            "--out",
+            str(tmp_path / "out"),
+            "--dataset",
+            "G",
+        ]
+    )
     errors = error_lines(capsys)
     assert status == 2 and len(errors) == 1
     assert errors[0].startswith(f"error: case id {json.dumps(stem)} from ") and "not a plain name" in errors[0]
@@ -183,6 +253,7 @@ def test_prepare_refuses_case_ids_that_are_not_plain_names(tmp_path, capsys, ste
 
 
 # ---------------------------------------------------------------- 3. splits
+
 
 def mark_every_case(split):
     return lambda manifest: manifest.update(splits={split: sorted(manifest["cases"])})
@@ -193,6 +264,7 @@ def drop_from_splits(case_id):
         for case_ids in manifest["splits"].values():
             if case_id in case_ids:
                 case_ids.remove(case_id)
+
     return edit
 
 
@@ -200,13 +272,21 @@ def list_also_under(case_id, split):
     return lambda manifest: manifest["splits"].setdefault(split, []).append(case_id)
 
 
-@pytest.mark.parametrize("edit, named", [
-    (mark_every_case("test"), '"c0"'),
-    (drop_from_splits("c1"), '"c1"'),
-    (list_also_under("c2", "train"), '"c2"'),
-    (list_also_under("c9", "test"), '"c9"'),
-], ids=["every case test in splits", "a case missing from splits", "a case under two splits",
-        "splits lists an unknown case"])
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (mark_every_case("test"), '"c0"'),
+        (drop_from_splits("c1"), '"c1"'),
+        (list_also_under("c2", "train"), '"c2"'),
+        (list_also_under("c9", "test"), '"c9"'),
+    ],
+    ids=[
+        "every case test in splits",
+        "a case missing from splits",
+        "a case under two splits",
+        "splits lists an unknown case",
+    ],
+)
 def test_splits_that_disagree_with_the_cases_are_refused_and_reported(dataset_copy, edit, named):
     edit_manifest(dataset_copy, edit)
     with pytest.raises(UsageError) as refused:
@@ -229,9 +309,10 @@ def test_training_on_a_dataset_whose_cases_are_all_test_names_it(tmp_path):
 
 # ---------------------------------------------------------------- 4. damaged slices
 
+
 def damaged(picture_bytes, damage):
     if damage == "truncated":
-        return picture_bytes[:len(picture_bytes) // 2]
+        return picture_bytes[: len(picture_bytes) // 2]
     if damage == "empty":
         return b""
     if damage == "not a PNG":
@@ -254,8 +335,8 @@ def test_a_damaged_slice_names_the_file_and_the_check_to_run(tmp_path, damage):
 
 # ---------------------------------------------------------------- 5. full disk, read-only output
 
-@pytest.mark.parametrize("written", ["prepare_settings.json", ".png", os.path.join("meta", "c0.json"),
-                                     "manifest.json"])
+
+@pytest.mark.parametrize("written", ["prepare_settings.json", ".png", os.path.join("meta", "c0.json"), "manifest.json"])
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch, written):
     write_source(tmp_path / "src")
     real_replace = os.replace
@@ -288,6 +369,7 @@ def test_a_read_only_output_folder_is_one_line_naming_it(tmp_path, capsys):
 
 # ---------------------------------------------------------------- 6. NaN and infinite voxels
 
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_voxels_are_reported_once_per_case(tmp_path, capsys, value):
     write_source(tmp_path / "src")
@@ -297,5 +379,7 @@ def test_non_finite_voxels_are_reported_once_per_case(tmp_path, capsys, value):
     save_nifti(image_path, image)
     assert run_prepare(tmp_path / "src", tmp_path / "out", "DS") == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
-    assert warnings == [f"warning: case 'c1': NaN or infinite voxels (6 in {image_path}), set to the volume's "
-                        f"smallest finite value before normalising"]
+    assert warnings == [
+        f"warning: case 'c1': NaN or infinite voxels (6 in {image_path}), set to the volume's "
+        f"smallest finite value before normalising"
+    ]

@@ -1,4 +1,5 @@
 """util/files.py: outputs replace their file whole or not at all, and never land outside their folder."""
+
 import errno
 import os
 
@@ -18,8 +19,9 @@ def test_path_below_refuses_a_link_out_and_accepts_plain_names(tmp_path):
     os.symlink("/tmp", tmp_path / "escape")
     with pytest.raises(UsageError, match="leads outside"):
         path_below(str(tmp_path), "escape", "x.png")
-    assert path_below(str(tmp_path), "predictions", "case (1)", "0001.png") == \
-        os.path.join(str(tmp_path), "predictions", "case (1)", "0001.png")
+    assert path_below(str(tmp_path), "predictions", "case (1)", "0001.png") == os.path.join(
+        str(tmp_path), "predictions", "case (1)", "0001.png"
+    )
 
 
 def test_a_failed_write_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -28,10 +30,13 @@ def test_a_failed_write_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path,
 
     def full_disk(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(UsageError, match="results.json: cannot write \\(the disk is full\\)"):
-        with atomic_output(str(target), "w") as handle:
-            handle.write("new")
+    with (
+        pytest.raises(UsageError, match=r"results\.json: cannot write \(the disk is full\)"),
+        atomic_output(str(target), "w") as handle,
+    ):
+        handle.write("new")
     assert target.read_text() == "earlier" and os.listdir(tmp_path) == ["results.json"]
     monkeypatch.undo()
     with atomic_output(str(target), "w") as handle:

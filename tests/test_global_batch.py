@@ -2,6 +2,7 @@
 one process with the batch of 4, one process accumulating 2 micro-batches of 2, and 2 DDP processes
 (gloo) take the same optimizer steps through the engine's own loop. Samples without weight change
 nothing, and a global batch without any weight skips its step."""
+
 import math
 
 import torch
@@ -51,18 +52,24 @@ def denoising_sample(generator):
 def global_batch(step: int) -> dict:
     """2 segmentation samples, then 2 denoising ones: halves of very different weight and loss."""
     generator = torch.Generator().manual_seed(step)
-    samples = [make(generator) for make in (segmentation_sample, segmentation_sample,
-                                            denoising_sample, denoising_sample)]
+    samples = [
+        make(generator) for make in (segmentation_sample, segmentation_sample, denoising_sample, denoising_sample)
+    ]
     tgts, valid, mask, task, dataset = zip(*samples)
-    return {"imgs": torch.randn(GLOBAL_BATCH, 3, *INPUT_SIZE, generator=generator),
-            "tgts": torch.stack(tgts), "mask": torch.stack(mask), "valid": torch.stack(valid),
-            "task": torch.tensor(task), "dataset": torch.tensor(dataset)}
+    return {
+        "imgs": torch.randn(GLOBAL_BATCH, 3, *INPUT_SIZE, generator=generator),
+        "tgts": torch.stack(tgts),
+        "mask": torch.stack(mask),
+        "valid": torch.stack(valid),
+        "task": torch.tensor(task),
+        "dataset": torch.tensor(dataset),
+    }
 
 
 def split(batch: dict, parts: int) -> list:
     """The batch cut into `parts` consecutive pieces of equal size."""
     size = len(batch["imgs"]) // parts
-    return [{key: value[i * size:(i + 1) * size] for key, value in batch.items()} for i in range(parts)]
+    return [{key: value[i * size : (i + 1) * size] for key, value in batch.items()} for i in range(parts)]
 
 
 def without_weight(batch: dict) -> dict:
@@ -85,10 +92,19 @@ def train(steps, world_size=1, **model_kwargs):
     progress = Progress()
     losses = []
     for micro_batches in steps:
-        args = main_pretrain.parse_args(["--device", "cpu", "--batch_size", str(len(micro_batches[0]["imgs"])),
-                                         "--accum_iter", str(len(micro_batches))])
-        stats = train_one_epoch(wrapped, micro_batches, optimizer, scaler, progress, args, lambda step: LR,
-                                DATASET_NAMES)
+        args = main_pretrain.parse_args(
+            [
+                "--device",
+                "cpu",
+                "--batch_size",
+                str(len(micro_batches[0]["imgs"])),
+                "--accum_iter",
+                str(len(micro_batches)),
+            ]
+        )
+        stats = train_one_epoch(
+            wrapped, micro_batches, optimizer, scaler, progress, args, lambda step: LR, DATASET_NAMES
+        )
         losses.append(stats["loss"])
     return losses, {k: v.clone() for k, v in model.state_dict().items()}, progress
 
@@ -99,9 +115,10 @@ def ddp_worker(rank, store, results):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     set_rank(rank)  # as util.misc.init_distributed does: rank 1's progress lines would repeat rank 0's
     try:
-        runs = {accum: train([split(split(global_batch(step), 2)[rank], accum) for step in range(STEPS)],
-                             world_size=2)[:2]
-                for accum in (1, 2)}
+        runs = {
+            accum: train([split(split(global_batch(step), 2)[rank], accum) for step in range(STEPS)], world_size=2)[:2]
+            for accum in (1, 2)
+        }
     finally:
         dist.destroy_process_group()
     if rank == 0:
@@ -110,7 +127,7 @@ def ddp_worker(rank, store, results):
 
 def assert_same_weights(a, b, atol):
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_one_process_accumulation_and_two_processes_take_the_same_steps(tmp_path):
@@ -134,8 +151,13 @@ def test_one_process_accumulation_and_two_processes_take_the_same_steps(tmp_path
     # above that and far below what normalising each micro-batch by its own weight gives here:
     # losses 35-39% apart at every step, weights 1.5e-2 apart (they moved by 3e-2).
     for name, (losses, weights) in runs.items():
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=0, rtol=1e-5,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(losses),
+            torch.tensor(reference_losses),
+            atol=0,
+            rtol=1e-5,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
         assert_same_weights(weights, reference, atol=1e-5)
 
 
@@ -152,8 +174,9 @@ def test_samples_without_weight_change_nothing_and_a_batch_without_weight_skips_
     # A global batch without weight has nothing to learn from: no update (SGD's momentum would
     # move the weights even with a zero gradient), no loss logged, a skipped step with a warning.
     _, after_one, _ = train([[segmentation, denoising]])
-    losses, after_two, progress = train([[segmentation, denoising],
-                                         [without_weight(segmentation), without_weight(denoising)]])
+    losses, after_two, progress = train(
+        [[segmentation, denoising], [without_weight(segmentation), without_weight(denoising)]]
+    )
     assert (progress.global_step, progress.skipped_steps) == (2, 1)
     assert math.isnan(losses[1])
     assert_same_weights(after_two, after_one, atol=0)

@@ -60,15 +60,17 @@ def test_every_block_follows_the_placement_rule(config):
             assert block.width == round(math.sqrt(block.area / block.aspect))
             # Rounding is monotone, so the realised aspect stays within the rounded bounds.
             lowest = round(math.sqrt(block.area * generator.min_aspect)) / round(
-                math.sqrt(block.area / generator.min_aspect))
+                math.sqrt(block.area / generator.min_aspect)
+            )
             highest = round(math.sqrt(block.area * generator.max_aspect)) / round(
-                math.sqrt(block.area / generator.max_aspect))
+                math.sqrt(block.area / generator.max_aspect)
+            )
             assert lowest <= block.height / block.width <= highest
             # Inside the grid and strictly smaller than it in both directions.
             assert 1 <= block.height < height and 1 <= block.width < width
             assert 0 <= block.top <= height - block.height
             assert 0 <= block.left <= width - block.width
-            replay[block.top:block.top + block.height, block.left:block.left + block.width] = True
+            replay[block.top : block.top + block.height, block.left : block.left + block.width] = True
             new_cells = int(replay.sum()) - count
             assert new_cells == block.added
             assert 1 <= new_cells <= budget
@@ -99,8 +101,7 @@ def test_recipe_masks_come_mostly_from_blocks():
 @pytest.mark.parametrize("target", [0, 1, 20, 49])
 def test_adjust_count_flips_only_cells_of_the_excess_state(start, target):
     rng = np.random.default_rng(11)
-    before = {"empty": np.zeros((7, 7), bool), "full": np.ones((7, 7), bool),
-              "random": rng.random((7, 7)) < 0.5}[start]
+    before = {"empty": np.zeros((7, 7), bool), "full": np.ones((7, 7), bool), "random": rng.random((7, 7)) < 0.5}[start]
     mask = before.copy()
     _adjust_count(mask, target, rng)
     assert int(mask.sum()) == target
@@ -116,16 +117,17 @@ def test_adjust_count_writes_through_a_non_contiguous_mask():
     assert int(base.sum()) == 12
 
 
-@pytest.mark.parametrize("input_size, n, min_patches, max_patches, draws",
-                         [((56, 28), 256, 16, 128, 3000), ((14, 7), 10, 4, None, 1500)])
+@pytest.mark.parametrize(
+    "input_size, n, min_patches, max_patches, draws", [((56, 28), 256, 16, 128, 3000), ((14, 7), 10, 4, None, 1500)]
+)
 def test_mim_masks_reach_every_cell_and_both_halves(input_size, n, min_patches, max_patches, draws):
     generator = make_generator(input_size, n, min_patches, max_patches)
     rng = np.random.default_rng(13)
     hits = sum(generator(rng).astype(int) for _ in range(draws))
     # A corner needs a block at the very corner: about 0.5% of recipe masks, hence the many draws.
     assert np.all(hits > 0)
-    height, width = input_size
-    assert 0.45 < hits[:height // 2].sum() / hits.sum() < 0.55
+    height, _width = input_size
+    assert 0.45 < hits[: height // 2].sum() / hits.sum() < 0.55
     # Blocks cover the border less than the middle, but the rule is mirror-symmetric: an off-by-one
     # in the placement range would starve the last row or column only.
     rows, cols = hits.sum(axis=1), hits.sum(axis=0)
@@ -140,8 +142,8 @@ def test_ar_mask_is_exactly_the_bottom_half(input_size):
     height, width = input_size
     assert mask.shape == input_size and mask.dtype == np.bool_
     assert int(mask.sum()) == height * width // 2
-    assert not mask[:height // 2].any()
-    assert mask[height // 2:].all()
+    assert not mask[: height // 2].any()
+    assert mask[height // 2 :].all()
 
 
 @pytest.mark.parametrize("input_size", [(55, 28), (1, 4), (0, 4), (4, -1), (4,), (4.0, 2)])
@@ -153,9 +155,8 @@ def test_ar_mask_rejects_bad_sizes(input_size):
 def test_same_seed_epoch_index_gives_the_same_masks():
     generator = MaskingGenerator(**RECIPE)
     policy = MaskPolicy(half_mask_ratio=0.5)
-    for seed, epoch, index in [(0, 0, 0), (1, 3, 17), (2 ** 40, 99, 123456)]:
-        assert np.array_equal(generator(sample_rng(seed, epoch, index)),
-                              generator(sample_rng(seed, epoch, index)))
+    for seed, epoch, index in [(0, 0, 0), (1, 3, 17), (2**40, 99, 123456)]:
+        assert np.array_equal(generator(sample_rng(seed, epoch, index)), generator(sample_rng(seed, epoch, index)))
         for task in TASK_NAMES:
             mask_a, ar_a = policy(task, sample_rng(seed, epoch, index))
             mask_b, ar_b = policy(task, sample_rng(np.int64(seed), np.int32(epoch), np.uint64(index)))
@@ -186,13 +187,12 @@ def test_different_index_or_epoch_gives_different_masks():
 
 def test_sample_rng_keeps_tuples_with_large_values_apart():
     # Tuples that would share their 32-bit words if large values were split naively.
-    pairs = [((2 ** 32, 0, 0), (0, 1, 0)), ((0, 2 ** 32, 0), (0, 0, 1)), ((0, 0, 2 ** 32), (0, 0, 0))]
+    pairs = [((2**32, 0, 0), (0, 1, 0)), ((0, 2**32, 0), (0, 0, 1)), ((0, 0, 2**32), (0, 0, 0))]
     for first, second in pairs:
-        assert sample_rng(*first).integers(2 ** 62) != sample_rng(*second).integers(2 ** 62)
+        assert sample_rng(*first).integers(2**62) != sample_rng(*second).integers(2**62)
 
 
-@pytest.mark.parametrize("args, name", [((-1, 0, 0), "seed"), ((0, -1, 0), "epoch"),
-                                        ((0, 0, 2 ** 64), "index")])
+@pytest.mark.parametrize("args, name", [((-1, 0, 0), "seed"), ((0, -1, 0), "epoch"), ((0, 0, 2**64), "index")])
 def test_sample_rng_rejects_out_of_range_values(args, name):
     with pytest.raises(ValueError, match=name):
         sample_rng(*args)
@@ -264,36 +264,41 @@ def test_policy_rejects_unknown_task():
         MaskPolicy()("segmantation", sample_rng(0, 0, 0))
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(input_size=(0, 28), num_masking_patches=10), "input_size"),
-    (dict(input_size=(56,), num_masking_patches=10), "input_size"),
-    (dict(input_size=(56, 28), num_masking_patches=0), "num_masking_patches"),
-    (dict(input_size=(56, 28), num_masking_patches=1569), "num_masking_patches"),
-    (dict(input_size=(56, 28), num_masking_patches=256, min_num_patches=0), "min_num_patches"),
-    (dict(input_size=(56, 28), num_masking_patches=256, min_num_patches=64, max_num_patches=32),
-     "max_num_patches"),
-    (dict(input_size=(56, 28), num_masking_patches=10), "max_num_patches"),  # default max 10 < min 16
-    (dict(input_size=(56, 28), num_masking_patches=256, min_aspect=0.0), "min_aspect"),
-    (dict(input_size=(56, 28), num_masking_patches=256, min_aspect=0.5, max_aspect=0.4), "max_aspect"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(input_size=(0, 28), num_masking_patches=10), "input_size"),
+        (dict(input_size=(56,), num_masking_patches=10), "input_size"),
+        (dict(input_size=(56, 28), num_masking_patches=0), "num_masking_patches"),
+        (dict(input_size=(56, 28), num_masking_patches=1569), "num_masking_patches"),
+        (dict(input_size=(56, 28), num_masking_patches=256, min_num_patches=0), "min_num_patches"),
+        (dict(input_size=(56, 28), num_masking_patches=256, min_num_patches=64, max_num_patches=32), "max_num_patches"),
+        (dict(input_size=(56, 28), num_masking_patches=10), "max_num_patches"),  # default max 10 < min 16
+        (dict(input_size=(56, 28), num_masking_patches=256, min_aspect=0.0), "min_aspect"),
+        (dict(input_size=(56, 28), num_masking_patches=256, min_aspect=0.5, max_aspect=0.4), "max_aspect"),
+    ],
+)
 def test_generator_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         MaskingGenerator(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(input_size=(55, 28)), "input_size"),
-    (dict(input_size=(56, 0)), "input_size"),
-    (dict(num_mask_patches=0), "num_mask_patches"),
-    (dict(num_mask_patches=2000), "num_mask_patches"),
-    (dict(min_mask_patches_per_block=0), "min_mask_patches_per_block"),
-    (dict(min_mask_patches_per_block=64, max_mask_patches_per_block=32), "max_mask_patches_per_block"),
-    (dict(half_mask_ratio=-0.1), "half_mask_ratio"),
-    (dict(half_mask_ratio=1.5), "half_mask_ratio"),
-    (dict(half_mask_ratio=float("nan")), "half_mask_ratio"),
-    (dict(always_ar_tasks="segmentation"), "always_ar_tasks"),
-    (dict(always_ar_tasks=("segmentation", "detection")), "always_ar_tasks"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(input_size=(55, 28)), "input_size"),
+        (dict(input_size=(56, 0)), "input_size"),
+        (dict(num_mask_patches=0), "num_mask_patches"),
+        (dict(num_mask_patches=2000), "num_mask_patches"),
+        (dict(min_mask_patches_per_block=0), "min_mask_patches_per_block"),
+        (dict(min_mask_patches_per_block=64, max_mask_patches_per_block=32), "max_mask_patches_per_block"),
+        (dict(half_mask_ratio=-0.1), "half_mask_ratio"),
+        (dict(half_mask_ratio=1.5), "half_mask_ratio"),
+        (dict(half_mask_ratio=float("nan")), "half_mask_ratio"),
+        (dict(always_ar_tasks="segmentation"), "always_ar_tasks"),
+        (dict(always_ar_tasks=("segmentation", "detection")), "always_ar_tasks"),
+    ],
+)
 def test_policy_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         MaskPolicy(**kwargs)

@@ -1,4 +1,5 @@
 """metrics.segmentation_case_scores against MONAI called directly on the case's full volume (or 2D image)."""
+
 import math
 
 import numpy as np
@@ -19,14 +20,20 @@ def monai_one_hot(labels: np.ndarray, class_ids) -> torch.Tensor:
 
 
 def monai_dice(pred: np.ndarray, truth: np.ndarray, class_ids) -> dict:
-    scores = compute_dice(monai_one_hot(pred, class_ids), monai_one_hot(truth, class_ids),
-                          include_background=True, ignore_empty=False)[0]
+    scores = compute_dice(
+        monai_one_hot(pred, class_ids), monai_one_hot(truth, class_ids), include_background=True, ignore_empty=False
+    )[0]
     return {c: float(scores[c]) for c in class_ids}
 
 
 def monai_hd95(pred: np.ndarray, truth: np.ndarray, class_ids, spacing) -> dict:
-    distances = compute_hausdorff_distance(monai_one_hot(pred, class_ids), monai_one_hot(truth, class_ids),
-                                           include_background=True, percentile=95, spacing=list(spacing))[0]
+    distances = compute_hausdorff_distance(
+        monai_one_hot(pred, class_ids),
+        monai_one_hot(truth, class_ids),
+        include_background=True,
+        percentile=95,
+        spacing=list(spacing),
+    )[0]
     return {c: float(distances[c]) for c in class_ids}
 
 
@@ -40,13 +47,13 @@ def full_volume(slices: dict, num_slices: int) -> np.ndarray:
 
 def disk(radius: float, label: int = 1, centre=(SIZE // 2, SIZE // 2)) -> np.ndarray:
     rows, cols = np.mgrid[:SIZE, :SIZE]
-    inside = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius ** 2
+    inside = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
     return (inside * label).astype(np.uint8)
 
 
 def box(top: int, left: int, height: int, width: int, label: int = 1) -> np.ndarray:
     class_map = np.zeros((SIZE, SIZE), np.uint8)
-    class_map[top:top + height, left:left + width] = label
+    class_map[top : top + height, left : left + width] = label
     return class_map
 
 
@@ -55,19 +62,20 @@ def assert_scores_match_monai(scores: dict, pred: np.ndarray, truth: np.ndarray,
     expected_dice = monai_dice(pred, truth, class_ids)
     expected_hd95 = monai_hd95(pred, truth, class_ids, spacing)
     for c in class_ids:
-        assert scores['dice'][c] == pytest.approx(expected_dice[c], abs=1e-6)
-        assert scores['hd95'][c] == pytest.approx(expected_hd95[c], abs=1e-5)
-    assert scores['mean_dice'] == pytest.approx(np.mean(list(expected_dice.values())), abs=1e-6)
+        assert scores["dice"][c] == pytest.approx(expected_dice[c], abs=1e-6)
+        assert scores["hd95"][c] == pytest.approx(expected_hd95[c], abs=1e-5)
+    assert scores["mean_dice"] == pytest.approx(np.mean(list(expected_dice.values())), abs=1e-6)
 
 
 def test_one_slice_case_is_scored_in_2d():
     pred, truth = disk(17), disk(20)
-    scores = metrics.segmentation_case_scores({0: pred}, {0: truth}, num_slices=1, class_ids=[1],
-                                              spacing=(1.0, 1.0, 1.0))
+    scores = metrics.segmentation_case_scores(
+        {0: pred}, {0: truth}, num_slices=1, class_ids=[1], spacing=(1.0, 1.0, 1.0)
+    )
     assert_scores_match_monai(scores, pred, truth, [1], spacing=(1.0, 1.0))
     # The old scoring, a one-slice 3D stack, counts each whole disk as surface and comes out shorter.
     stacked_3d = monai_hd95(pred[None], truth[None], [1], spacing=(1.0, 1.0, 1.0))[1]
-    assert scores['hd95'][1] - stacked_3d > 0.5
+    assert scores["hd95"][1] - stacked_3d > 0.5
 
 
 def test_one_slice_case_uses_row_and_col_spacing_in_order():
@@ -78,7 +86,7 @@ def test_one_slice_case_uses_row_and_col_spacing_in_order():
     scores = metrics.segmentation_case_scores({0: pred}, {0: truth}, num_slices=1, class_ids=[1], spacing=spacing)
     assert_scores_match_monai(scores, pred, truth, [1], spacing=(0.7, 1.3))
     swapped = monai_hd95(pred, truth, [1], spacing=(1.3, 0.7))[1]
-    assert scores['hd95'][1] != pytest.approx(swapped, abs=1e-3)
+    assert scores["hd95"][1] != pytest.approx(swapped, abs=1e-3)
 
 
 def test_gapped_case_matches_monai_on_the_full_volume():
@@ -94,9 +102,10 @@ def test_gapped_case_matches_monai_on_the_full_volume():
     pred_volume, truth_volume = full_volume(predictions, num_slices), full_volume(truths, num_slices)
     assert_scores_match_monai(scores, pred_volume, truth_volume, class_ids, spacing)
     # The old scoring stacked the kept slices as if adjacent, so the gap vanished.
-    stacked = monai_hd95(np.stack([predictions[i] for i in kept]), np.stack([truths[i] for i in kept]),
-                         class_ids, spacing)
-    assert scores['hd95'][2] - stacked[2] > 5.0
+    stacked = monai_hd95(
+        np.stack([predictions[i] for i in kept]), np.stack([truths[i] for i in kept]), class_ids, spacing
+    )
+    assert scores["hd95"][2] - stacked[2] > 5.0
 
 
 def test_building_only_the_span_equals_the_full_volume():
@@ -106,8 +115,8 @@ def test_building_only_the_span_equals_the_full_volume():
     predictions = {5: box(0, 0, 12, 10), 9: box(54, 54, 10, 10, label=2) + box(0, 0, 6, 6)}
     scores = metrics.segmentation_case_scores(predictions, truths, num_slices, class_ids, spacing)
     pred_volume, truth_volume = full_volume(predictions, num_slices), full_volume(truths, num_slices)
-    assert scores['dice'] == pytest.approx(metrics.dice_per_class(pred_volume, truth_volume, class_ids))
-    assert scores['hd95'] == pytest.approx(metrics.hd95_per_class(pred_volume, truth_volume, class_ids, spacing))
+    assert scores["dice"] == pytest.approx(metrics.dice_per_class(pred_volume, truth_volume, class_ids))
+    assert scores["hd95"] == pytest.approx(metrics.hd95_per_class(pred_volume, truth_volume, class_ids, spacing))
     assert_scores_match_monai(scores, pred_volume, truth_volume, class_ids, spacing)
 
 
@@ -116,21 +125,22 @@ def test_slice_missing_from_predictions_counts_as_not_predicted():
     truths = {3: disk(10), 4: disk(12)}
     predictions = {3: disk(11)}
     scores = metrics.segmentation_case_scores(predictions, truths, num_slices, [1], spacing)
-    assert_scores_match_monai(scores, full_volume(predictions, num_slices), full_volume(truths, num_slices),
-                              [1], spacing)
+    assert_scores_match_monai(
+        scores, full_volume(predictions, num_slices), full_volume(truths, num_slices), [1], spacing
+    )
 
 
 def test_class_absent_from_both_is_not_scored():
     truths, predictions = {2: disk(10), 3: disk(10)}, {2: disk(9), 3: disk(11)}
     scores = metrics.segmentation_case_scores(predictions, truths, 6, [1, 3], spacing=(2.0, 1.0, 1.0))
-    assert math.isnan(scores['dice'][3]) and math.isnan(scores['hd95'][3])
+    assert math.isnan(scores["dice"][3]) and math.isnan(scores["hd95"][3])
     pred_volume, truth_volume = full_volume(predictions, 6), full_volume(truths, 6)
-    assert scores['dice'][1] == pytest.approx(monai_dice(pred_volume, truth_volume, [1])[1], abs=1e-6)
-    assert scores['hd95'][1] == pytest.approx(monai_hd95(pred_volume, truth_volume, [1], (2.0, 1.0, 1.0))[1], abs=1e-5)
-    assert scores['mean_dice'] == pytest.approx(scores['dice'][1])  # the unscored class is left out
+    assert scores["dice"][1] == pytest.approx(monai_dice(pred_volume, truth_volume, [1])[1], abs=1e-6)
+    assert scores["hd95"][1] == pytest.approx(monai_hd95(pred_volume, truth_volume, [1], (2.0, 1.0, 1.0))[1], abs=1e-5)
+    assert scores["mean_dice"] == pytest.approx(scores["dice"][1])  # the unscored class is left out
 
 
-@pytest.mark.filterwarnings('ignore:the (ground truth|prediction) of class:UserWarning')  # MONAI, on the empty side
+@pytest.mark.filterwarnings("ignore:the (ground truth|prediction) of class:UserWarning")  # MONAI, on the empty side
 def test_class_present_only_in_prediction_or_only_in_truth():
     num_slices, spacing = 6, (2.0, 1.0, 1.0)
     truths = {2: disk(10, label=1), 3: disk(6, label=3, centre=(50, 50))}
@@ -139,22 +149,25 @@ def test_class_present_only_in_prediction_or_only_in_truth():
     pred_volume, truth_volume = full_volume(predictions, num_slices), full_volume(truths, num_slices)
     expected_dice = monai_dice(pred_volume, truth_volume, [1, 2, 3])
     expected_hd95 = monai_hd95(pred_volume, truth_volume, [1, 2, 3], spacing)
-    assert scores['dice'] == pytest.approx(expected_dice)
-    assert scores['dice'][2] == 0 and scores['dice'][3] == 0
+    assert scores["dice"] == pytest.approx(expected_dice)
+    assert scores["dice"][2] == 0 and scores["dice"][3] == 0
     # MONAI gives a non-finite distance when one side is empty; the convention here is NaN.
     for c in (2, 3):
-        assert math.isnan(scores['hd95'][c]) and not math.isfinite(expected_hd95[c])
-    assert scores['hd95'][1] == pytest.approx(expected_hd95[1], abs=1e-5)
+        assert math.isnan(scores["hd95"][c]) and not math.isfinite(expected_hd95[c])
+    assert scores["hd95"][1] == pytest.approx(expected_hd95[1], abs=1e-5)
 
 
-@pytest.mark.parametrize('predictions, truths, num_slices, spacing', [
-    ({}, {}, 5, (1.0, 1.0, 1.0)),  # no slices
-    ({5: disk(3)}, {5: disk(3)}, 5, (1.0, 1.0, 1.0)),  # index past the volume
-    ({1: disk(3)}, {1: disk(3)}, 1, (1.0, 1.0, 1.0)),  # a 2D image has only slice 0
-    ({0: disk(3)}, {0: disk(3)[:32]}, 2, (1.0, 1.0, 1.0)),  # slices of different shapes
-    ({0: disk(3)[None]}, {0: disk(3)[None]}, 2, (1.0, 1.0, 1.0)),  # not 2D class maps
-    ({0: disk(3)}, {0: disk(3)}, 2, (1.0, 1.0)),  # spacing without the slice axis
-])
+@pytest.mark.parametrize(
+    "predictions, truths, num_slices, spacing",
+    [
+        ({}, {}, 5, (1.0, 1.0, 1.0)),  # no slices
+        ({5: disk(3)}, {5: disk(3)}, 5, (1.0, 1.0, 1.0)),  # index past the volume
+        ({1: disk(3)}, {1: disk(3)}, 1, (1.0, 1.0, 1.0)),  # a 2D image has only slice 0
+        ({0: disk(3)}, {0: disk(3)[:32]}, 2, (1.0, 1.0, 1.0)),  # slices of different shapes
+        ({0: disk(3)[None]}, {0: disk(3)[None]}, 2, (1.0, 1.0, 1.0)),  # not 2D class maps
+        ({0: disk(3)}, {0: disk(3)}, 2, (1.0, 1.0)),  # spacing without the slice axis
+    ],
+)
 def test_malformed_cases_are_refused(predictions, truths, num_slices, spacing):
     with pytest.raises(ValueError):
         metrics.segmentation_case_scores(predictions, truths, num_slices, [1], spacing)

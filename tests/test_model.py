@@ -1,4 +1,5 @@
 """Model tests: shapes, gradients, checkpoint compatibility and numerical parity of the fast paths."""
+
 import json
 import math
 from pathlib import Path
@@ -8,11 +9,16 @@ import pytest
 import torch
 
 from models_mvg import (
-    AUTHORS_MIN_VISIBLE_TARGET, MODELS, MVG, create_model, default_out_indices, mvg_vit_large_patch16,
+    AUTHORS_MIN_VISIBLE_TARGET,
+    MODELS,
+    MVG,
+    create_model,
+    default_out_indices,
+    mvg_vit_large_patch16,
     mvg_vit_tiny_patch16,
 )
 
-REFERENCE = Path(__file__).parent / 'data' / 'mvg_vit_large_patch16_state_dict.json'
+REFERENCE = Path(__file__).parent / "data" / "mvg_vit_large_patch16_state_dict.json"
 CANVAS = (128, 64)  # 8x4 token grid: small enough for fast CPU tests, still two pairs stacked
 
 
@@ -41,7 +47,7 @@ def with_random_rel_pos(model: MVG, seed=0) -> MVG:
 # forward / backward
 
 
-@pytest.mark.parametrize('depth', [4, 6, 12])
+@pytest.mark.parametrize("depth", [4, 6, 12])
 def test_forward_backward_every_parameter_learns(depth):
     torch.manual_seed(depth)
     model = tiny(depth=depth)
@@ -61,7 +67,7 @@ def test_default_out_indices_are_quarter_ends():
     assert default_out_indices(24) == (5, 11, 17, 23)
     assert default_out_indices(12) == (2, 5, 8, 11)
     assert default_out_indices(4) == (0, 1, 2, 3)
-    with pytest.raises(ValueError, match='depth'):
+    with pytest.raises(ValueError, match="depth"):
         default_out_indices(3)
 
 
@@ -72,8 +78,8 @@ def test_every_factory_builds_and_runs_at_a_non_default_size():
         loss, pred, _ = model(imgs, tgts)
         assert pred.shape == (1, 8, 768), name
         assert torch.isfinite(loss), name
-    with pytest.raises(ValueError, match='unknown model'):
-        create_model('mvg_vit_giant_patch16')
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("mvg_vit_giant_patch16")
 
 
 def test_window_attention_setting_is_honoured():
@@ -90,12 +96,12 @@ def test_window_attention_setting_is_honoured():
 
 def test_large_model_matches_reference_keys_shapes_and_count():
     reference = json.loads(REFERENCE.read_text())
-    with torch.device('meta'):
+    with torch.device("meta"):
         model = mvg_vit_large_patch16()
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    assert list(shapes) == list(reference['state_dict'])
-    assert shapes == reference['state_dict']
-    assert sum(p.numel() for p in model.parameters()) == reference['num_params'] == 370_721_155
+    assert list(shapes) == list(reference["state_dict"])
+    assert shapes == reference["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == reference["num_params"] == 370_721_155
     assert model.out_indices == (5, 11, 17, 23) and model.merge_idx == 2
     assert isinstance(model.blocks[0].drop_path1, torch.nn.Identity)  # rate 0 at the first block
     assert math.isclose(model.blocks[-1].drop_path1.drop_prob, 0.1)
@@ -103,10 +109,10 @@ def test_large_model_matches_reference_keys_shapes_and_count():
 
 def test_state_dict_loads_strictly_into_a_fresh_model(tmp_path):
     source = tiny()
-    path = tmp_path / 'checkpoint.pth'
-    torch.save({'model': source.state_dict()}, path)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": source.state_dict()}, path)
     target = tiny()
-    target.load_state_dict(torch.load(path, weights_only=True)['model'], strict=True)
+    target.load_state_dict(torch.load(path, weights_only=True)["model"], strict=True)
     imgs, tgts = random_batch()
     source.eval(), target.eval()
     torch.testing.assert_close(source.predict(imgs, tgts), target.predict(imgs, tgts))
@@ -144,7 +150,7 @@ def test_fused_and_eager_attention_agree():
     model.set_fused_attn(False)
     eager = loss_and_grads(model, imgs, tgts, mask)
     assert_same_run(fused, eager)
-    assert fused[2]['blocks.0.attn.rel_pos_h'].abs().sum() > 0
+    assert fused[2]["blocks.0.attn.rel_pos_h"].abs().sum() > 0
 
 
 def test_activation_checkpointing_matches_plain_run_with_drop_path():
@@ -173,14 +179,14 @@ def test_attention_bias_is_decomposed_relative_position_from_unscaled_query():
     heads, head_dim = attn.num_heads, attn.head_dim
     qkv = attn.qkv(x.reshape(1, gh * gw, -1)).reshape(gh * gw, 3, heads, head_dim)
     q, k, v = qkv.unbind(1)  # (L, heads, head_dim)
-    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     rows, cols = rows.flatten(), cols.flatten()
     rel_h = attn.rel_pos_h[rows[:, None] - rows[None, :] + gh - 1]  # (L, L, head_dim)
     rel_w = attn.rel_pos_w[cols[:, None] - cols[None, :] + gw - 1]
     out = torch.empty(gh * gw, heads, head_dim)
     for h in range(heads):
-        logits = (q[:, h] @ k[:, h].T) * head_dim ** -0.5
-        logits = logits + torch.einsum('ic,ijc->ij', q[:, h], rel_h) + torch.einsum('ic,ijc->ij', q[:, h], rel_w)
+        logits = (q[:, h] @ k[:, h].T) * head_dim**-0.5
+        logits = logits + torch.einsum("ic,ijc->ij", q[:, h], rel_h) + torch.einsum("ic,ijc->ij", q[:, h], rel_w)
         out[:, h] = logits.softmax(-1) @ v[:, h]
     expected = attn.proj(out.reshape(gh * gw, -1)).reshape(1, gh, gw, -1)
     for fused in (True, False):
@@ -191,9 +197,9 @@ def test_attention_bias_is_decomposed_relative_position_from_unscaled_query():
 def cubic_weight(d, a=-0.75):
     d = abs(d)
     if d <= 1:
-        return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1
+        return (a + 2) * d**3 - (a + 3) * d**2 + 1
     if d < 2:
-        return a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a
+        return a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a
     return 0.0
 
 
@@ -209,12 +215,12 @@ def bicubic_matrix(size_in, size_out):
     return matrix
 
 
-@pytest.mark.parametrize('grid', [(8, 4), (56, 28), (14, 14), (6, 10)])
+@pytest.mark.parametrize("grid", [(8, 4), (56, 28), (14, 14), (6, 10)])
 def test_position_embedding_resize_is_bicubic_without_antialias(grid):
     model = tiny()
     table = model.pos_embed[0, 1:].detach().double().numpy().reshape(14, 14, -1)
     rows, cols = bicubic_matrix(14, grid[0]), bicubic_matrix(14, grid[1])
-    expected = np.einsum('ia,jb,abc->ijc', rows, cols, table)
+    expected = np.einsum("ia,jb,abc->ijc", rows, cols, table)
     resized = model.abs_pos_embed(grid)[0].detach().double().numpy()
     np.testing.assert_allclose(resized, expected, atol=1e-5)
 
@@ -239,10 +245,10 @@ def test_masked_query_target_cannot_leak_into_the_prediction():
     model = tiny().eval()
     imgs, tgts = random_batch()
     changed = tgts.clone()
-    changed[:, :, CANVAS[0] // 2:] = torch.randn_like(changed[:, :, CANVAS[0] // 2:])
+    changed[:, :, CANVAS[0] // 2 :] = torch.randn_like(changed[:, :, CANVAS[0] // 2 :])
     torch.testing.assert_close(model.predict(imgs, tgts), model.predict(imgs, changed))
     # ...while the visible context target does steer it.
-    changed[:, :, :CANVAS[0] // 2] += 1.0
+    changed[:, :, : CANVAS[0] // 2] += 1.0
     assert not torch.allclose(model.predict(imgs, tgts), model.predict(imgs, changed))
 
 
@@ -254,13 +260,13 @@ def test_loss_counts_only_masked_pixels_with_valid_weights():
     mask = model.ar_mask(n)
     pred[:, :, : h // 2] = 5.0  # errors on the visible half do not count
     assert model.forward_loss(pred, tgts, mask).item() == 0.0
-    pred[:, :, h // 2:] = 1.0  # smooth-L1 with beta 0.01 of an error of 1 is 0.995
+    pred[:, :, h // 2 :] = 1.0  # smooth-L1 with beta 0.01 of an error of 1 is 0.995
     masked_values = n * 3 * (h // 2) * w
     expected = 0.995 * masked_values / (masked_values + 1e-2)
     assert math.isclose(model.forward_loss(pred, tgts, mask).item(), expected, rel_tol=1e-6)
     valid = torch.ones_like(pred)
     valid[0] = 0.1
-    pred[0, :, h // 2:] = 3.0  # error 3 -> 2.995, weighted 0.1
+    pred[0, :, h // 2 :] = 3.0  # error 3 -> 2.995, weighted 0.1
     weights = masked_values / 2 * 1.1
     expected = (0.1 * 2.995 + 0.995) * masked_values / 2 / (weights + 1e-2)
     assert math.isclose(model.forward_loss(pred, tgts, mask, valid).item(), expected, rel_tol=1e-6)
@@ -272,7 +278,7 @@ def test_min_visible_target_drops_samples_per_pixel_at_any_resolution():
     for size in [(128, 64), (256, 128)]:
         model = tiny(input_size=size, min_visible_target=0.01)
         raw = torch.zeros(2, 3, *size)
-        raw[0, :, :4, :4] = 1.0          # a speck of foreground in the context: 16 of 4096+ pixels
+        raw[0, :, :4, :4] = 1.0  # a speck of foreground in the context: 16 of 4096+ pixels
         raw[1, :, : size[0] // 2] = 0.5  # a clearly visible context target
         tgts = (raw - mean) / std
         mask = model.ar_mask(2)
@@ -280,7 +286,7 @@ def test_min_visible_target_drops_samples_per_pixel_at_any_resolution():
         expected_first = 16 / (size[0] // 2 * size[1])
         torch.testing.assert_close(visible, torch.tensor([expected_first, 0.5]), atol=1e-5, rtol=1e-4)
         pred = tgts.clone()
-        pred[0, :, size[0] // 2:] = 100.0  # only the dropped sample is wrong
+        pred[0, :, size[0] // 2 :] = 100.0  # only the dropped sample is wrong
         assert model.forward_loss(pred, tgts, mask).item() == 0.0
         model.min_visible_target = 0.0
         assert model.forward_loss(pred, tgts, mask).item() > 10.0
@@ -291,24 +297,24 @@ def test_min_visible_target_drops_samples_per_pixel_at_any_resolution():
 def test_bad_inputs_give_clear_errors():
     model = tiny()
     imgs, tgts = random_batch()
-    with pytest.raises(ValueError, match='same shape'):
+    with pytest.raises(ValueError, match="same shape"):
         model(imgs, tgts[:, :, :64])
-    with pytest.raises(ValueError, match='divisible by 16'):
+    with pytest.raises(ValueError, match="divisible by 16"):
         model(imgs[:, :, :120], tgts[:, :, :120])
-    with pytest.raises(ValueError, match='bool_masked_pos'):
+    with pytest.raises(ValueError, match="bool_masked_pos"):
         model(imgs, tgts, torch.zeros(2, 7, dtype=torch.bool))
-    with pytest.raises(ValueError, match='img_size'):
+    with pytest.raises(ValueError, match="img_size"):
         MVG(img_size=(100, 64), embed_dim=64, depth=4, num_heads=2)
-    with pytest.raises(ValueError, match='out_indices'):
+    with pytest.raises(ValueError, match="out_indices"):
         MVG(img_size=(128, 64), embed_dim=64, depth=4, num_heads=2, out_indices=(0, 1, 2))
-    with pytest.raises(ValueError, match='merge_idx'):
+    with pytest.raises(ValueError, match="merge_idx"):
         MVG(img_size=(128, 64), embed_dim=64, depth=4, num_heads=2, merge_idx=4)
 
 
 def test_bf16_autocast_forward_backward():
     model = tiny()
     imgs, tgts = random_batch()
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _, _ = model(imgs, tgts, model.ar_mask(2))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
@@ -322,39 +328,47 @@ def test_prompt_ensembles():
     half = CANVAS[0] // 2
     imgs[:, :, half:] = imgs[:1, :, half:]
     singles = model.predict(imgs, tgts)
-    torch.testing.assert_close(model.predict(imgs, tgts, num_prompts=3, ensemble='outputs')[0], singles.mean(0))
+    torch.testing.assert_close(model.predict(imgs, tgts, num_prompts=3, ensemble="outputs")[0], singles.mean(0))
     features = model.predict(imgs, tgts, num_prompts=3)
     assert features.shape == (1, 3, *CANVAS)
     assert not torch.allclose(features[0, :, half:], singles[0, :, half:], atol=1e-4)
     order = torch.tensor([2, 0, 1])
     torch.testing.assert_close(model.predict(imgs[order], tgts[order], num_prompts=3), features)
     # The same context given three times is the single prediction.
-    same = model.predict(imgs[:1].repeat(3, 1, 1, 1), tgts[:1].repeat(3, 1, 1, 1), num_prompts=3, ensemble='both')
+    same = model.predict(imgs[:1].repeat(3, 1, 1, 1), tgts[:1].repeat(3, 1, 1, 1), num_prompts=3, ensemble="both")
     torch.testing.assert_close(same[0, :, half:], singles[0, :, half:], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match='num_prompts'):
+    with pytest.raises(ValueError, match="num_prompts"):
         model.predict(imgs, tgts, num_prompts=2)
-    with pytest.raises(ValueError, match='ensemble'):
-        model.predict(imgs, tgts, num_prompts=3, ensemble='vote')
+    with pytest.raises(ValueError, match="ensemble"):
+        model.predict(imgs, tgts, num_prompts=3, ensemble="vote")
 
 
 def test_layer_decay_groups_follow_mae():
     """Embeddings lowest, block i at decay^(depth - i), everything new in MVG at the full rate."""
     from timm.optim import param_groups_layer_decay
+
     model = tiny()
-    groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(),
-                                      layer_decay=0.8)
+    groups = param_groups_layer_decay(
+        model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=0.8
+    )
     names = {id(p): n for n, p in model.named_parameters()}
-    scale = {names[id(p)]: g['lr_scale'] for g in groups for p in g['params']}
-    decay = {names[id(p)]: g['weight_decay'] for g in groups for p in g['params']}
-    assert math.isclose(scale['pos_embed'], 0.8 ** 5) and math.isclose(scale['patch_embed.proj.weight'], 0.8 ** 5)
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+    assert math.isclose(scale["pos_embed"], 0.8**5) and math.isclose(scale["patch_embed.proj.weight"], 0.8**5)
     for i in range(4):
-        assert math.isclose(scale[f'blocks.{i}.attn.qkv.weight'], 0.8 ** (4 - i))
-    for name in ('mask_token', 'segment_token_x', 'segment_token_y', 'norm.weight', 'decoder_embed.weight',
-                 'decoder_pred.0.weight'):
+        assert math.isclose(scale[f"blocks.{i}.attn.qkv.weight"], 0.8 ** (4 - i))
+    for name in (
+        "mask_token",
+        "segment_token_x",
+        "segment_token_y",
+        "norm.weight",
+        "decoder_embed.weight",
+        "decoder_pred.0.weight",
+    ):
         assert scale[name] == 1.0, name
-    assert decay['blocks.0.attn.qkv.weight'] == 0.05 and decay['blocks.0.attn.qkv.bias'] == 0.0
-    assert decay['pos_embed'] == decay['mask_token'] == decay['segment_token_x'] == decay['norm.weight'] == 0.0
-    assert decay['blocks.0.attn.rel_pos_h'] == 0.05  # a 2D table: decayed, as in the authors' grouping
+    assert decay["blocks.0.attn.qkv.weight"] == 0.05 and decay["blocks.0.attn.qkv.bias"] == 0.0
+    assert decay["pos_embed"] == decay["mask_token"] == decay["segment_token_x"] == decay["norm.weight"] == 0.0
+    assert decay["blocks.0.attn.rel_pos_h"] == 0.05  # a 2D table: decayed, as in the authors' grouping
 
 
 def test_per_sample_losses_come_from_the_same_sums():
@@ -367,6 +381,6 @@ def test_per_sample_losses_come_from_the_same_sums():
     plain, _, _ = model(imgs, tgts, mask)
     torch.testing.assert_close(loss, plain)
     for i in range(2):
-        alone, _, _ = model(imgs[i:i + 1], tgts[i:i + 1], mask[i:i + 1])
+        alone, _, _ = model(imgs[i : i + 1], tgts[i : i + 1], mask[i : i + 1])
         torch.testing.assert_close(own[i], alone)
     assert torch.isnan(own[2]) and not own.requires_grad

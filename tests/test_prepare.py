@@ -1,7 +1,8 @@
 """Tests of datasets.prepare / verify / manifest on small synthetic volumes in every layout, plus the
 real MNI152 template packaged with nilearn. More in tests/test_prepare_*.py (resuming and the slices
 cases keep, optional readers, the layout registry, the slicing path prepare and predict.py share); the
-helpers here are imported by those and by other test files."""
+helpers they share are in tests/helpers.py."""
+
 import json
 import os
 
@@ -11,56 +12,13 @@ import pytest
 from PIL import Image
 
 from datasets import geometry, intensity, prepare
-from datasets.manifest import PreparedDataset, find_datasets, read_png
+from datasets.manifest import find_datasets
 from datasets.sources import glob_by_case
 from datasets.verify import verify_root
-
-# ---------------------------------------------------------------- helpers
-
-def save_nifti(path, data, affine=None):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), path)
-    return path
-
-
-def labelled_volume(shape=(8, 8, 6), ids_on_slices=None, seed=0):
-    """A float image and an int label volume; ids_on_slices: {axial index: class id} painted as a
-    small block in that slice."""
-    rng = np.random.default_rng(seed)
-    image = rng.normal(100.0, 20.0, size=shape).astype(np.float32)
-    label = np.zeros(shape, dtype=np.int16)
-    for z, class_id in (ids_on_slices or {}).items():
-        label[2:5, 3:6, z] = class_id
-    return image, label
-
-
-def run(*argv):
-    return prepare.main([str(a) for a in argv])
-
-
-def common(out, dataset, size=8, *extra):
-    return ["--out", out, "--dataset", dataset, "--size", size, *extra]
-
-
-def dataset_at(out, name):
-    return PreparedDataset(os.path.join(out, name))
-
-
-def png(dataset, folder, case_id, index):
-    return read_png(dataset.slice_path(folder, case_id, index))
-
-
-def write_msd(root, cases, description=None, images="imagesTr", labels="labelsTr", suffix=""):
-    """cases: {case id: (image, label[, affine])}."""
-    for case_id, (image, label, *affine) in cases.items():
-        save_nifti(os.path.join(root, images, f"{case_id}{suffix}.nii.gz"), image, *affine)
-        save_nifti(os.path.join(root, labels, f"{case_id}.nii.gz"), label, *affine)
-    if description is not None:
-        with open(os.path.join(root, "dataset.json"), "w") as handle:
-            json.dump(description, handle)
-
+from tests.helpers import common, dataset_at, labelled_volume, png, run, save_nifti, write_msd
 
 # ---------------------------------------------------------------- segmentation layouts
+
 
 def test_msd_with_dataset_json_keeps_exactly_the_labelled_slices(tmp_path, capsys):
     cases = {f"liver_{i}": labelled_volume(ids_on_slices={1: 1, 3: 2, 4: 1}, seed=i) for i in range(5)}
@@ -93,8 +51,9 @@ def test_nnunet_v2_channel_suffix_source_splits_and_label_style(tmp_path):
             save_nifti(src / f"images{split}" / f"{name}_0001.nii.gz", np.full(image.shape, 7.0, np.float32))
             save_nifti(src / f"labels{split}" / f"{name}.nii.gz", label)
     with open(src / "dataset.json", "w") as handle:
-        json.dump({"channel_names": {"0": "T2", "1": "ADC"}, "labels": {"background": 0, "organ": 1,
-                                                                         "region": [1]}}, handle)
+        json.dump(
+            {"channel_names": {"0": "T2", "1": "ADC"}, "labels": {"background": 0, "organ": 1, "region": [1]}}, handle
+        )
     assert run("msd", "--root", src, *common(tmp_path / "out", "V2"), "--channel", 1) == 0
     dataset = dataset_at(tmp_path / "out", "V2")
     assert dataset.classes == {0: "background", 1: "organ"}
@@ -120,8 +79,23 @@ def test_glob_mode_case_ids_and_16_bit_labels(tmp_path):
         image, label = labelled_volume(ids_on_slices={1: 300, 2: 5})
         save_nifti(src / "img" / f"img{number}.nii.gz", image)
         save_nifti(src / "label" / f"label{number}.nii.gz", label)
-    assert run("glob", "--root", src, "--images", "img/img*.nii.gz", "--labels", "label/label*.nii.gz",
-               "--modality", "CT", *common(tmp_path / "out", "BTCV"), "--test_fraction", 0) == 0
+    assert (
+        run(
+            "glob",
+            "--root",
+            src,
+            "--images",
+            "img/img*.nii.gz",
+            "--labels",
+            "label/label*.nii.gz",
+            "--modality",
+            "CT",
+            *common(tmp_path / "out", "BTCV"),
+            "--test_fraction",
+            0,
+        )
+        == 0
+    )
     dataset = dataset_at(tmp_path / "out", "BTCV")
     assert dataset.case_ids() == ["0001", "0002"]
     assert dataset.case("0001")["label_bits"] == 16
@@ -139,8 +113,21 @@ def test_glob_mode_reports_unmatched_files(tmp_path, capsys):
     save_nifti(tmp_path / "img" / "img01.nii.gz", image)
     save_nifti(tmp_path / "img" / "img02.nii.gz", image)
     save_nifti(tmp_path / "lab" / "lab01.nii.gz", label)
-    assert run("glob", "--root", tmp_path, "--images", "img/img*.nii.gz", "--labels", "lab/lab*.nii.gz",
-               "--modality", "CT", *common(tmp_path / "out", "G")) == 2
+    assert (
+        run(
+            "glob",
+            "--root",
+            tmp_path,
+            "--images",
+            "img/img*.nii.gz",
+            "--labels",
+            "lab/lab*.nii.gz",
+            "--modality",
+            "CT",
+            *common(tmp_path / "out", "G"),
+        )
+        == 2
+    )
     assert "case '02': no label file" in capsys.readouterr().err
 
 
@@ -149,8 +136,18 @@ def test_splits_from_test_globs_or_a_test_case_list(tmp_path, capsys):
         image, label = labelled_volume(ids_on_slices={1: 1})
         save_nifti(tmp_path / folder / f"{name}.nii.gz", image)
         save_nifti(tmp_path / folder / f"{name}_seg.nii.gz", label)
-    args = ["glob", "--root", tmp_path, "--images", "train/?.nii.gz", "--labels", "train/?_seg.nii.gz",
-            "--modality", "CT", *common(tmp_path / "out", "Sp")]
+    args = [
+        "glob",
+        "--root",
+        tmp_path,
+        "--images",
+        "train/?.nii.gz",
+        "--labels",
+        "train/?_seg.nii.gz",
+        "--modality",
+        "CT",
+        *common(tmp_path / "out", "Sp"),
+    ]
     assert run(*args, "--test_images", "test/?.nii.gz", "--test_labels", "test/?_seg.nii.gz") == 2
     assert "case id 'a' occurs twice" in capsys.readouterr().err
     assert run(*args, "--test_images", "test/[c].nii.gz", "--test_labels", "test/[c]_seg.nii.gz") == 0
@@ -186,8 +183,11 @@ def test_acdc_frames_splits_and_class_names(tmp_path):
 
 
 def test_label_map_merges_and_drops_classes(tmp_path):
-    write_msd(tmp_path / "src", {"c": labelled_volume(ids_on_slices={0: 1, 1: 2, 2: 3})},
-              {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "kidney", "2": "cyst", "3": "x"}})
+    write_msd(
+        tmp_path / "src",
+        {"c": labelled_volume(ids_on_slices={0: 1, 1: 2, 2: 3})},
+        {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "kidney", "2": "cyst", "3": "x"}},
+    )
     assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "K"), "--label_map", "2:1,3:0") == 0
     dataset = dataset_at(tmp_path / "out", "K")
     assert dataset.case("c")["slices"] == [0, 1]
@@ -196,6 +196,7 @@ def test_label_map_merges_and_drops_classes(tmp_path):
 
 
 # ---------------------------------------------------------------- geometry
+
 
 def test_flipped_and_permuted_affine_is_reoriented_to_ras(tmp_path):
     # Stored voxel axes: i -> inferior (2 mm), j -> left (1.5 mm), k -> anterior (1.5 mm).
@@ -254,8 +255,21 @@ def test_mismatched_grids_are_refused_naming_the_case(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "case 'shifted'" in error and "case 'small'" in error and "case 'good'" not in error
     assert not os.path.exists(tmp_path / "out" / "B")
-    assert run("msd", "--root", tmp_path, *common(tmp_path / "out", "B"), "--modality", "CT",
-               "--affine_tolerance", 1, "--source_splits", "Tr:train") == 2
+    assert (
+        run(
+            "msd",
+            "--root",
+            tmp_path,
+            *common(tmp_path / "out", "B"),
+            "--modality",
+            "CT",
+            "--affine_tolerance",
+            1,
+            "--source_splits",
+            "Tr:train",
+        )
+        == 2
+    )
 
 
 def test_four_dimensional_images_need_a_channel(tmp_path, capsys):
@@ -266,8 +280,9 @@ def test_four_dimensional_images_need_a_channel(tmp_path, capsys):
     assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "F"), "--modality", "US") == 2
     error = capsys.readouterr().err
     assert "case 'four'" in error and "is 4D" in error and "--channel" in error
-    assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "F"), "--modality", "US",
-               "--channel", 1) == 0
+    assert (
+        run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "F"), "--modality", "US", "--channel", 1) == 0
+    )
     picture = png(dataset_at(tmp_path / "out", "F"), "image", "four", 2)
     assert set(np.unique(picture).tolist()) == {0, 255}
 
@@ -285,8 +300,9 @@ def test_nans_become_background_before_normalisation(tmp_path):
 
 
 def test_empty_label_case_is_skipped_with_a_warning(tmp_path, capsys):
-    write_msd(tmp_path / "src", {"full": labelled_volume(ids_on_slices={1: 1}),
-                                 "empty": labelled_volume(ids_on_slices={})})
+    write_msd(
+        tmp_path / "src", {"full": labelled_volume(ids_on_slices={1: 1}), "empty": labelled_volume(ids_on_slices={})}
+    )
     assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "E"), "--modality", "CT") == 0
     assert "warning: case 'empty' skipped: no foreground" in capsys.readouterr().err
     dataset = dataset_at(tmp_path / "out", "E")
@@ -296,6 +312,7 @@ def test_empty_label_case_is_skipped_with_a_warning(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- image-to-image tasks
+
 
 def brats_case(root, case_id, suffixes, shape=(8, 8, 5)):
     rng = np.random.default_rng(len(case_id))
@@ -311,8 +328,19 @@ def brats_case(root, case_id, suffixes, shape=(8, 8, 5)):
 def test_brats_synthesis_writes_one_folder_per_contrast(tmp_path):
     for case_id in ("BraTS-GLI-00000-000", "BraTS-GLI-00001-000"):
         brats_case(tmp_path / "src", case_id, ["t1c", "t1n", "t2f", "t2w", "seg"])
-    assert run("brats-synthesis", "--root", tmp_path / "src", "--source", "t1c", "--target", "t2w",
-               *common(tmp_path / "out", "GLI")) == 0
+    assert (
+        run(
+            "brats-synthesis",
+            "--root",
+            tmp_path / "src",
+            "--source",
+            "t1c",
+            "--target",
+            "t2w",
+            *common(tmp_path / "out", "GLI"),
+        )
+        == 0
+    )
     dataset = dataset_at(tmp_path / "out", "GLI")
     assert (dataset.task, dataset.input_folder, dataset.target_folder) == ("synthesis", "t1c", "t2w")
     record = dataset.case("BraTS-GLI-00000-000")
@@ -329,8 +357,10 @@ def test_brats_inpainting_with_mask_fallback(tmp_path):
     mask[3:5, 3:5, 2] = 1
     save_nifti(tmp_path / "src" / case_id / f"{case_id}-mask-healthy.nii.gz", mask)
     save_nifti(tmp_path / "src" / case_id / f"{case_id}-t1n-voided.nii.gz", volumes["t1n"] * (1 - mask))
-    assert run("brats-inpainting", "--root", tmp_path / "src", *common(tmp_path / "out", "Local"),
-               "--min_mask_pixels", 1) == 0
+    assert (
+        run("brats-inpainting", "--root", tmp_path / "src", *common(tmp_path / "out", "Local"), "--min_mask_pixels", 1)
+        == 0
+    )
     dataset = dataset_at(tmp_path / "out", "Local")
     record = dataset.case(case_id)
     assert record["sources"]["mask"].endswith("-mask-healthy.nii.gz") and record["slices"] == [2]
@@ -355,8 +385,19 @@ def test_denoising_pairs_share_the_ct_window(tmp_path):
         low = normal + np.random.default_rng(0).normal(0, 30, normal.shape).astype(np.float32)
         save_nifti(tmp_path / "src" / case_id / "quarter.nii.gz", low)
         save_nifti(tmp_path / "src" / case_id / "full.nii.gz", normal)
-    assert run("denoising", "--root", tmp_path / "src", "--low_dose", "*/quarter.nii.gz",
-               "--normal_dose", "*/full.nii.gz", *common(tmp_path / "out", "LDCT")) == 0
+    assert (
+        run(
+            "denoising",
+            "--root",
+            tmp_path / "src",
+            "--low_dose",
+            "*/quarter.nii.gz",
+            "--normal_dose",
+            "*/full.nii.gz",
+            *common(tmp_path / "out", "LDCT"),
+        )
+        == 0
+    )
     dataset = dataset_at(tmp_path / "out", "LDCT")
     assert dataset.case_ids() == ["L067", "L096"] and dataset.modality == "CT"
     assert dataset.case("L067")["intensity"]["target"] == {"method": "window", "low": -100.0, "high": 200.0}
@@ -365,6 +406,7 @@ def test_denoising_pairs_share_the_ct_window(tmp_path):
 
 
 # ---------------------------------------------------------------- intensities and resizing
+
 
 def test_percentile_clipping_uses_the_body():
     volume = np.zeros((10, 10, 10), np.float32)
@@ -387,8 +429,10 @@ def test_resizing_uses_area_down_and_bilinear_up():
 
 # ---------------------------------------------------------------- the real MNI152 template
 
+
 def test_mni152_tissue_case_prepares_with_matching_geometry(tmp_path):
     from datasets.mni_demo import write_mni152_tissue_case
+
     image_path, label_path = write_mni152_tissue_case(str(tmp_path / "mni"))
     labels = np.asarray(nib.load(label_path).dataobj)
     assert set(np.unique(labels).tolist()) == {0, 1, 2} and (labels == 2).sum() > (labels == 1).sum() / 3
@@ -406,34 +450,6 @@ def test_mni152_tissue_case_prepares_with_matching_geometry(tmp_path):
     assert middle.shape == (64, 64) and set(np.unique(middle).tolist()) == {0, 1, 2}
     assert verify_root(tmp_path / "out")[1] == []
     assert [os.path.basename(d) for d in find_datasets(tmp_path / "out")] == ["MNI152"]
-
-
-# ---------------------------------------------------------------- DICOM series (also used by other test files)
-
-def write_dicom_series(folder, volume_hu, spacing=(0.7, 0.8), thickness=2.5, origin=(-10.0, -20.0, 30.0)):
-    """One CT slice per file, written in reverse order so the reader has to sort by position."""
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-    os.makedirs(folder)
-    series = generate_uid()
-    for k in reversed(range(volume_hu.shape[2])):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID, series
-        ds.Modality, ds.Rows, ds.Columns = "CT", volume_hu.shape[1], volume_hu.shape[0]
-        ds.PixelSpacing = list(spacing)
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * thickness]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = np.ascontiguousarray((volume_hu[:, :, k].T + 1024).astype(np.int16)).tobytes()
-        ds.save_as(os.path.join(folder, f"slice{k:03d}.dcm"), enforce_file_format=True)
-    return pydicom
 
 
 def test_help_is_available(capsys):

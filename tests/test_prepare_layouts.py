@@ -1,5 +1,6 @@
 """The layout registry (datasets/layouts.py): datasets.prepare's subcommands, flags and case finding all
 come from its entries, so a new layout is one entry; and no module of the data path compares task names."""
+
 import os
 import re
 
@@ -10,7 +11,7 @@ from datasets import layouts, prepare
 from datasets.readers import InputError, Source
 from datasets.sources import Case
 from tasks import TASKS, Task
-from tests.test_prepare import common, dataset_at, labelled_volume, run, save_nifti
+from tests.helpers import common, dataset_at, labelled_volume, run, save_nifti
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,8 +34,9 @@ def test_every_layout_is_a_subcommand_with_its_help_task_and_folders():
 
 def test_folders_follow_the_task_and_synthesis_names_them_by_contrast():
     parser = prepare.build_parser()
-    args = parser.parse_args(["brats-synthesis", "--root", "r", "--out", "o", "--dataset", "d", "--source", "t1n",
-                              "--target", "t2f"])
+    args = parser.parse_args(
+        ["brats-synthesis", "--root", "r", "--out", "o", "--dataset", "d", "--source", "t1n", "--target", "t2f"]
+    )
     assert layouts.LAYOUTS["brats-synthesis"].folders(args) == {"t1n": "image", "t2f": "image"}
     args.target = "t1n"
     with pytest.raises(InputError, match="--source and --target must be different"):
@@ -45,15 +47,23 @@ def test_folders_follow_the_task_and_synthesis_names_them_by_contrast():
 
 class CaseFoldersLayout(layouts.Layout):
     """A layout of the kind one would add: <root>/<case>/scan.nii.gz with <case>/truth.nii.gz."""
+
     name, task, help = "case-folders", TASKS["segmentation"], "one folder per case holding scan and truth"
 
     def add_arguments(self, parser):
         parser.add_argument("--scan_name", default="scan.nii.gz", help="the image file in each case folder")
 
     def find_cases(self, args):
-        cases = [Case(name, {"image": Source(os.path.join(args.root, name, args.scan_name)),
-                             "label": Source(os.path.join(args.root, name, "truth.nii.gz"))})
-                 for name in sorted(os.listdir(args.root))]
+        cases = [
+            Case(
+                name,
+                {
+                    "image": Source(os.path.join(args.root, name, args.scan_name)),
+                    "label": Source(os.path.join(args.root, name, "truth.nii.gz")),
+                },
+            )
+            for name in sorted(os.listdir(args.root))
+        ]
         return layouts.FoundCases(cases, {1: "organ"}, "CT")
 
 
@@ -80,9 +90,21 @@ def test_a_layout_error_leaves_through_the_one_error_path(tmp_path, capsys):
 
 
 TASK_NAME_COMPARISON = re.compile(r"""(==|!=|\bin)\s*\(?\s*['"](segmentation|synthesis|inpainting|denoising)['"]""")
-DATA_PATH_MODULES = ["predict.py"] + [os.path.join("datasets", name) for name in (
-    "prepare.py", "case_processing.py", "output_folder.py", "slicing.py", "layouts.py", "sources.py",
-    "geometry.py", "intensity.py", "manifest.py", "verify.py")]
+DATA_PATH_MODULES = ["predict.py"] + [
+    os.path.join("datasets", name)
+    for name in (
+        "prepare.py",
+        "case_processing.py",
+        "output_folder.py",
+        "slicing.py",
+        "layouts.py",
+        "sources.py",
+        "geometry.py",
+        "intensity.py",
+        "manifest.py",
+        "verify.py",
+    )
+]
 
 
 @pytest.mark.parametrize("module", DATA_PATH_MODULES)

@@ -1,4 +1,5 @@
 """datasets.prepare through the optional readers: MetaImage (PROMISE12), HDF5 (LA), DICOM series."""
+
 import os
 import sys
 
@@ -6,18 +7,25 @@ import numpy as np
 import pytest
 
 from datasets import readers
-from tests.test_prepare import common, dataset_at, labelled_volume, run, write_dicom_series
+from tests.helpers import common, dataset_at, labelled_volume, run, write_dicom_series
 
 # ---------------------------------------------------------------- optional readers
+
 
 def write_metaimage(path, data, spacing, origin, direction, element_type="MET_SHORT"):
     """An .mhd header and .raw file by hand (axis 0 fastest, as MetaIO stores it)."""
     raw_name = os.path.basename(path).replace(".mhd", ".raw")
     header = [
-        "ObjectType = Image", "NDims = 3", "BinaryData = True", "BinaryDataByteOrderMSB = False",
-        "CompressedData = False", f"TransformMatrix = {' '.join(str(v) for v in np.asarray(direction).T.ravel())}",
-        f"Offset = {' '.join(str(v) for v in origin)}", f"ElementSpacing = {' '.join(str(v) for v in spacing)}",
-        f"DimSize = {' '.join(str(v) for v in data.shape)}", f"ElementType = {element_type}",
+        "ObjectType = Image",
+        "NDims = 3",
+        "BinaryData = True",
+        "BinaryDataByteOrderMSB = False",
+        "CompressedData = False",
+        f"TransformMatrix = {' '.join(str(v) for v in np.asarray(direction).T.ravel())}",
+        f"Offset = {' '.join(str(v) for v in origin)}",
+        f"ElementSpacing = {' '.join(str(v) for v in spacing)}",
+        f"DimSize = {' '.join(str(v) for v in data.shape)}",
+        f"ElementType = {element_type}",
         f"ElementDataFile = {raw_name}",
     ]
     with open(path, "w") as handle:
@@ -29,16 +37,35 @@ def test_metaimage_reader_and_promise12_layout(tmp_path):
     direction = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     image, label = labelled_volume(ids_on_slices={1: 1, 3: 1})
     write_metaimage(str(tmp_path / "Case00.mhd"), image.astype(np.int16), (0.6, 0.7, 3.0), (5, -6, 7), direction)
-    write_metaimage(str(tmp_path / "Case00_segmentation.mhd"), label.astype(np.uint8), (0.6, 0.7, 3.0),
-                    (5, -6, 7), direction, "MET_UCHAR")
+    write_metaimage(
+        str(tmp_path / "Case00_segmentation.mhd"),
+        label.astype(np.uint8),
+        (0.6, 0.7, 3.0),
+        (5, -6, 7),
+        direction,
+        "MET_UCHAR",
+    )
     data, affine = readers.read_volume(readers.Source(str(tmp_path / "Case00.mhd")))
     assert np.array_equal(data, image.astype(np.int16))
     expected = np.eye(4)
     expected[:3, :3] = direction * np.array([0.6, 0.7, 3.0])
     expected[:3, 3] = (5, -6, 7)
     assert np.allclose(affine, readers.LPS_TO_RAS @ expected)
-    assert run("glob", "--root", tmp_path, "--images", "Case??.mhd", "--labels", "Case??_segmentation.mhd",
-               "--modality", "MRI", *common(tmp_path / "out", "PROMISE12")) == 0
+    assert (
+        run(
+            "glob",
+            "--root",
+            tmp_path,
+            "--images",
+            "Case??.mhd",
+            "--labels",
+            "Case??_segmentation.mhd",
+            "--modality",
+            "MRI",
+            *common(tmp_path / "out", "PROMISE12"),
+        )
+        == 0
+    )
     assert dataset_at(tmp_path / "out", "PROMISE12").case("00")["original"]["axcodes"] == "PLS"
 
 
@@ -49,8 +76,9 @@ def test_metaimage_reader_agrees_with_simpleitk(tmp_path):
     image.SetSpacing((0.5, 0.75, 2.0))
     image.SetOrigin((1.0, 2.0, 3.0))
     theta = np.deg2rad(20)
-    image.SetDirection(tuple(np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0],
-                                       [0, 0, 1]]).ravel()))
+    image.SetDirection(
+        tuple(np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]]).ravel())
+    )
     for name, compress in (("plain.mhd", False), ("packed.mha", True)):
         sitk.WriteImage(image, str(tmp_path / name), useCompression=compress)
         read, affine = readers.read_volume(readers.Source(str(tmp_path / name)))
@@ -67,8 +95,21 @@ def test_hdf5_left_atrium_layout(tmp_path):
         os.makedirs(tmp_path / case_id)
         with h5py.File(tmp_path / case_id / "mri_norm2.h5", "w") as handle:
             handle["image"], handle["label"] = image, label.astype(np.uint8)
-    assert run("glob", "--root", tmp_path, "--images", "*/mri_norm2.h5", "--labels", "*/mri_norm2.h5",
-               "--modality", "MRI", *common(tmp_path / "out", "LA")) == 0
+    assert (
+        run(
+            "glob",
+            "--root",
+            tmp_path,
+            "--images",
+            "*/mri_norm2.h5",
+            "--labels",
+            "*/mri_norm2.h5",
+            "--modality",
+            "MRI",
+            *common(tmp_path / "out", "LA"),
+        )
+        == 0
+    )
     dataset = dataset_at(tmp_path / "out", "LA")
     assert dataset.case_ids() == ["case_a", "case_b"] and dataset.case("case_a")["slices"] == [2, 3]
     assert dataset.case("case_a")["sources"]["label"].endswith("mri_norm2.h5[label]")
@@ -87,8 +128,19 @@ def test_dicom_series_denoising(tmp_path):
     data, affine = readers.read_volume(readers.Source(str(tmp_path / "L001" / "full")))
     assert np.array_equal(data, normal)
     assert np.allclose(affine, [[-0.8, 0, 0, 10], [0, -0.7, 0, 20], [0, 0, 2.5, 30], [0, 0, 0, 1]])
-    assert run("denoising", "--root", tmp_path, "--low_dose", "*/quarter", "--normal_dose", "*/full",
-               *common(tmp_path / "out", "LDCT", 8)) == 0
+    assert (
+        run(
+            "denoising",
+            "--root",
+            tmp_path,
+            "--low_dose",
+            "*/quarter",
+            "--normal_dose",
+            "*/full",
+            *common(tmp_path / "out", "LDCT", 8),
+        )
+        == 0
+    )
     record = dataset_at(tmp_path / "out", "LDCT").case("L001")
     assert record["original"]["axcodes"] == "LPS" and record["slices"] == [0, 1, 2]
 

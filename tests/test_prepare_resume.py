@@ -1,5 +1,6 @@
 """datasets.prepare over several runs: the slices test cases keep, resuming, interruptions, verify,
 parallel workers, and the cases that are skipped or refused."""
+
 import json
 import os
 
@@ -10,9 +11,10 @@ from PIL import Image
 from datasets import case_processing, output_folder
 from datasets.manifest import read_png, slice_position
 from datasets.verify import verify_root
-from tests.test_prepare import common, dataset_at, labelled_volume, png, run, save_nifti, write_msd
+from tests.helpers import common, dataset_at, labelled_volume, png, run, save_nifti, write_msd
 
 # ---------------------------------------------------------------- the slices test cases keep
+
 
 def write_partly_labelled_cases(root, count=3):
     """Cases p0, p1, ... of 6 axial slices with foreground on slices 1 and 3 only."""
@@ -22,8 +24,17 @@ def write_partly_labelled_cases(root, count=3):
 def prepare_with_test_case(tmp_path, name, test_case, *extra):
     """Prepares tmp_path/src into tmp_path/out/name with test_case as the only test case."""
     (tmp_path / "test_cases.txt").write_text(test_case + "\n")
-    return run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", name), "--modality", "CT",
-               "--test_cases", tmp_path / "test_cases.txt", *extra)
+    return run(
+        "msd",
+        "--root",
+        tmp_path / "src",
+        *common(tmp_path / "out", name),
+        "--modality",
+        "CT",
+        "--test_cases",
+        tmp_path / "test_cases.txt",
+        *extra,
+    )
 
 
 def case_files(tmp_path, name, folder, case_id):
@@ -88,7 +99,9 @@ def test_a_rerun_prepares_again_the_cases_whose_kept_slices_change(tmp_path, mon
     assert prepare_with_test_case(tmp_path, "R", "p2", "--test_slices", "foreground") == 0
     prepared = []
     original = case_processing.prepare_case
-    monkeypatch.setattr(case_processing, "prepare_case", lambda case, *a: prepared.append(case.case_id) or original(case, *a))
+    monkeypatch.setattr(
+        case_processing, "prepare_case", lambda case, *a: prepared.append(case.case_id) or original(case, *a)
+    )
     assert prepare_with_test_case(tmp_path, "R", "p2") == 0  # the test case now keeps every slice
     assert prepared == ["p2"] and dataset_at(tmp_path / "out", "R").slice_indices("p2") == list(range(6))
     assert prepare_with_test_case(tmp_path, "R", "p0") == 0  # p0 becomes the test case, p2 a train case
@@ -151,13 +164,16 @@ def test_corrupt_file_is_named(tmp_path, capsys):
 
 # ---------------------------------------------------------------- resume, interruption, verify
 
+
 def test_resume_skips_finished_cases_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
     write_msd(tmp_path / "src", {f"c{i}": labelled_volume(ids_on_slices={1: 1}, seed=i) for i in range(3)})
     args = ["msd", "--root", tmp_path / "src", *common(tmp_path / "out", "R"), "--modality", "CT"]
     assert run(*args) == 0
     prepared = []
     original = case_processing.prepare_case
-    monkeypatch.setattr(case_processing, "prepare_case", lambda case, *a: prepared.append(case.case_id) or original(case, *a))
+    monkeypatch.setattr(
+        case_processing, "prepare_case", lambda case, *a: prepared.append(case.case_id) or original(case, *a)
+    )
     os.remove(tmp_path / "out" / "R" / "meta" / "c1.json")
     assert run(*args, "--workers", 1) == 0
     assert prepared == ["c1"]
@@ -199,8 +215,11 @@ def test_interrupted_case_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_verify_passes_on_good_output_and_fails_on_tampering(tmp_path, capsys):
-    write_msd(tmp_path / "src", {f"v{i}": labelled_volume(ids_on_slices={1: 1, 2: 2}, seed=i) for i in range(2)},
-              {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "a", "2": "b"}})
+    write_msd(
+        tmp_path / "src",
+        {f"v{i}": labelled_volume(ids_on_slices={1: 1, 2: 2}, seed=i) for i in range(2)},
+        {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "a", "2": "b"}},
+    )
     assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", "T")) == 0
     assert run("verify", tmp_path / "out") == 0
     assert "T: segmentation, CT, 2 cases" in capsys.readouterr().out
@@ -218,8 +237,19 @@ def test_verify_passes_on_good_output_and_fails_on_tampering(tmp_path, capsys):
 def test_parallel_workers_match_a_single_worker(tmp_path):
     write_msd(tmp_path / "src", {f"p{i}": labelled_volume(ids_on_slices={i % 4: 1}, seed=i) for i in range(4)})
     for workers, name in ((1, "one"), (2, "two")):
-        assert run("msd", "--root", tmp_path / "src", *common(tmp_path / "out", name), "--modality", "CT",
-                   "--workers", workers) == 0
+        assert (
+            run(
+                "msd",
+                "--root",
+                tmp_path / "src",
+                *common(tmp_path / "out", name),
+                "--modality",
+                "CT",
+                "--workers",
+                workers,
+            )
+            == 0
+        )
     one, two = dataset_at(tmp_path / "out", "one"), dataset_at(tmp_path / "out", "two")
     assert one.manifest["cases"] == two.manifest["cases"]
     for pair_one, pair_two in zip(one.pairs(), two.pairs()):

@@ -1,5 +1,6 @@
 """datasets/readers.py: MetaImage, NRRD and DICOM series through SimpleITK, in the module's convention
 (arrays indexed i, j, k[, t]; 4x4 voxel-to-RAS affine, as nibabel gives for NIfTI)."""
+
 import os
 import sys
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from datasets import readers
-from tests.test_pictures import real_dicom
+from tests.helpers import real_dicom
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -122,6 +123,7 @@ def write_slices(folder, slices, series_uid=None, photometric="MONOCHROME2", see
     pytest.importorskip("pydicom")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
     os.makedirs(folder, exist_ok=True)
     series_uid = series_uid or generate_uid()
     normal = np.cross(ROW_COSINE, COLUMN_COSINE)
@@ -168,8 +170,12 @@ def test_dicom_series_sorted_by_position_and_placed_in_ras(tmp_path):
     # DICOM: point(row r, column c) = position + c * column spacing * row cosine + r * row spacing * column cosine.
     normal = np.cross(ROW_COSINE, COLUMN_COSINE)
     for i, j, k in [(0, 0, 0), (5, 0, 0), (0, 4, 0), (2, 3, 3)]:
-        lps = (FIRST_POSITION + offsets[k] * normal + i * PIXEL_SPACING[1] * ROW_COSINE
-               + j * PIXEL_SPACING[0] * COLUMN_COSINE)
+        lps = (
+            FIRST_POSITION
+            + offsets[k] * normal
+            + i * PIXEL_SPACING[1] * ROW_COSINE
+            + j * PIXEL_SPACING[0] * COLUMN_COSINE
+        )
         np.testing.assert_allclose((affine @ [i, j, k, 1.0])[:3], lps * [-1, -1, 1], atol=1e-9)
     assert readers.read_header(readers.Source(str(tmp_path / "series"))) == ((6, 5, 4), pytest.approx(affine))
 
@@ -206,8 +212,7 @@ def refusal(path, header_only=True):
 
 def test_dicom_series_with_a_duplicate_position_is_refused(tmp_path):
     stored = stored_slices(4)
-    write_slices(tmp_path / "dup", [(0.0, stored[0], 1), (2.0, stored[1], 1), (2.0, stored[2], 1),
-                                    (4.0, stored[3], 1)])
+    write_slices(tmp_path / "dup", [(0.0, stored[0], 1), (2.0, stored[1], 1), (2.0, stored[2], 1), (4.0, stored[3], 1)])
     assert "two slices at the same position (27 mm along the slice normal)" in refusal(tmp_path / "dup")
 
 
@@ -255,13 +260,15 @@ def test_missing_simpleitk_is_named_with_the_file(tmp_path, monkeypatch):
 
 
 def test_broken_metaimage_error_is_one_line(tmp_path):
-    (tmp_path / "broken.mhd").write_text("NDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\n"
-                                         "ElementDataFile = gone.raw\n")
+    (tmp_path / "broken.mhd").write_text(
+        "NDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\nElementDataFile = gone.raw\n"
+    )
     assert readers.read_header(readers.Source(str(tmp_path / "broken.mhd")))[0] == (2, 2, 2)
     assert "cannot read" in refusal(tmp_path / "broken.mhd", header_only=False)
 
 
 # ---------------------------------------------------------------- real scans (pydicom-data)
+
 
 def test_real_mr_slice_reads_the_same_as_a_series_and_as_a_file(tmp_path):
     path = real_dicom("MR2_UNCR.dcm")

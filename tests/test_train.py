@@ -1,6 +1,8 @@
 """The training entry point on CPU with a tiny model and tiny data made by the project's prepare tool:
 learning, exact resume, multi-process equivalence, non-finite steps, pretrained weights, the CLI."""
+
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -8,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,89 +18,93 @@ import torch
 
 import main_pretrain
 import pretrain_setup
-from datasets import prepare
 from engine_pretrain import NonFiniteError, Progress, train_one_epoch
 from models_mvg import MVG, create_model
-from tests.test_canvas import prepare_all, save
+from tests.helpers import REPO, TINY, assert_same_weights, prepare_all, weights
 from util import checkpoint
 from util.cli import UsageError
 from util.lr_sched import lr_at, set_lr
 from util.misc import ShardSampler, _launcher_ranks
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--device", "cpu", "--model", "mvg_vit_tiny_patch16", "--depth", "4", "--input_size", "64", "32",
-        "--num_mask_patches", "3", "--min_mask_patches_per_block", "1", "--max_mask_patches_per_block", "2",
-        "--num_workers", "0", "--log_dir", "", "--print_freq", "4", "--vis_every_steps", "0",
-        "--save_every_steps", "0", "--warmup_epochs", "0.5"]
-
-
-def toy_segmentation(root):
-    """A segmentation anyone can learn: the label is where the CT image is bright."""
-    rng = np.random.default_rng(0)
-    for case in range(3):
-        image = rng.normal(-100, 10, size=(40, 40, 5)).astype(np.float32)
-        for z in range(5):
-            top, left = rng.integers(2, 20, size=2)
-            height, width = rng.integers(8, 18, size=2)
-            image[top:top + height, left:left + width, z] = rng.normal(150, 10, size=(height, width))
-        save(root / "toy" / "imagesTr" / f"t{case}.nii.gz", image)
-        save(root / "toy" / "labelsTr" / f"t{case}.nii.gz", (image > 25).astype(np.int16))
-    out = root / "prepared"
-    assert prepare.main(["msd", "--root", str(root / "toy"), "--dataset", "Toy", "--modality", "CT",
-                         "--out", str(out), "--size", "40", "--test_fraction", "0"]) == 0
-    return out
-
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    """Seg, Synth, Denoise, Inpaint (tests/test_canvas.py's data)."""
+    """Seg, Synth, Denoise, Inpaint (tests/test_canvas.py's data, from prepare_all)."""
     return str(prepare_all(tmp_path_factory.mktemp("mixed")))
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return str(toy_segmentation(tmp_path_factory.mktemp("toy")))
 
 
 def run(out, data, *extra):
     return main_pretrain.main([*TINY, "--data_path", data, "--output_dir", str(out), *extra])
 
 
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def assert_same_weights(a, b, atol=0.0, rtol=0.0):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=rtol, msg=lambda m: f"{key}: {m}")
-
-
 # ---------------------------------------------------------------------------------------------------
 # command line
 
 
-SEED_COMMAND = ("--batch_size 16 --model mvg_vit_large_patch16 --mask_ratio 0.75 --epochs 100 --warmup_epochs 5 "
-                "--lr 1e-3 --weight_decay 0.05 --num_mask_patches 256 --half_mask_ratio 1.0 "
-                "--max_mask_patches_per_block 128 --min_mask_patches_per_block 16 --input_size 896 448 "
-                "--data_path /data/MVGDataSet/train/ --finetune /ckpt/mae_pretrain_vit_large.pth")
+SEED_COMMAND = (
+    "--batch_size 16 --model mvg_vit_large_patch16 --mask_ratio 0.75 --epochs 100 --warmup_epochs 5 "
+    "--lr 1e-3 --weight_decay 0.05 --num_mask_patches 256 --half_mask_ratio 1.0 "
+    "--max_mask_patches_per_block 128 --min_mask_patches_per_block 16 --input_size 896 448 "
+    "--data_path /data/MVGDataSet/train/ --finetune /ckpt/mae_pretrain_vit_large.pth"
+)
 
 
 def test_seed_command_parses_and_every_authors_flag_is_accepted():
     args = main_pretrain.parse_args(SEED_COMMAND.split() + ["--device", "cpu"])
-    assert (args.batch_size, args.model, args.epochs, args.warmup_epochs, args.lr) == \
-        (16, "mvg_vit_large_patch16", 100, 5, 1e-3)
-    assert (args.num_mask_patches, args.half_mask_ratio, args.max_mask_patches_per_block,
-            args.min_mask_patches_per_block) == (256, 1.0, 128, 16)
+    assert (args.batch_size, args.model, args.epochs, args.warmup_epochs, args.lr) == (
+        16,
+        "mvg_vit_large_patch16",
+        100,
+        5,
+        1e-3,
+    )
+    assert (
+        args.num_mask_patches,
+        args.half_mask_ratio,
+        args.max_mask_patches_per_block,
+        args.min_mask_patches_per_block,
+    ) == (256, 1.0, 128, 16)
     assert args.input_size == [896, 448] and args.data_path == ["/data/MVGDataSet/train/"]
     assert args.finetune == "/ckpt/mae_pretrain_vit_large.pth" and args.layer_decay == 0.8
     assert "--mask_ratio 0.75 has no effect" in main_pretrain.inert_flag_notes(args, 8)[0]
 
     # Every flag of the authors' main_pretrain.py, with a value where it takes one.
-    authors = ("--accum_iter 2 --norm_pix_loss --layer_decay 0.75 --blr 1e-3 --min_lr 1e-6 --output_dir o "
-               "--log_dir l --device cpu --seed 3 --resume r.pth --seg_only --start_epoch 2 --num_workers 1 "
-               "--pin_mem --no_pin_mem --world_size 8 --local_rank 0 --dist_on_itp --dist_url env:// "
-               "--last_norm_instance").split()
+    authors = [
+        "--accum_iter",
+        "2",
+        "--norm_pix_loss",
+        "--layer_decay",
+        "0.75",
+        "--blr",
+        "1e-3",
+        "--min_lr",
+        "1e-6",
+        "--output_dir",
+        "o",
+        "--log_dir",
+        "l",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--resume",
+        "r.pth",
+        "--seg_only",
+        "--start_epoch",
+        "2",
+        "--num_workers",
+        "1",
+        "--pin_mem",
+        "--no_pin_mem",
+        "--world_size",
+        "8",
+        "--local_rank",
+        "0",
+        "--dist_on_itp",
+        "--dist_url",
+        "env://",
+        "--last_norm_instance",
+    ]
     args = main_pretrain.parse_args(SEED_COMMAND.split() + authors)
     assert args.seg_only and not args.pin_mem and args.start_epoch == 2 and args.dist_on_itp
     notes = " ".join(main_pretrain.inert_flag_notes(args, 1))
@@ -124,7 +129,7 @@ def test_seg_only_keeps_the_datasets_whose_target_is_a_label_map(mixed):
 def test_lr_schedule_warmup_cosine_and_layer_scales():
     lrs = [lr_at(step, 1.0, 0.1, warmup_steps=4, total_steps=12) for step in range(13)]
     np.testing.assert_allclose(lrs[:4], [0.25, 0.5, 0.75, 1.0])
-    assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:12], lrs[5:12]))
+    assert lrs[4] == 1.0 and all(a > b for a, b in itertools.pairwise(lrs[4:12]))
     assert abs(lrs[8] - 0.55) < 1e-9 and lrs[12] == pytest.approx(0.1)
     model = create_model("mvg_vit_tiny_patch16", input_size=(64, 32), depth=4)
     args = main_pretrain.parse_args(["--device", "cpu", "--layer_decay", "0.5"])
@@ -148,7 +153,7 @@ def test_shard_sampler_global_batches_do_not_depend_on_the_number_of_ranks():
     per_rank = [list(ShardSampler(6, 30, rank, 3)) for rank in range(3)]
     assert sum(map(len, per_rank)) == 24
     for k in range(4):  # batches of 2 per rank: the k-th global batch is [6 + 6k, 12 + 6k)
-        together = sorted(i for shard in per_rank for i in shard[2 * k:2 * k + 2])
+        together = sorted(i for shard in per_rank for i in shard[2 * k : 2 * k + 2])
         assert together == list(range(6 + 6 * k, 12 + 6 * k))
 
 
@@ -181,9 +186,28 @@ def test_ranks_come_from_torchrun_slurm_or_open_mpi(monkeypatch):
 
 def test_loss_falls_and_the_run_leaves_checkpoints_logs_and_tensorboard(tmp_path, toy):
     out = tmp_path / "run"
-    progress = run(out, toy, "--label_encoding", "binary", "--batch_size", "4", "--samples_per_epoch", "40",
-                   "--epochs", "4", "--lr", "5e-3", "--log_dir", str(out / "tb"), "--vis_every_steps", "20",
-                   "--keep_checkpoints", "2", "--clip_grad", "5.0")
+    progress = run(
+        out,
+        toy,
+        "--label_encoding",
+        "binary",
+        "--batch_size",
+        "4",
+        "--samples_per_epoch",
+        "40",
+        "--epochs",
+        "4",
+        "--lr",
+        "5e-3",
+        "--log_dir",
+        str(out / "tb"),
+        "--vis_every_steps",
+        "20",
+        "--keep_checkpoints",
+        "2",
+        "--clip_grad",
+        "5.0",
+    )
     assert progress.global_step == 40 and progress.skipped_steps == 0
     records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2, 3]
@@ -191,26 +215,47 @@ def test_loss_falls_and_the_run_leaves_checkpoints_logs_and_tensorboard(tmp_path
     assert last < 0.6 * first, (first, last)
     assert records[-1]["train_loss_task/segmentation"] == pytest.approx(last, rel=0.05)
 
-    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == \
-        ["checkpoint-2.pth", "checkpoint-3.pth", "checkpoint-last.pth"]  # older numbered ones pruned
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == [
+        "checkpoint-2.pth",
+        "checkpoint-3.pth",
+        "checkpoint-last.pth",
+    ]  # older numbered ones pruned
     state = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert isinstance(state["args"], dict) and state["args"]["lr"] == 5e-3
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (4, 0, 40)
     assert set(state["rng"][0]) == {"torch", "cuda", "numpy", "python"}
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(out / "tb")).Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"loss", "lr", "grad_norm", "samples_per_s", "skipped_steps", "loss_task/segmentation",
-            "loss_dataset/Toy"} <= scalars
+    assert {
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "skipped_steps",
+        "loss_task/segmentation",
+        "loss_dataset/Toy",
+    } <= scalars
     image = events.Images(events.Tags()["images"][0])[-1]
     assert (image.height, image.width) == (4 * 64, 4 * 32)  # 4 samples x (image | masked | pred | target)
 
 
 def test_resume_mid_epoch_and_after_a_truncated_checkpoint_equals_a_straight_run(tmp_path, mixed, capsys):
     # 6 steps per epoch, 2 epochs; drop path makes the torch RNG matter.
-    common = ["--batch_size", "2", "--samples_per_epoch", "12", "--epochs", "2", "--drop_path", "0.1",
-              "--save_every_epochs", "1"]
+    common = [
+        "--batch_size",
+        "2",
+        "--samples_per_epoch",
+        "12",
+        "--epochs",
+        "2",
+        "--drop_path",
+        "0.1",
+        "--save_every_epochs",
+        "1",
+    ]
     run(tmp_path / "straight", mixed, *common)
     straight = weights(tmp_path / "straight" / "checkpoint-last.pth")
 
@@ -247,13 +292,44 @@ def test_two_processes_and_accumulation_match_one_process_with_the_same_global_b
     # Global batch 4 as 2 processes x 1 x 2 micro-steps (DDP with no_sync), as 1 process x 2 x 2, and
     # as 1 x 4. Tasks whose samples all weigh the same in the loss (MIM masks of 3 tokens, valid = 1):
     # the mean that DDP and accumulation average then equals the mean over the global batch.
-    common = [*TINY, "--data_path", mixed, "--datasets", "Denoise", "Synth", "Inpaint", "--half_mask_ratio", "0",
-              "--samples_per_epoch", "16", "--epochs", "1", "--lr", "1e-3"]
+    common = [
+        *TINY,
+        "--data_path",
+        mixed,
+        "--datasets",
+        "Denoise",
+        "Synth",
+        "Inpaint",
+        "--half_mask_ratio",
+        "0",
+        "--samples_per_epoch",
+        "16",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "main_pretrain.py",
-               *common, "--batch_size", "1", "--accum_iter", "2", "--output_dir", str(tmp_path / "ddp"),
-               "--auto_resume"]  # a first run: nothing to resume, and the ranks must agree on that
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "main_pretrain.py",
+        *common,
+        "--batch_size",
+        "1",
+        "--accum_iter",
+        "2",
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        "--auto_resume",
+    ]  # a first run: nothing to resume, and the ranks must agree on that
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
@@ -300,8 +376,18 @@ def test_non_finite_loss_skips_the_step_and_many_in_a_row_stop_the_run(tmp_path,
 
     nan_forward_on(monkeypatch, calls=set(range(1, 100)))
     with pytest.raises(NonFiniteError, match="3 consecutive"):
-        run(tmp_path / "b", mixed, "--batch_size", "2", "--samples_per_epoch", "16", "--epochs", "1",
-            "--max_nonfinite_steps", "3")
+        run(
+            tmp_path / "b",
+            mixed,
+            "--batch_size",
+            "2",
+            "--samples_per_epoch",
+            "16",
+            "--epochs",
+            "1",
+            "--max_nonfinite_steps",
+            "3",
+        )
     state = torch.load(tmp_path / "b" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert (state["global_step"], state["skipped_steps"]) == (4, 3)
     assert all(s["step"] == 1 for s in state["optimizer"]["state"].values())  # the last good state
@@ -328,31 +414,34 @@ def test_fp16_loss_scaling_is_exact_and_an_overflow_skips_the_step_and_lowers_th
     the norm and the update changes nothing; an overflow (an infinite scaled loss) skips that step,
     leaves the weights alone and halves the scale."""
     initial, plain, _ = engine_run(toy, torch.amp.GradScaler("cpu", enabled=False))
-    _, scaled, _ = engine_run(toy, torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
+    _, scaled, _ = engine_run(toy, torch.amp.GradScaler("cpu", init_scale=2.0**16))
     assert not torch.equal(plain["patch_embed.proj.weight"], initial["patch_embed.proj.weight"])
     assert_same_weights(scaled, plain)
 
     nan_forward_on(monkeypatch, calls={0, 1}, value=float("inf"))  # the first step of each run below
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     initial, overflowed, progress = engine_run(toy, scaler, steps=1)
-    assert progress.skipped_steps == 1 and scaler.get_scale() == 2.0 ** 15
+    assert progress.skipped_steps == 1 and scaler.get_scale() == 2.0**15
     assert_same_weights(overflowed, initial)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     initial, recovered, progress = engine_run(toy, scaler, steps=2)
-    assert (progress.global_step, progress.skipped_steps, scaler.get_scale()) == (2, 1, 2.0 ** 15)
+    assert (progress.global_step, progress.skipped_steps, scaler.get_scale()) == (2, 1, 2.0**15)
     assert not torch.equal(recovered["patch_embed.proj.weight"], initial["patch_embed.proj.weight"])
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="torch.compile on the CPU needs a C compiler")
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile on the CPU needs a C compiler"
+)
 def test_compile_trains_like_eager_and_saves_unprefixed_keys(tmp_path, toy):
     """--compile (inductor, here on the CPU): same weights as eager after a few steps, and the
     checkpoint holds the plain module's keys, loadable without the compile wrapper."""
     common = ("--batch_size", "2", "--samples_per_epoch", "6", "--epochs", "1")
     run(tmp_path / "eager", toy, *common)
     run(tmp_path / "compiled", toy, *common, "--compile")
-    eager, compiled = weights(tmp_path / "eager" / "checkpoint-last.pth"), weights(tmp_path / "compiled" /
-                                                                                   "checkpoint-last.pth")
+    eager, compiled = (
+        weights(tmp_path / "eager" / "checkpoint-last.pth"),
+        weights(tmp_path / "compiled" / "checkpoint-last.pth"),
+    )
     assert not any(key.startswith("_orig_mod") for key in compiled)
     # Fused kernels sum in another order: measured about 5e-7 apart after 8 steps of the 4-block model.
     assert_same_weights(compiled, eager, atol=1e-5, rtol=0)
@@ -369,8 +458,9 @@ def test_a_signal_stops_the_run_at_the_next_step_with_a_checkpoint(tmp_path, mix
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(MVG, "forward", forward)
-    progress = run(tmp_path, mixed, "--batch_size", "2", "--samples_per_epoch", "16", "--epochs", "1",
-                   "--precision", "bf16")  # CPU autocast, on the way
+    progress = run(
+        tmp_path, mixed, "--batch_size", "2", "--samples_per_epoch", "16", "--epochs", "1", "--precision", "bf16"
+    )  # CPU autocast, on the way
     assert progress.global_step == 2
     state = torch.load(tmp_path / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
@@ -391,14 +481,18 @@ def mae_checkpoint(depth=4, dim=192, img_size=224):
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=depth, img_size=img_size)
     state = vit.state_dict()
     decoder = 128
-    state.update({
-        "mask_token": torch.zeros(1, 1, decoder),
-        "decoder_embed.weight": torch.zeros(decoder, dim), "decoder_embed.bias": torch.zeros(decoder),
-        "decoder_pos_embed": torch.zeros(1, 197, decoder),
-        "decoder_blocks.0.norm1.weight": torch.ones(decoder),
-        "decoder_norm.weight": torch.ones(decoder),
-        "decoder_pred.weight": torch.zeros(16 * 16 * 3, decoder), "decoder_pred.bias": torch.zeros(768),
-    })
+    state.update(
+        {
+            "mask_token": torch.zeros(1, 1, decoder),
+            "decoder_embed.weight": torch.zeros(decoder, dim),
+            "decoder_embed.bias": torch.zeros(decoder),
+            "decoder_pos_embed": torch.zeros(1, 197, decoder),
+            "decoder_blocks.0.norm1.weight": torch.ones(decoder),
+            "decoder_norm.weight": torch.ones(decoder),
+            "decoder_pred.weight": torch.zeros(16 * 16 * 3, decoder),
+            "decoder_pred.bias": torch.zeros(768),
+        }
+    )
     return state
 
 
@@ -409,16 +503,27 @@ def test_finetune_loads_mae_timm_and_mvg_checkpoints_with_a_key_report(tmp_path,
     report = checkpoint.load_pretrained(model, str(tmp_path / "mae.pth"))
     assert not report.unexpected and not report.adapted
     assert len(report.loaded) == 5 + 4 * 12  # pos_embed, patch_embed (2), norm (2) + 12 per block
-    assert {k for k, _ in report.skipped} == {"cls_token", "mask_token", "decoder_embed.weight",
-                                              "decoder_embed.bias", "decoder_pos_embed",
-                                              "decoder_blocks.0.norm1.weight", "decoder_norm.weight",
-                                              "decoder_pred.weight", "decoder_pred.bias", "head.weight",
-                                              "head.bias"}
+    assert {k for k, _ in report.skipped} == {
+        "cls_token",
+        "mask_token",
+        "decoder_embed.weight",
+        "decoder_embed.bias",
+        "decoder_pos_embed",
+        "decoder_blocks.0.norm1.weight",
+        "decoder_norm.weight",
+        "decoder_pred.weight",
+        "decoder_pred.bias",
+        "head.weight",
+        "head.bias",
+    }
     # MAE's mask_token and decoder_embed share our names but not our shapes: skipped above, so they
     # keep their initialisation like the keys a ViT checkpoint cannot have.
-    assert set(report.missing) == {"segment_token_x", "segment_token_y",
-                                   *[f"blocks.{i}.attn.rel_pos_{a}" for i in range(4) for a in "hw"],
-                                   *[k for k in model.state_dict() if k.startswith("decoder_pred.")]}
+    assert set(report.missing) == {
+        "segment_token_x",
+        "segment_token_y",
+        *[f"blocks.{i}.attn.rel_pos_{a}" for i in range(4) for a in "hw"],
+        *[k for k in model.state_dict() if k.startswith("decoder_pred.")],
+    }
     assert torch.equal(model.blocks[3].attn.qkv.weight, mae["blocks.3.attn.qkv.weight"])
     assert torch.equal(model.pos_embed, mae["pos_embed"])
 
@@ -430,8 +535,15 @@ def test_finetune_loads_mae_timm_and_mvg_checkpoints_with_a_key_report(tmp_path,
     # The authors' layout (MAE's save_model: the weights beside optimizer, epoch and an
     # argparse.Namespace) at another canvas: everything loads; rel-pos tables are interpolated.
     source = create_model("mvg_vit_tiny_patch16", input_size=(128, 32), depth=4)
-    torch.save({"model": source.state_dict(), "optimizer": {}, "epoch": 3,
-                "args": argparse.Namespace(model="mvg_vit_large_patch16")}, tmp_path / "mvg.pth")
+    torch.save(
+        {
+            "model": source.state_dict(),
+            "optimizer": {},
+            "epoch": 3,
+            "args": argparse.Namespace(model="mvg_vit_large_patch16"),
+        },
+        tmp_path / "mvg.pth",
+    )
     report = checkpoint.load_pretrained(model, str(tmp_path / "mvg.pth"))
     assert not report.missing and not report.skipped and not report.unexpected
     assert sorted(k for k, _, _ in report.adapted) == sorted(f"blocks.{i}.attn.rel_pos_h" for i in range(4))
@@ -447,7 +559,8 @@ def test_finetune_loads_mae_timm_and_mvg_checkpoints_with_a_key_report(tmp_path,
     assert str(error.value) == (
         f"--finetune {tmp_path / 'bad.pth'} does not fit the model: 1 misshapen, 1 unknown weights, e.g. "
         "norm.weight (shape [100] vs model [192]) (all 2 listed on stdout); pass --allow_key_mismatch to keep "
-        "those parameters initialised")
+        "those parameters initialised"
+    )
     listed = capsys.readouterr().out
     assert "blocks.7.attn.qkv.weight: no such key" in listed
     assert "norm.weight: shape [100] vs model [192]" in listed
@@ -456,6 +569,16 @@ def test_finetune_loads_mae_timm_and_mvg_checkpoints_with_a_key_report(tmp_path,
 
     # Wired into main: the report is printed and training starts from those weights.
     capsys.readouterr()
-    run(tmp_path / "run", mixed, "--finetune", str(tmp_path / "mae.pth"), "--batch_size", "2",
-        "--samples_per_epoch", "4", "--epochs", "1")
+    run(
+        tmp_path / "run",
+        mixed,
+        "--finetune",
+        str(tmp_path / "mae.pth"),
+        "--batch_size",
+        "2",
+        "--samples_per_epoch",
+        "4",
+        "--epochs",
+        "1",
+    )
     assert "finetune from" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Training meets bad input, full disks, kills and Ctrl-C: one `error:` line instead of a traceback,
 no checkpoint overwritten that could not be read, no step lost to a Ctrl-C, no data-loading process
 outliving its trainer, and one log.txt line per epoch across resumes."""
+
 import errno
 import json
 import os
@@ -18,16 +19,10 @@ import torch
 
 import main_pretrain
 from models_mvg import create_model
-from tests.test_train import REPO, TINY, assert_same_weights, toy_segmentation, weights
+from tests.helpers import REPO, TINY, assert_same_weights, weights
 from util import checkpoint
 from util.cli import UsageError, run_main
 from util.misc import EpochTotals, process_alive
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return str(toy_segmentation(tmp_path_factory.mktemp("toy")))
-
 
 # 4 steps per epoch.
 SHORT = ["--batch_size", "2", "--samples_per_epoch", "8"]
@@ -44,7 +39,7 @@ def error_line(capsys, out, data, *extra) -> str:
     err = capsys.readouterr().err
     assert status == 2, err
     assert err.count("\n") == 1 and err.startswith("error: "), err
-    return err[len("error: "):].strip()
+    return err[len("error: ") :].strip()
 
 
 def folder_contents(folder) -> dict:
@@ -105,9 +100,11 @@ def test_auto_resume_stops_and_changes_nothing_when_no_checkpoint_loads(problem,
         why = "Input/output error"
     before = folder_contents(tmp_path)
     message = error_line(capsys, tmp_path, toy, "--epochs", "2", "--auto_resume")
-    assert message == (f"--auto_resume: {last}: not a readable checkpoint ({why}), and no checkpoint in {tmp_path} "
-                       "loads; nothing was changed: rerun if the file system had a passing problem, or pass "
-                       "--start_over_if_unreadable to train from step 0 (the unreadable files are kept, renamed)")
+    assert message == (
+        f"--auto_resume: {last}: not a readable checkpoint ({why}), and no checkpoint in {tmp_path} "
+        "loads; nothing was changed: rerun if the file system had a passing problem, or pass "
+        "--start_over_if_unreadable to train from step 0 (the unreadable files are kept, renamed)"
+    )
     assert folder_contents(tmp_path) == before
 
 
@@ -123,8 +120,17 @@ def test_start_over_if_unreadable_trains_from_step_0_and_keeps_the_file(tmp_path
 def fake_training_checkpoint(path, input_size=(64, 32)):
     """A training checkpoint of the 4-block tiny model (its other contents do not matter)."""
     model = create_model("mvg_vit_tiny_patch16", input_size=input_size, depth=4)
-    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 0, "step_in_epoch": 1, "global_step": 1,
-                "args": {"model": "mvg_vit_tiny_patch16", "depth": 4, "input_size": list(input_size)}}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": {},
+            "epoch": 0,
+            "step_in_epoch": 1,
+            "global_step": 1,
+            "args": {"model": "mvg_vit_tiny_patch16", "depth": 4, "input_size": list(input_size)},
+        },
+        path,
+    )
 
 
 def test_resume_of_a_file_that_is_not_a_checkpoint_of_this_model_is_one_line(tmp_path, toy, capsys):
@@ -140,25 +146,43 @@ def test_resume_of_a_file_that_is_not_a_checkpoint_of_this_model_is_one_line(tmp
     assert error_line(capsys, out, toy, "--resume", str(truncated)) == f"--resume {truncated}: {unreadable}"
     assert error_line(capsys, out, toy, "--resume", str(foreign)) == (
         f"--resume {foreign}: not a training checkpoint of this project "
-        "(no optimizer, epoch, step_in_epoch, global_step, args)")
+        "(no optimizer, epoch, step_in_epoch, global_step, args)"
+    )
     message = error_line(capsys, out, toy, "--resume", str(other_size), "--depth", "8")
     assert re.fullmatch(
         rf"--resume {re.escape(str(other_size))} does not fit the model: \d+ misshapen, \d+ missing weights, e\.g\. "
         r"\S+ \(\[[\d, ]+\] in the file, \[[\d, ]+\] in the model\); it records --model mvg_vit_tiny_patch16 "
-        r"--depth 4 --input_size 64 64; resume with the same settings", message), message
+        r"--depth 4 --input_size 64 64; resume with the same settings",
+        message,
+    ), message
 
 
 def test_finetune_from_weights_that_do_not_fit_is_one_line_with_the_keys_on_stdout(tmp_path, toy, capsys):
     torch.save(create_model("mvg_vit_tiny_patch16", input_size=(64, 32), depth=4).state_dict(), tmp_path / "w.pth")
     capsys.readouterr()
-    status = run_main(main_pretrain.main, [*TINY, "--data_path", toy, "--output_dir", str(tmp_path / "out"), *SHORT,
-                                           "--finetune", str(tmp_path / "w.pth"), "--depth", "8"])
+    status = run_main(
+        main_pretrain.main,
+        [
+            *TINY,
+            "--data_path",
+            toy,
+            "--output_dir",
+            str(tmp_path / "out"),
+            *SHORT,
+            "--finetune",
+            str(tmp_path / "w.pth"),
+            "--depth",
+            "8",
+        ],
+    )
     captured = capsys.readouterr()
     assert status == 2 and captured.err.count("\n") == 1, captured.err
     assert re.fullmatch(
         rf"error: --finetune {re.escape(str(tmp_path / 'w.pth'))} does not fit the model: (\d+) missing weights, "
         r"e\.g\. blocks\.4\.\S+ \(missing from the checkpoint\) \(all \1 listed on stdout\); pass "
-        r"--allow_key_mismatch to keep those parameters initialised\n", captured.err), captured.err
+        r"--allow_key_mismatch to keep those parameters initialised\n",
+        captured.err,
+    ), captured.err
     assert "blocks.7.attn.qkv.weight: missing from the checkpoint" in captured.out
 
 
@@ -168,10 +192,33 @@ def test_finetune_from_weights_that_do_not_fit_is_one_line_with_the_keys_on_stdo
 
 def start_training(out, data, *extra, program=("main_pretrain.py",)):
     """A tiny training of 1000 steps in its own process group (as a shell job is), printing every step."""
-    command = [sys.executable, *program, *TINY, "--data_path", data, "--output_dir", str(out), "--batch_size", "2",
-               "--samples_per_epoch", "2000", "--epochs", "1", "--print_freq", "1", *extra]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    command = [
+        sys.executable,
+        *program,
+        *TINY,
+        "--data_path",
+        data,
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "2",
+        "--samples_per_epoch",
+        "2000",
+        "--epochs",
+        "1",
+        "--print_freq",
+        "1",
+        *extra,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        start_new_session=True,
+    )
 
 
 def wait_for_the_first_step(process):
@@ -266,26 +313,49 @@ def test_a_resumed_epoch_has_its_averages_over_all_its_steps(tmp_path, toy):
     out = tmp_path / "resumed"
     train(out, toy, "--epochs", "1", "--stop_after_steps", "3")
     train(out, toy, "--epochs", "1", "--auto_resume")
-    straight, = log_records(tmp_path / "straight")
-    resumed, = log_records(out)
+    (straight,) = log_records(tmp_path / "straight")
+    (resumed,) = log_records(out)
     assert resumed["train_steps"] == straight["train_steps"] == 4
     assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-12)
     assert resumed["train_grad_norm"] == pytest.approx(straight["train_grad_norm"], rel=1e-12)
 
 
 def test_epoch_totals_combine_parts_by_their_steps_and_load_weights_only(tmp_path):
-    first = {"loss": 2.0, "grad_norm": 1.0, "samples_per_s": 10.0, "loss_task/segmentation": float("nan"),
-             "lr": 0.1, "skipped_steps": 1, "steps": 3, "stop": True}
-    second = {"loss": 1.0, "grad_norm": 4.0, "samples_per_s": 30.0, "loss_task/segmentation": 0.5,
-              "lr": 0.2, "skipped_steps": 0, "steps": 1, "stop": False}
+    first = {
+        "loss": 2.0,
+        "grad_norm": 1.0,
+        "samples_per_s": 10.0,
+        "loss_task/segmentation": float("nan"),
+        "lr": 0.1,
+        "skipped_steps": 1,
+        "steps": 3,
+        "stop": True,
+    }
+    second = {
+        "loss": 1.0,
+        "grad_norm": 4.0,
+        "samples_per_s": 30.0,
+        "loss_task/segmentation": 0.5,
+        "lr": 0.2,
+        "skipped_steps": 0,
+        "steps": 1,
+        "stop": False,
+    }
     alone = (EpochTotals() + EpochTotals.of_stats(second)).stats(second)
     assert alone == second  # bit for bit: a run without a resume logs what the engine measured
     saved = EpochTotals.of_stats(first).as_dict()
     torch.save({"epoch_totals": saved}, tmp_path / "c.pth")
     restored = EpochTotals.from_dict(torch.load(tmp_path / "c.pth", weights_only=True)["epoch_totals"])
     assert (restored + EpochTotals.of_stats(second)).stats(second) == {
-        "loss": 1.75, "grad_norm": 1.75, "samples_per_s": 15.0, "loss_task/segmentation": 0.5,  # NaN left out
-        "lr": 0.2, "skipped_steps": 1, "steps": 4, "stop": False}
+        "loss": 1.75,
+        "grad_norm": 1.75,
+        "samples_per_s": 15.0,
+        "loss_task/segmentation": 0.5,  # NaN left out
+        "lr": 0.2,
+        "skipped_steps": 1,
+        "steps": 4,
+        "stop": False,
+    }
     assert EpochTotals.from_dict(None).as_dict() == {"steps": 0, "skipped_steps": 0, "means": {}}  # older checkpoints
 
 
@@ -300,8 +370,7 @@ def refuse_to_build(monkeypatch):
     monkeypatch.setattr(main_pretrain, "build_model", build_model)
 
 
-def test_an_output_dir_that_cannot_be_written_is_one_line_before_the_model_is_built(tmp_path, toy, capsys,
-                                                                                     monkeypatch):
+def test_an_output_dir_that_cannot_be_written_is_one_line_before_the_model_is_built(tmp_path, toy, capsys, monkeypatch):
     refuse_to_build(monkeypatch)
     (tmp_path / "a-file").write_text("")
     below_a_file = tmp_path / "a-file" / "out"
@@ -316,8 +385,10 @@ def test_an_output_dir_that_cannot_be_written_is_one_line_before_the_model_is_bu
         return original(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-    assert error_line(capsys, read_only, toy) == \
-        f"--output_dir {read_only}: cannot write there (no permission to write there (read-only folder?))"
+    assert (
+        error_line(capsys, read_only, toy)
+        == f"--output_dir {read_only}: cannot write there (no permission to write there (read-only folder?))"
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a folder without write permission")
@@ -325,19 +396,23 @@ def test_a_folder_without_write_permission_is_one_line(tmp_path, toy, capsys, mo
     refuse_to_build(monkeypatch)
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    assert error_line(capsys, locked, toy) == \
-        f"--output_dir {locked}: cannot write there (no permission to write there (read-only folder?))"
+    assert (
+        error_line(capsys, locked, toy)
+        == f"--output_dir {locked}: cannot write there (no permission to write there (read-only folder?))"
+    )
 
 
-def test_a_full_disk_during_a_checkpoint_write_is_one_line_after_the_writer_finished(tmp_path, toy, capsys,
-                                                                                      monkeypatch):
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_after_the_writer_finished(
+    tmp_path, toy, capsys, monkeypatch
+):
     def full_disk(state, path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "atomic_save", full_disk)
     assert error_line(capsys, tmp_path, toy, "--epochs", "1") == (
         f"{tmp_path / checkpoint.LAST}: cannot write the checkpoint (the disk is full); training stopped: make "
-        "room or fix the folder, then continue with --auto_resume")
+        "room or fix the folder, then continue with --auto_resume"
+    )
     assert not [thread for thread in threading.enumerate() if thread.name == "checkpoint-writer"]
 
 

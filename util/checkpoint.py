@@ -13,6 +13,7 @@ torch.load(..., weights_only=True):
     epoch_totals                 the statistics of `epoch`'s steps so far (util.misc.EpochTotals.as_dict), so
                                  that its line in log.txt covers all of them across a resume
 """
+
 import argparse
 import glob
 import math
@@ -147,9 +148,20 @@ class CheckpointWriter:
             raise RuntimeError(f"writing a checkpoint failed: {type(error).__name__}: {error}") from error
 
 
-def save_training_state(path: str, model, optimizer, scaler, progress, args_dict: dict,
-                        global_batch: int, world_size: int, writer: CheckpointWriter = None, then=None,
-                        canvas_record: dict = None, epoch_totals: dict = None):
+def save_training_state(
+    path: str,
+    model,
+    optimizer,
+    scaler,
+    progress,
+    args_dict: dict,
+    global_batch: int,
+    world_size: int,
+    writer: CheckpointWriter = None,
+    then=None,
+    canvas_record: dict | None = None,
+    epoch_totals: dict | None = None,
+):
     """Collective: every rank contributes its RNG state; rank 0 writes the file, through `writer`
     (in the background) when given, and afterwards calls then() (e.g. a numbered copy and pruning).
     canvas_record: how the run draws its canvases (util/record.py), for inference to do the same;
@@ -182,9 +194,10 @@ def save_training_state(path: str, model, optimizer, scaler, progress, args_dict
             if then is not None:
                 then()
         except OSError as error:
-            raise UsageError(f"{error.filename or path}: cannot write the checkpoint ({describe_os_error(error)}); "
-                             "training stopped: make room or fix the folder, then continue with --auto_resume"
-                             ) from error
+            raise UsageError(
+                f"{error.filename or path}: cannot write the checkpoint ({describe_os_error(error)}); "
+                "training stopped: make room or fix the folder, then continue with --auto_resume"
+            ) from error
 
     writer.submit(write)
 
@@ -206,8 +219,11 @@ def find_latest_valid(output_dir: str):
     Newest by modification time, checkpoint-last.pth first among equals. A file may not load because a
     crash or a full disk cut it short, or because the file system failed to read it this time.
     """
-    paths = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))
-             if os.path.basename(p) == LAST or NUMBERED.match(os.path.basename(p))]
+    paths = [
+        p
+        for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))
+        if os.path.basename(p) == LAST or NUMBERED.match(os.path.basename(p))
+    ]
     paths.sort(key=lambda p: (os.path.getmtime(p), os.path.basename(p) == LAST), reverse=True)
     unreadable = []
     for path in paths:
@@ -230,8 +246,11 @@ def set_aside(path: str) -> str:
 def remove_partial_writes(output_dir: str) -> list:
     """Deletes the temporary files of checkpoint writes that a killed run left (each as large as a
     checkpoint); returns their names. The complete checkpoints are never touched."""
-    leftovers = sorted(name for name in os.listdir(output_dir)
-                       if name.startswith("checkpoint-") and ".pth" in name and name.endswith(".tmp"))
+    leftovers = sorted(
+        name
+        for name in os.listdir(output_dir)
+        if name.startswith("checkpoint-") and ".pth" in name and name.endswith(".tmp")
+    )
     for name in leftovers:
         os.remove(os.path.join(output_dir, name))
     return leftovers
@@ -241,8 +260,7 @@ def prune_numbered(output_dir: str, keep: int):
     """Deletes all but the `keep` highest-numbered checkpoint-{epoch}.pth (keep <= 0: keep all)."""
     if keep <= 0:
         return
-    numbered = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
-                      if (m := NUMBERED.match(name)))
+    numbered = sorted((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := NUMBERED.match(name)))
     for _, name in numbered[:-keep]:
         os.remove(os.path.join(output_dir, name))
 
@@ -254,8 +272,11 @@ def check_weights_fit(model: torch.nn.Module, weights: dict, source: str, hint: 
     own = model.state_dict()
     missing = [f"{name} (not in the file)" for name in own if name not in weights]
     unknown = [f"{name} (not in the model)" for name in weights if name not in own]
-    misshapen = [f"{name} ({list(weights[name].shape)} in the file, {list(target.shape)} in the model)"
-                 for name, target in own.items() if name in weights and weights[name].shape != target.shape]
+    misshapen = [
+        f"{name} ({list(weights[name].shape)} in the file, {list(target.shape)} in the model)"
+        for name, target in own.items()
+        if name in weights and weights[name].shape != target.shape
+    ]
     if missing or misshapen or unknown:
         raise UsageError(f"{source} does not fit {target}: {mismatch_summary(missing, misshapen, unknown)}; {hint}")
 
@@ -278,15 +299,16 @@ def mismatch_summary(missing: list, misshapen: list, unknown: list) -> str:
 FOREIGN_KEYS = re.compile(r"^(cls_token|dist_token|reg_token|mask_token|decoder_.*|head\..*|fc_norm\..*)$")
 # Our keys that a ViT checkpoint cannot hold; they keep their initialisation.
 MVG_ONLY_KEYS = re.compile(
-    r"^(mask_token|segment_token_[xy]|blocks\.\d+\.attn\.rel_pos_[hw]|decoder_(embed|pred)\..*)$")
+    r"^(mask_token|segment_token_[xy]|blocks\.\d+\.attn\.rel_pos_[hw]|decoder_(embed|pred)\..*)$"
+)
 
 
 @dataclass
 class LoadReport:
-    loaded: list = field(default_factory=list)     # names copied as they are
-    adapted: list = field(default_factory=list)    # (name, checkpoint shape, model shape) resampled
-    skipped: list = field(default_factory=list)    # (name, reason) expected not to fit
-    missing: list = field(default_factory=list)    # model names the checkpoint lacks (kept as initialised)
+    loaded: list = field(default_factory=list)  # names copied as they are
+    adapted: list = field(default_factory=list)  # (name, checkpoint shape, model shape) resampled
+    skipped: list = field(default_factory=list)  # (name, reason) expected not to fit
+    missing: list = field(default_factory=list)  # model names the checkpoint lacks (kept as initialised)
     unexpected: list = field(default_factory=list)  # (name, reason) that should have loaded but did not
 
     def summary(self) -> str:
@@ -298,12 +320,14 @@ class LoadReport:
                 pattern = re.sub(r"^blocks\.\d+\.", "blocks.*.", key)
                 counts[pattern] = counts.get(pattern, 0) + 1
             return ", ".join(k if n == 1 else f"{k} (x{n})" for k, n in counts.items()) or "-"
+
         adapted = ", ".join(f"{k} {list(a)}->{list(b)}" for k, a, b in self.adapted) or "-"
-        return (f"loaded {len(self.loaded)} tensors; adapted {len(self.adapted)}: {adapted}\n"
-                f"  skipped {len(self.skipped)}: {names(self.skipped)}\n"
-                f"  missing (kept as initialised) {len(self.missing)}: {names(self.missing)}\n"
-                f"  unexpected {len(self.unexpected)}: "
-                + ("; ".join(f"{k} ({why})" for k, why in self.unexpected) or "-"))
+        return (
+            f"loaded {len(self.loaded)} tensors; adapted {len(self.adapted)}: {adapted}\n"
+            f"  skipped {len(self.skipped)}: {names(self.skipped)}\n"
+            f"  missing (kept as initialised) {len(self.missing)}: {names(self.missing)}\n"
+            f"  unexpected {len(self.unexpected)}: " + ("; ".join(f"{k} ({why})" for k, why in self.unexpected) or "-")
+        )
 
 
 def load_weights_only(path: str, mmap: bool = False):
@@ -328,8 +352,9 @@ def read_checkpoint(path: str, flag: str = "--checkpoint", mmap: bool = False) -
     try:
         return load_weights_only(path, mmap)
     except Exception as error:  # truncated, random bytes, a pickle with objects: all mean "not usable"
-        raise UsageError(f"{where(flag, path)}: not a readable checkpoint ({unreadable_reason(path, error)})"
-                         ) from error
+        raise UsageError(
+            f"{where(flag, path)}: not a readable checkpoint ({unreadable_reason(path, error)})"
+        ) from error
 
 
 def unreadable_reason(path: str, error: Exception) -> str:
@@ -366,15 +391,18 @@ def state_dict_of(checkpoint) -> dict:
 
 def _resample_pos_embed(pos: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """A (1, prefix + side^2, D) embedding onto our (1, prefix' + side'^2, D) layout (bicubic)."""
+
     def layout(n):
         side = math.isqrt(n)
         return side, n - side * side
-    side, prefix = layout(pos.shape[1])
+
+    _side, prefix = layout(pos.shape[1])
     new_side, new_prefix = layout(shape[1])
     if prefix > 1 or new_prefix > 1 or pos.shape[-1] != shape[-1]:
         raise ValueError(f"cannot map a position embedding {list(pos.shape)} onto {list(shape)}")
-    pos = resample_abs_pos_embed(pos.float(), new_size=[new_side, new_side], num_prefix_tokens=prefix,
-                                 interpolation="bicubic", antialias=False)
+    pos = resample_abs_pos_embed(
+        pos.float(), new_size=[new_side, new_side], num_prefix_tokens=prefix, interpolation="bicubic", antialias=False
+    )
     if prefix < new_prefix:  # the checkpoint has no cls slot; ours is unused by the model anyway
         pos = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
     elif prefix > new_prefix:
@@ -392,14 +420,14 @@ def _adapt(name: str, value: torch.Tensor, target: torch.Tensor):
     """The checkpoint tensor resampled to the model's shape, or None if it cannot be."""
     if name == "pos_embed" and value.ndim == 3:
         return _resample_pos_embed(value, target.shape)
-    if re.fullmatch(r"blocks\.\d+\.attn\.rel_pos_[hw]", name) and value.ndim == 2 \
-            and value.shape[1] == target.shape[1]:
+    if re.fullmatch(r"blocks\.\d+\.attn\.rel_pos_[hw]", name) and value.ndim == 2 and value.shape[1] == target.shape[1]:
         return _resample_rel_pos(value, target.shape[0])
     return None
 
 
-def load_pretrained(model: torch.nn.Module, path: str, allow_mismatch: bool = False,
-                    flag: str = "--finetune") -> LoadReport:
+def load_pretrained(
+    model: torch.nn.Module, path: str, allow_mismatch: bool = False, flag: str = "--finetune"
+) -> LoadReport:
     """Initialises `model` from an MAE, timm-ViT, Painter or MVG checkpoint (weights only).
 
     Keys that fit load; the position embedding and rel-pos tables are resampled when their sizes
@@ -442,13 +470,17 @@ def load_pretrained(model: torch.nn.Module, path: str, allow_mismatch: bool = Fa
             else:
                 report.unexpected.append((name, "missing from the checkpoint"))
     if report.unexpected and not allow_mismatch:
-        log(f"{path}: the weights that do not fit the model\n"
-            + "\n".join(f"  {name}: {why}" for name, why in report.unexpected))
+        log(
+            f"{path}: the weights that do not fit the model\n"
+            + "\n".join(f"  {name}: {why}" for name, why in report.unexpected)
+        )
         missing = [f"{name} ({why})" for name, why in report.unexpected if name not in state]
         unknown = [f"{name} ({why})" for name, why in report.unexpected if name not in own]
         misshapen = [f"{name} ({why})" for name, why in report.unexpected if name in state and name in own]
-        raise UsageError(f"{where(flag, path)} does not fit the model: {mismatch_summary(missing, misshapen, unknown)}"
-                         f" (all {len(report.unexpected)} listed on stdout); pass --allow_key_mismatch to keep "
-                         "those parameters initialised")
+        raise UsageError(
+            f"{where(flag, path)} does not fit the model: {mismatch_summary(missing, misshapen, unknown)}"
+            f" (all {len(report.unexpected)} listed on stdout); pass --allow_key_mismatch to keep "
+            "those parameters initialised"
+        )
     model.load_state_dict(to_load, strict=False)
     return report

@@ -15,6 +15,7 @@ flushed, as logs of cluster jobs are read while they run; in a distributed run o
 
 This module is imported by the data readers, so it imports torch only where a checkpoint is read.
 """
+
 import argparse
 import os
 import sys
@@ -87,9 +88,10 @@ def first_line(error: BaseException) -> str:
 @dataclass(frozen=True)
 class RecordedProgress:
     """How far a training run got and how far it was asked to go, as its last checkpoint says."""
-    epoch: int             # epochs finished, or the epoch in progress when the run stopped mid-epoch
+
+    epoch: int  # epochs finished, or the epoch in progress when the run stopped mid-epoch
     global_step: int
-    epochs: int            # the run's --epochs
+    epochs: int  # the run's --epochs
     stop_after_steps: int  # the run's --stop_after_steps (0: none)
 
     @property
@@ -115,8 +117,12 @@ def read_recorded_progress(output_dir: str) -> RecordedProgress:
     recorded_args = state.get("args") if isinstance(state, dict) else None
     if not isinstance(recorded_args, dict):
         raise UsageError(f"{path}: not a training checkpoint of this project (no 'args' dict)")
-    fields = {"epoch": state.get("epoch"), "global_step": state.get("global_step"),
-              "epochs": recorded_args.get("epochs"), "stop_after_steps": recorded_args.get("stop_after_steps", 0)}
+    fields = {
+        "epoch": state.get("epoch"),
+        "global_step": state.get("global_step"),
+        "epochs": recorded_args.get("epochs"),
+        "stop_after_steps": recorded_args.get("stop_after_steps", 0),
+    }
     missing = sorted(name for name, value in fields.items() if not isinstance(value, int))
     if missing:
         raise UsageError(f"{path}: records no whole number for {', '.join(missing)}")
@@ -137,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m util.cli", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     finished = commands.add_parser(
-        "finished", help="print 'finished' or 'unfinished': has the training run in OUTPUT_DIR done all "
-                         "its epochs (or its --stop_after_steps), by its checkpoint-last.pth")
+        "finished",
+        help="print 'finished' or 'unfinished': has the training run in OUTPUT_DIR done all "
+        "its epochs (or its --stop_after_steps), by its checkpoint-last.pth",
+    )
     finished.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's --output_dir")
     return parser
 

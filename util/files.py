@@ -8,6 +8,7 @@ A crash, a full disk or a kill at any moment leaves either the earlier file or t
 torn one, and the temporary file is removed on errors. OS errors (a read-only folder, a full disk)
 become one-line UsageErrors that name the file.
 """
+
 import contextlib
 import errno
 import os
@@ -34,12 +35,12 @@ def describe_os_error(error: OSError) -> str:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str, mode: str = 'wb'):
+def atomic_output(path: str, mode: str = "wb"):
     """A file handle whose contents replace `path` only once fully written and synced."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+        descriptor, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     except OSError as error:
         raise UsageError(f"{path}: cannot write ({describe_os_error(error)})") from error
     try:
@@ -60,7 +61,7 @@ def atomic_output(path: str, mode: str = 'wb'):
 def path_below(root: str, *parts: str) -> str:
     """root/parts..., refusing parts that are empty, absolute, or lead out of root ('..', links)."""
     for part in parts:
-        if not part or os.path.isabs(part) or os.pardir in part.replace('\\', '/').split('/'):
+        if not part or os.path.isabs(part) or os.pardir in part.replace("\\", "/").split("/"):
             raise UsageError(f"{part!r}: not a plain name below {root}")
     path = os.path.join(root, *parts)
     real_root = os.path.realpath(root)
@@ -74,9 +75,9 @@ def writable_folder(path: str, flag: str) -> str:
     read-only or full output folder is reported before any work, naming the flag."""
     try:
         os.makedirs(path, exist_ok=True)
-        descriptor, probe = tempfile.mkstemp(prefix='.write-test-', dir=path)
+        descriptor, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
         try:
-            os.write(descriptor, b'probe')
+            os.write(descriptor, b"probe")
         finally:
             os.close(descriptor)
             os.remove(probe)

@@ -3,6 +3,7 @@
 A pure function of the global step, so a resumed run needs no scheduler state: the step counter in
 the checkpoint is enough.
 """
+
 import math
 
 

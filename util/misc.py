@@ -1,5 +1,6 @@
 """Distributed setup, metric smoothing, the index sharding of the loop, and the data-loading processes'
 behaviour (they end with the trainer; their input errors reach it as one line)."""
+
 import ctypes
 import datetime
 import math
@@ -14,7 +15,6 @@ import torch.distributed as dist
 from torch.utils.data import default_collate
 
 from util.cli import UsageError, set_rank
-
 
 # ---------------------------------------------------------------------------------------------------
 # processes
@@ -46,15 +46,17 @@ def _launcher_ranks(dist_on_itp: bool, local_rank_arg: int):
         local = int(env.get("LOCAL_RANK", max(local_rank_arg, 0)))
         return int(env["RANK"]), int(env["WORLD_SIZE"]), local
     if dist_on_itp:
-        return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                int(env["OMPI_COMM_WORLD_LOCAL_RANK"]))
+        return (
+            int(env["OMPI_COMM_WORLD_RANK"]),
+            int(env["OMPI_COMM_WORLD_SIZE"]),
+            int(env["OMPI_COMM_WORLD_LOCAL_RANK"]),
+        )
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     return None
 
 
-def init_distributed(device_name: str, dist_url: str = "env://", dist_on_itp: bool = False,
-                     local_rank_arg: int = -1):
+def init_distributed(device_name: str, dist_url: str = "env://", dist_on_itp: bool = False, local_rank_arg: int = -1):
     """Joins the process group the launcher set up (if any) and picks this process's device.
 
     nccl on CUDA, gloo otherwise. From here on only rank 0 logs (util.cli.set_rank). Returns
@@ -73,12 +75,19 @@ def init_distributed(device_name: str, dist_url: str = "env://", dist_on_itp: bo
         if dist_url == "env://":
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
-                raise UsageError(f"distributed run with {info.world_size} processes needs {missing} in the "
-                                 "environment (torchrun sets them; under srun export them, see "
-                                 "scripts/train_slurm.sh)")
+                raise UsageError(
+                    f"distributed run with {info.world_size} processes needs {missing} in the "
+                    "environment (torchrun sets them; under srun export them, see "
+                    "scripts/train_slurm.sh)"
+                )
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=dist_url, rank=info.rank, world_size=info.world_size,
-                                timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(
+            backend,
+            init_method=dist_url,
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(minutes=30),
+        )
     return info, device
 
 
@@ -178,6 +187,7 @@ class CarriedUsageError:
     """A UsageError of a worker, handed to the trainer as data. Raised in a worker, it would arrive as
     "Caught UsageError in DataLoader worker process 0" followed by the worker's whole traceback (PyTorch
     re-raises it with that text as its message), while its one line is all the user needs."""
+
     message: str
 
 
@@ -275,7 +285,7 @@ class MetricLogger:
         parts.append(f"data {self.meters['data_time'].avg:.3f}s")
         parts.append(f"skipped {skipped}")
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            parts.append(f"max mem {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB")
+            parts.append(f"max mem {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
         return "  ".join(parts)
 
 
@@ -292,7 +302,7 @@ class EpochTotals:
     # train_one_epoch's statistics that are not averages over steps.
     NOT_AVERAGED = ("lr", "skipped_steps", "steps", "stop")
 
-    def __init__(self, steps: int = 0, skipped_steps: int = 0, means: dict = None):
+    def __init__(self, steps: int = 0, skipped_steps: int = 0, means: dict | None = None):
         self.steps = steps
         self.skipped_steps = skipped_steps
         self.means = {name: list(mean_and_steps) for name, mean_and_steps in (means or {}).items()}
@@ -301,8 +311,11 @@ class EpochTotals:
     def of_stats(cls, stats: dict) -> "EpochTotals":
         steps = stats["steps"]
         # A non-finite average (e.g. every step of the part had a NaN loss) would spoil the whole epoch's.
-        means = {name: [value, steps] for name, value in stats.items()
-                 if name not in cls.NOT_AVERAGED and math.isfinite(value)}
+        means = {
+            name: [value, steps]
+            for name, value in stats.items()
+            if name not in cls.NOT_AVERAGED and math.isfinite(value)
+        }
         return cls(steps, stats["skipped_steps"], means)
 
     def __add__(self, later: "EpochTotals") -> "EpochTotals":
@@ -319,8 +332,13 @@ class EpochTotals:
     def stats(self, latest: dict) -> dict:
         """train_one_epoch's layout over all the steps; the lr and the stop flag are the latest part's."""
         averages = {name: mean for name, (mean, _) in self.means.items()}
-        return {**averages, "lr": latest["lr"], "skipped_steps": self.skipped_steps, "steps": self.steps,
-                "stop": latest["stop"]}
+        return {
+            **averages,
+            "lr": latest["lr"],
+            "skipped_steps": self.skipped_steps,
+            "steps": self.steps,
+            "stop": latest["stop"],
+        }
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "skipped_steps": self.skipped_steps, "means": self.means}
@@ -338,11 +356,12 @@ class EpochTotals:
 class RunLogger:
     """Rank 0's sinks for scalars and images: TensorBoard in `log_dir` and, if asked, wandb."""
 
-    def __init__(self, log_dir: str = "", wandb_project: str = "", config: dict = None):
+    def __init__(self, log_dir: str = "", wandb_project: str = "", config: dict | None = None):
         self.tensorboard = None
         self.wandb = None
         if log_dir:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
+
             os.makedirs(log_dir, exist_ok=True)
             self.tensorboard = SummaryWriter(log_dir=log_dir)
         if wandb_project:
@@ -361,6 +380,7 @@ class RunLogger:
             self.tensorboard.add_image(name, picture, step)
         if self.wandb is not None:
             import wandb
+
             self.wandb.log({name: wandb.Image(picture.permute(1, 2, 0).numpy())}, step=step)
 
     def flush(self):
@@ -378,6 +398,7 @@ def _start_wandb(project: str, config: dict, folder):
     try:
         import wandb
     except ImportError:
-        raise UsageError("--wandb needs the wandb package (pip install wandb); run without --wandb to "
-                         "log to TensorBoard only") from None
+        raise UsageError(
+            "--wandb needs the wandb package (pip install wandb); run without --wandb to log to TensorBoard only"
+        ) from None
     return wandb.init(project=project, config=config, dir=folder)

@@ -4,6 +4,7 @@ for `--precision auto`, shared by training, evaluation, prediction and the bench
     auto   CUDA: bf16 where the GPU has it (no loss scaling needed), else fp16 with a GradScaler;
            CPU: fp32 (bf16 autocast is a choice to make per CPU: bench/README.md)
 """
+
 import contextlib
 
 import torch
