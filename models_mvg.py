@@ -105,6 +105,12 @@ def pixel_head(channels: int, out_chans: int) -> nn.Sequential:
     )
 
 
+def pretrain_pos_embed(embed_dim: int, pretrain_grid: int, cls_token: bool) -> nn.Parameter:
+    """Absolute positions kept at the MAE pretraining size (and its class-token slot), so MAE
+    checkpoints load unchanged; they are resized to the canvas grid every forward."""
+    return nn.Parameter(torch.zeros(1, pretrain_grid**2 + int(cls_token), embed_dim))
+
+
 class MVG(nn.Module):
     """In-context image-to-image ViT with decomposed relative position bias (see module docstring)."""
 
@@ -139,48 +145,25 @@ class MVG(nn.Module):
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)  # the authors' norm, built per call
         img_size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
         self.out_indices = checked_layout(img_size, patch_size, depth, out_indices, merge_idx)
-        self.img_size = img_size
-        self.patch_size = patch_size
+        self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
-        self.embed_dim = embed_dim
-        self.decoder_embed_dim = decoder_embed_dim
-        self.merge_idx = merge_idx
-        self.pretrain_use_cls_token = pretrain_use_cls_token
-        self.use_act_checkpoint = use_act_checkpoint
-        self.loss_beta = loss_beta
+        self.decoder_embed_dim, self.merge_idx, self.loss_beta = decoder_embed_dim, merge_idx, loss_beta
+        self.pretrain_use_cls_token, self.use_act_checkpoint = pretrain_use_cls_token, use_act_checkpoint
         self.min_visible_target = min_visible_target
 
-        self.patch_embed = PatchEmbed(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            output_fmt="NHWC",
-            strict_img_size=False,
-        )
+        embed = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.patch_embed = PatchEmbed(**embed, output_fmt="NHWC", strict_img_size=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
         self.segment_token_x = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
         self.segment_token_y = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
-        if use_abs_pos:
-            # Kept at the MAE pretraining size so MAE checkpoints load unchanged; resized every forward.
-            num_positions = (pretrain_img_size // patch_size) ** 2 + int(pretrain_use_cls_token)
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim))
-        else:
-            self.pos_embed = None
-        self.blocks = build_blocks(
-            depth,
-            drop_path_rate,
-            use_rel_pos,
-            window_size,
-            window_block_indexes,
-            dim=embed_dim,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            norm_layer=norm_layer,
-            act_layer=act_layer,
-            input_size=self.grid_size,
+        self.pos_embed = (
+            pretrain_pos_embed(embed_dim, pretrain_img_size // patch_size, pretrain_use_cls_token)
+            if use_abs_pos
+            else None
         )
+        block = dict(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer)
+        block.update(act_layer=act_layer, input_size=self.grid_size)
+        self.blocks = build_blocks(depth, drop_path_rate, use_rel_pos, window_size, window_block_indexes, **block)
         self.norm = norm_layer(embed_dim)
         self.decoder_embed = nn.Linear(4 * embed_dim, patch_size**2 * decoder_embed_dim)
         self.decoder_pred = pixel_head(decoder_embed_dim, in_chans)
@@ -484,66 +467,31 @@ class MVG(nn.Module):
         return pred.view(n // num_prompts, num_prompts, *pred.shape[1:]).mean(dim=1)
 
 
-def _mvg(input_size, **kwargs) -> MVG:
-    return MVG(img_size=tuple(input_size), **kwargs)
+# What every factory shares: 16x16 patches, MLP ratio 4, biased qkv, as in the authors' ViT-L.
+COMMON_SETTINGS = dict(patch_size=16, mlp_ratio=4, qkv_bias=True)
+
+
+def _mvg(input_size, overrides: dict, **size) -> MVG:
+    """The model of a factory: its size settings, with the caller's keyword arguments on top."""
+    return MVG(img_size=tuple(input_size), **{**COMMON_SETTINGS, **size, **overrides})
 
 
 def mvg_vit_large_patch16(input_size=(896, 448), **kwargs) -> MVG:
     """The paper's model: ViT-L/16, 370,721,155 parameters at 896x448."""
-    defaults = dict(
-        patch_size=16,
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
-        mlp_ratio=4,
-        qkv_bias=True,
-        drop_path_rate=0.1,
-        decoder_embed_dim=64,
-    )
-    return _mvg(input_size, **{**defaults, **kwargs})
+    return _mvg(input_size, kwargs, embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.1, decoder_embed_dim=64)
 
 
 def mvg_vit_base_patch16(input_size=(896, 448), **kwargs) -> MVG:
-    defaults = dict(
-        patch_size=16,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        mlp_ratio=4,
-        qkv_bias=True,
-        drop_path_rate=0.1,
-        decoder_embed_dim=64,
-    )
-    return _mvg(input_size, **{**defaults, **kwargs})
+    return _mvg(input_size, kwargs, embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1, decoder_embed_dim=64)
 
 
 def mvg_vit_small_patch16(input_size=(896, 448), **kwargs) -> MVG:
-    defaults = dict(
-        patch_size=16,
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
-        mlp_ratio=4,
-        qkv_bias=True,
-        drop_path_rate=0.05,
-        decoder_embed_dim=32,
-    )
-    return _mvg(input_size, **{**defaults, **kwargs})
+    return _mvg(input_size, kwargs, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.05, decoder_embed_dim=32)
 
 
 def mvg_vit_tiny_patch16(input_size=(896, 448), **kwargs) -> MVG:
     """For CPU demos and tests: ViT-Ti/16 with a slimmer pixel decoder."""
-    defaults = dict(
-        patch_size=16,
-        embed_dim=192,
-        depth=12,
-        num_heads=3,
-        mlp_ratio=4,
-        qkv_bias=True,
-        drop_path_rate=0.0,
-        decoder_embed_dim=16,
-    )
-    return _mvg(input_size, **{**defaults, **kwargs})
+    return _mvg(input_size, kwargs, embed_dim=192, depth=12, num_heads=3, drop_path_rate=0.0, decoder_embed_dim=16)
 
 
 MODELS = {

@@ -150,38 +150,15 @@ def write_demo_sources(out_dir, seed=0):
         if number % TEST_EVERY == TEST_EVERY - 1:
             test_ids.append(case_id)
         block = slice(z0, z1)
-        _save_slab(
-            os.path.join(tissue, "imagesTr", f"{case_id}.nii.gz"),
-            t1[:, :, block],
-            t1_image.affine,
-            t1_image.header,
-            z0,
-            np.float32,
-        )
-        _save_slab(
-            os.path.join(tissue, "labelsTr", f"{case_id}.nii.gz"),
-            labels[:, :, block],
-            t1_image.affine,
-            t1_image.header,
-            z0,
-            np.uint8,
-        )
-        _save_slab(
-            os.path.join(denoise, "noisy", f"{case_id}.nii.gz"),
-            noisy[:, :, block],
-            t1_image.affine,
-            t1_image.header,
-            z0,
-            np.float32,
-        )
-        _save_slab(
-            os.path.join(denoise, "clean", f"{case_id}.nii.gz"),
-            t1[:, :, block],
-            t1_image.affine,
-            t1_image.header,
-            z0,
-            np.float32,
-        )
+        volumes = {
+            os.path.join(tissue, "imagesTr"): (t1, np.float32),
+            os.path.join(tissue, "labelsTr"): (labels, np.uint8),
+            os.path.join(denoise, "noisy"): (noisy, np.float32),
+            os.path.join(denoise, "clean"): (t1, np.float32),
+        }
+        for folder, (volume, dtype) in volumes.items():
+            path = os.path.join(folder, f"{case_id}.nii.gz")
+            _save_slab(path, volume[:, :, block], t1_image.affine, t1_image.header, z0, dtype)
     description = {
         "name": "MNI152 2009 tissue slabs",
         "modality": {"0": "MRI"},

@@ -136,75 +136,36 @@ def seconds_per_step(prepared, config):
     return sorted(times)[1] * 1.15  # the loop's data loading and logging on top of the bare step
 
 
-def train(prepared, out, config, args):
+def training_steps(prepared, config, args) -> int:
     if args.fast:
-        steps = 3
-    elif args.steps:
-        steps = args.steps
-    else:
-        steps = max(20, int(args.minutes * 60 / seconds_per_step(prepared, config)))
+        return 3
+    if args.steps:
+        return args.steps
+    return max(20, int(args.minutes * 60 / seconds_per_step(prepared, config)))
+
+
+def train(prepared, out, config, args):
+    steps = training_steps(prepared, config, args)
     epochs = 1 if args.fast else 10
     samples_per_epoch = max(1, steps // epochs) * config["batch_size"]
     count, smallest, largest = config["mask"]
+    height, width = config["input_size"]
     run_dir = os.path.join(out, "train")
     log(f"{steps} steps of batch {config['batch_size']} in {epochs} epoch(s)")
-    argv = [
-        "--model",
-        "mvg_vit_tiny_patch16",
-        "--depth",
-        str(config["depth"]),
-        "--input_size",
-        *map(str, config["input_size"]),
-        "--batch_size",
-        str(config["batch_size"]),
-        "--epochs",
-        str(epochs),
-        "--samples_per_epoch",
-        str(samples_per_epoch),
+    flags = (
+        f"--model mvg_vit_tiny_patch16 --depth {config['depth']} --input_size {height} {width} "
+        f"--batch_size {config['batch_size']} --epochs {epochs} --samples_per_epoch {samples_per_epoch} "
         # From scratch: a high learning rate, no layer-wise decay (nothing pretrained to protect).
-        "--lr",
-        "1e-3",
-        "--layer_decay",
-        "1.0",
-        "--warmup_epochs",
-        "0.5",
-        "--weight_decay",
-        "0.05",
-        "--num_mask_patches",
-        str(count),
-        "--min_mask_patches_per_block",
-        str(smallest),
-        "--max_mask_patches_per_block",
-        str(largest),
-        "--half_mask_ratio",
-        "0.5",
+        "--lr 1e-3 --layer_decay 1.0 --warmup_epochs 0.5 --weight_decay 0.05 "
+        f"--num_mask_patches {count} --min_mask_patches_per_block {smallest} "
+        f"--max_mask_patches_per_block {largest} --half_mask_ratio 0.5 "
         # Train as the evaluation asks: the context pair comes from another case (slab).
-        "--context_from",
-        "other_case",
-        "--mixture",
-        write_mixture(prepared, out),
-        "--label_encoding",
-        args.label_encoding,
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-        "--num_workers",
-        str(args.workers),
-        "--seed",
-        str(args.seed),
-        "--output_dir",
-        run_dir,
-        "--save_every_epochs",
-        "0",
-        "--save_every_steps",
-        "200",
-        "--print_freq",
-        "20",
-        "--vis_every_steps",
-        "100",
-    ]
-    main_pretrain.main(argv)
+        f"--context_from other_case --label_encoding {args.label_encoding} --device cpu --precision fp32 "
+        f"--num_workers {args.workers} --seed {args.seed} --save_every_epochs 0 --save_every_steps 200 "
+        "--print_freq 20 --vis_every_steps 100"
+    )
+    # Paths go in as whole words: they may hold spaces.
+    main_pretrain.main([*flags.split(), "--mixture", write_mixture(prepared, out), "--output_dir", run_dir])
     return os.path.join(run_dir, "checkpoint-last.pth")
 
 
