@@ -1,0 +1,167 @@
+"""Our ViT-L against the authors' released model, side by side: a training step (forward, backward,
+AdamW) at the same canvas, batch, mask and precision, the two models taking turns step by step, and the
+peak resident memory of a one-step process of each.
+
+The authors' code is not part of this repository: point --authors_repo at a checkout of their release
+(the folder holding their models_mvg.py and utils/), for example
+
+    git clone https://github.com/OliverRensu/MVG /tmp/authors_mvg
+    python -m bench.bench_vs_authors --authors_repo /tmp/authors_mvg --input_size 448 224 --batch_size 2
+
+Their model is built from its class with the settings of their ViT-L factory (which fixes the canvas at
+896x448) and the canvas asked for. Both models see the same random canvases and the autoregressive mask
+(the whole query target hidden); the loss weights are all ones.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from models_mvg import create_model
+from util.cli import ArgumentParser, UsageError, log, run_main
+from util.runtime import PRECISIONS, autocast, default_device, resolve_precision
+
+IMPLEMENTATIONS = ("ours", "authors")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--authors_repo", required=True, help="a checkout of the authors' release")
+    p.add_argument("--input_size", type=int, nargs=2, default=(448, 224), metavar=("H", "W"))
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=PRECISIONS)
+    p.add_argument("--attention", default="auto", help="our attention path (models_mvg.ATTENTION_PATHS)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model; medians are reported")
+    p.add_argument("--memory_of", default="", help=argparse.SUPPRESS)  # internal: implementation,precision
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.authors_repo, "models_mvg.py")):
+        raise UsageError(f"--authors_repo {args.authors_repo}: no models_mvg.py there (a checkout of their release?)")
+    args.precision = [resolve_precision(precision, args.device) for precision in args.precision]
+    return args
+
+
+def authors_model(repo: str, input_size) -> nn.Module:
+    """Their MVG class with their ViT-L factory's settings, on the asked canvas; their module is
+    loaded under another name, since ours is models_mvg too."""
+    sys.path.append(repo)  # their `utils` package
+    spec = importlib.util.spec_from_file_location("authors_models_mvg", os.path.join(repo, "models_mvg.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MVG(
+        img_size=tuple(input_size), patch_size=16, embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.1,
+        window_size=0, qkv_bias=True, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        window_block_indexes=(), residual_block_indexes=[], use_rel_pos=True, decoder_embed_dim=64,
+    )  # fmt: skip
+
+
+class Contender:
+    """One model with its optimizer and batch; `step` runs one training step."""
+
+    def __init__(self, implementation, args, precision):
+        self.device = torch.device(args.device)
+        torch.manual_seed(0)
+        if implementation == "ours":
+            self.model = create_model("mvg_vit_large_patch16", input_size=args.input_size)
+            self.model.set_attention(args.attention)
+        else:
+            self.model = authors_model(args.authors_repo, args.input_size)
+        self.model.to(self.device).train()
+        n, (height, width) = args.batch_size, args.input_size
+        self.imgs = torch.randn(n, 3, height, width, device=self.device)
+        self.tgts = torch.randn(n, 3, height, width, device=self.device)
+        grid = (height // 16, width // 16)
+        self.mask = torch.zeros(n, *grid, dtype=torch.bool, device=self.device)
+        self.mask[:, grid[0] // 2 :] = True
+        self.valid = torch.ones_like(self.tgts)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.implementation, self.precision = implementation, precision
+
+    def step(self):
+        with autocast(self.device, self.precision):
+            if self.implementation == "ours":
+                loss = self.model(self.imgs, self.tgts, self.mask.flatten(1))[0]
+            else:
+                loss = self.model(self.imgs, self.tgts, self.mask, self.valid.clone())[0]
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def timed_step(self) -> float:
+        start = time.perf_counter()
+        self.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+
+def step_times(args, precision) -> dict:
+    """{implementation: [seconds per timed step]}, the two models taking turns."""
+    contenders = {name: Contender(name, args, precision) for name in IMPLEMENTATIONS}
+    for contender in contenders.values():
+        for _ in range(args.warmup):
+            contender.step()
+    times = {name: [] for name in contenders}
+    for _ in range(args.steps):
+        for name, contender in contenders.items():
+            times[name].append(contender.timed_step())
+    return times
+
+
+def peak_memory_gib(args, implementation, precision) -> float:
+    """Peak resident memory of a fresh process that builds one model and runs one step."""
+    argv = [sys.executable, "-m", __spec__.name, "--authors_repo", args.authors_repo, "--input_size",
+            *map(str, args.input_size), "--batch_size", str(args.batch_size), "--device", args.device,
+            "--attention", args.attention, "--memory_of", f"{implementation},{precision}"]  # fmt: skip
+    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise UsageError(f"the memory run of {implementation} {precision} failed (its error is above)")
+    return json.loads(done.stdout.strip().splitlines()[-1]) / 2**30
+
+
+def one_step_peak(args, implementation, precision) -> int:
+    """This process's peak resident bytes after one step. VmHWM, not getrusage's ru_maxrss: Linux
+    carries ru_maxrss over from the parent through fork and exec, and the parent holds both models."""
+    Contender(implementation, args, precision).step()
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return kib * 1024
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_of:
+        log(json.dumps(one_step_peak(args, *args.memory_of.split(","))))
+        return
+    torch.set_num_threads(torch.get_num_threads())
+    lines = [
+        f"ViT-L, canvas {args.input_size[0]}x{args.input_size[1]}, batch {args.batch_size}, {args.device}, "
+        f"our attention '{args.attention}'; train step seconds (median of {args.steps} alternating, min-max)",
+        "",
+        "| precision | authors' step (s) | our step (s) | speed-up | authors' peak (GiB) | our peak (GiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for precision in args.precision:
+        times = step_times(args, precision)
+        median = {name: statistics.median(values) for name, values in times.items()}
+        peaks = {name: peak_memory_gib(args, name, precision) for name in IMPLEMENTATIONS}
+        spread = {name: f"{min(values):.2f}-{max(values):.2f}" for name, values in times.items()}
+        lines.append(
+            f"| {precision} | {median['authors']:.2f} ({spread['authors']}) | {median['ours']:.2f} ({spread['ours']}) "
+            f"| {median['authors'] / median['ours']:.2f}x | {peaks['authors']:.2f} | {peaks['ours']:.2f} |"
+        )
+    log("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
