@@ -1,20 +1,27 @@
 """Helpers and constants that several test modules share (fixtures built from them are in
 tests/conftest.py): source volumes in the layouts datasets.prepare reads, the prepare tool on the
-command line, tiny prepared datasets, stand-ins for a trained model, and training runs and weights."""
+command line, tiny prepared datasets, stand-ins for a trained model, predict.py's inputs and command
+line, training runs and weights, and the entry points' one-line errors."""
 
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import main_pretrain
+import predict
 from datasets import prepare
 from datasets.manifest import PreparedDataset, read_png
 from masking_generator import MaskPolicy
+from util.cli import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -280,6 +287,30 @@ def blob_labels(num_classes, shape=HALF, seed=0):
     return label
 
 
+# ---------------------------------------------------------------- predict.py's inputs and command line
+
+SIDE = HALF[0]  # in-plane size that goes through the stand-in model's canvas without any resize
+
+
+def save_png(path, array):
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def save_placed_nifti(path, data, affine):
+    """A NIfTI with qform code 1 and sform code 2, so that a header carried over to an output shows;
+    returns the path as a string, ready for a command line."""
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=2)
+    nib.save(image, path)
+    return str(path)
+
+
+def run_predict(*argv):
+    return predict.main([str(a) for a in argv])
+
+
 # ---------------------------------------------------------------- training runs and their weights
 
 TINY = [
@@ -313,6 +344,11 @@ TINY = [
 ]
 
 
+def run_training(out, data, *extra):
+    """main_pretrain on the CPU with the TINY settings, on the prepared root `data`, into `out`."""
+    return main_pretrain.main([*TINY, "--data_path", data, "--output_dir", str(out), *extra])
+
+
 def weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
@@ -321,3 +357,31 @@ def assert_same_weights(a, b, atol=0.0, rtol=0.0):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=rtol, msg=lambda m, key=key: f"{key}: {m}")
+
+
+# ---------------------------------------------------------------- one-line errors of the entry points
+
+
+def run_module(*argv, env=None):
+    """python -m argv... in the repository, with this interpreter (the venv's)."""
+    return subprocess.run(
+        [sys.executable, "-m", *map(str, argv)], cwd=REPO, capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def assert_one_error_line(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def usage_error(function, *args) -> str:
+    """The message of the UsageError function(*args) raises; it must be one line."""
+    with pytest.raises(UsageError) as caught:
+        function(*args)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message

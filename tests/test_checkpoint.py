@@ -21,6 +21,14 @@ def test_atomic_save_and_pruning(tmp_path):
     assert torch.load(tmp_path / "checkpoint-4.pth", weights_only=True) == {"epoch": 4}
 
 
+def save_in_background(path, model, optimizer, writer, args, **extra):
+    """save_training_state of a one-process run at a fresh Progress, through `writer`."""
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    checkpoint.save_training_state(
+        path, model, optimizer, scaler, Progress(), args, global_batch=1, world_size=1, writer=writer, **extra
+    )
+
+
 def test_background_checkpoint_holds_the_state_of_its_step_and_errors_surface(tmp_path, monkeypatch):
     """Training goes on while the file is written: the file must hold the state at the moment of the
     save, not what the weights became meanwhile; and a failed write is not lost in its thread."""
@@ -38,17 +46,8 @@ def test_background_checkpoint_holds_the_state_of_its_step_and_errors_surface(tm
     monkeypatch.setattr(checkpoint, "atomic_save", slow_disk)
     writer = checkpoint.CheckpointWriter()
     path = str(tmp_path / checkpoint.LAST)
-    checkpoint.save_training_state(
-        path,
-        model,
-        optimizer,
-        torch.amp.GradScaler("cpu", enabled=False),
-        Progress(),
-        {"model": "linear"},
-        global_batch=1,
-        world_size=1,
-        writer=writer,
-        then=lambda: open(tmp_path / "then-ran", "w").close(),
+    save_in_background(
+        path, model, optimizer, writer, {"model": "linear"}, then=lambda: open(tmp_path / "then-ran", "w").close()
     )
     with torch.no_grad():
         model.weight.add_(1.0)  # training goes on while the write waits for the disk
@@ -71,17 +70,7 @@ def test_background_checkpoint_holds_the_state_of_its_step_and_errors_surface(tm
         (bug, RuntimeError, "writing a checkpoint failed: ValueError: a bug"),
     ):
         monkeypatch.setattr(checkpoint, "atomic_save", failing)
-        checkpoint.save_training_state(
-            path,
-            model,
-            optimizer,
-            torch.amp.GradScaler("cpu", enabled=False),
-            Progress(),
-            {},
-            global_batch=1,
-            world_size=1,
-            writer=writer,
-        )
+        save_in_background(path, model, optimizer, writer, {})
         with pytest.raises(error) as raised:
             writer.wait()
         assert str(raised.value).startswith(message)

@@ -170,75 +170,40 @@ def test_nnunet_2d_png_dataset(tmp_path):
     assert np.array_equal(read_png(dataset.slice_path("label", "xr_001", 0)), radiograph_and_mask(seed=1)[1])
 
 
+def prepare_pictures(root, images, labels, dataset, *extra):
+    """prepare's glob layout on the XR pictures `images` and masks `labels` under root, into root/out."""
+    return run(
+        "glob",
+        "--root",
+        root,
+        "--images",
+        images,
+        "--labels",
+        labels,
+        "--modality",
+        "XR",
+        "--out",
+        root / "out",
+        "--dataset",
+        dataset,
+        *extra,
+    )
+
+
 def test_jpeg_labels_and_colour_images_are_refused_by_name(tmp_path, capsys):
     picture, mask = radiograph_and_mask()
     save_picture(tmp_path / "img" / "a.png", picture)
     save_picture(tmp_path / "lab" / "a.jpg", mask * 255)
-    assert (
-        run(
-            "glob",
-            "--root",
-            tmp_path,
-            "--images",
-            "img/*.png",
-            "--labels",
-            "lab/*.jpg",
-            "--modality",
-            "XR",
-            "--out",
-            tmp_path / "out",
-            "--dataset",
-            "bad",
-        )
-        == 2
-    )
+    assert prepare_pictures(tmp_path, "img/*.png", "lab/*.jpg", "bad") == 2
     assert "lab/a.jpg: a label in JPEG" in capsys.readouterr().err
 
     save_picture(tmp_path / "img" / "b.png", np.stack([picture, mask * 255, picture], axis=2))
     save_picture(tmp_path / "lab" / "b.png", mask)
-    assert (
-        run(
-            "glob",
-            "--root",
-            tmp_path,
-            "--images",
-            "img/[b].png",
-            "--labels",
-            "lab/[b].png",
-            "--modality",
-            "XR",
-            "--out",
-            tmp_path / "out",
-            "--dataset",
-            "colour",
-        )
-        == 2
-    )
+    assert prepare_pictures(tmp_path, "img/[b].png", "lab/[b].png", "colour") == 2
     error = capsys.readouterr().err
     assert "img/b.png" in error and "--channel" in error
 
-    assert (
-        run(
-            "glob",
-            "--root",
-            tmp_path,
-            "--images",
-            "img/[b].png",
-            "--labels",
-            "lab/[b].png",
-            "--modality",
-            "XR",
-            "--out",
-            tmp_path / "out",
-            "--dataset",
-            "green",
-            "--channel",
-            "1",
-            "--size",
-            16,
-        )
-        == 0
-    )
+    assert prepare_pictures(tmp_path, "img/[b].png", "lab/[b].png", "green", "--channel", "1", "--size", 16) == 0
     assert np.array_equal(read_png(read_prepared(tmp_path / "out", "green").slice_path("image", "b", 0)), mask * 255)
 
 

@@ -1,7 +1,7 @@
 """The training entry point on CPU with a tiny model and tiny data made by the project's prepare tool:
-learning, exact resume, multi-process equivalence, non-finite steps, pretrained weights, the CLI."""
+learning, exact resume, multi-process equivalence, non-finite steps, the CLI. Pretrained weights
+(--finetune): tests/test_train_finetune.py."""
 
-import argparse
 import itertools
 import json
 import os
@@ -13,29 +13,16 @@ import sys
 
 import numpy as np
 import pytest
-import timm
 import torch
 
 import main_pretrain
 import pretrain_setup
 from engine_pretrain import NonFiniteError, Progress, train_one_epoch
 from models_mvg import MVG, create_model
-from tests.helpers import REPO, TINY, assert_same_weights, prepare_all, weights
-from util import checkpoint
+from tests.helpers import REPO, TINY, assert_same_weights, run_training, weights
 from util.cli import UsageError
 from util.lr_sched import lr_at, set_lr
 from util.misc import ShardSampler, _launcher_ranks
-
-
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    """Seg, Synth, Denoise, Inpaint (tests/test_canvas.py's data, from prepare_all)."""
-    return str(prepare_all(tmp_path_factory.mktemp("mixed")))
-
-
-def run(out, data, *extra):
-    return main_pretrain.main([*TINY, "--data_path", data, "--output_dir", str(out), *extra])
-
 
 # ---------------------------------------------------------------------------------------------------
 # command line
@@ -49,63 +36,37 @@ SEED_COMMAND = (
 )
 
 
+# What the seed command sets, as parse_args reports it.
+SEED_SETTINGS = {
+    "batch_size": 16,
+    "model": "mvg_vit_large_patch16",
+    "epochs": 100,
+    "warmup_epochs": 5,
+    "lr": 1e-3,
+    "num_mask_patches": 256,
+    "half_mask_ratio": 1.0,
+    "max_mask_patches_per_block": 128,
+    "min_mask_patches_per_block": 16,
+    "input_size": [896, 448],
+    "data_path": ["/data/MVGDataSet/train/"],
+    "finetune": "/ckpt/mae_pretrain_vit_large.pth",
+    "layer_decay": 0.8,
+}
+
+# Every flag of the authors' main_pretrain.py, with a value where it takes one.
+AUTHORS_COMMAND = (
+    "--accum_iter 2 --norm_pix_loss --layer_decay 0.75 --blr 1e-3 --min_lr 1e-6 --output_dir o --log_dir l "
+    "--device cpu --seed 3 --resume r.pth --seg_only --start_epoch 2 --num_workers 1 --pin_mem --no_pin_mem "
+    "--world_size 8 --local_rank 0 --dist_on_itp --dist_url env:// --last_norm_instance"
+)
+
+
 def test_seed_command_parses_and_every_authors_flag_is_accepted():
     args = main_pretrain.parse_args(SEED_COMMAND.split() + ["--device", "cpu"])
-    assert (args.batch_size, args.model, args.epochs, args.warmup_epochs, args.lr) == (
-        16,
-        "mvg_vit_large_patch16",
-        100,
-        5,
-        1e-3,
-    )
-    assert (
-        args.num_mask_patches,
-        args.half_mask_ratio,
-        args.max_mask_patches_per_block,
-        args.min_mask_patches_per_block,
-    ) == (256, 1.0, 128, 16)
-    assert args.input_size == [896, 448] and args.data_path == ["/data/MVGDataSet/train/"]
-    assert args.finetune == "/ckpt/mae_pretrain_vit_large.pth" and args.layer_decay == 0.8
+    assert {name: getattr(args, name) for name in SEED_SETTINGS} == SEED_SETTINGS
     assert "--mask_ratio 0.75 has no effect" in main_pretrain.inert_flag_notes(args, 8)[0]
 
-    # Every flag of the authors' main_pretrain.py, with a value where it takes one.
-    authors = [
-        "--accum_iter",
-        "2",
-        "--norm_pix_loss",
-        "--layer_decay",
-        "0.75",
-        "--blr",
-        "1e-3",
-        "--min_lr",
-        "1e-6",
-        "--output_dir",
-        "o",
-        "--log_dir",
-        "l",
-        "--device",
-        "cpu",
-        "--seed",
-        "3",
-        "--resume",
-        "r.pth",
-        "--seg_only",
-        "--start_epoch",
-        "2",
-        "--num_workers",
-        "1",
-        "--pin_mem",
-        "--no_pin_mem",
-        "--world_size",
-        "8",
-        "--local_rank",
-        "0",
-        "--dist_on_itp",
-        "--dist_url",
-        "env://",
-        "--last_norm_instance",
-    ]
-    args = main_pretrain.parse_args(SEED_COMMAND.split() + authors)
+    args = main_pretrain.parse_args(SEED_COMMAND.split() + AUTHORS_COMMAND.split())
     assert args.seg_only and not args.pin_mem and args.start_epoch == 2 and args.dist_on_itp
     notes = " ".join(main_pretrain.inert_flag_notes(args, 1))
     for flag in ("--mask_ratio", "--norm_pix_loss", "--last_norm_instance", "--world_size"):
@@ -186,7 +147,7 @@ def test_ranks_come_from_torchrun_slurm_or_open_mpi(monkeypatch):
 
 def test_loss_falls_and_the_run_leaves_checkpoints_logs_and_tensorboard(tmp_path, toy):
     out = tmp_path / "run"
-    progress = run(
+    progress = run_training(
         out,
         toy,
         "--label_encoding",
@@ -256,25 +217,25 @@ def test_resume_mid_epoch_and_after_a_truncated_checkpoint_equals_a_straight_run
         "--save_every_epochs",
         "1",
     ]
-    run(tmp_path / "straight", mixed, *common)
+    run_training(tmp_path / "straight", mixed, *common)
     straight = weights(tmp_path / "straight" / "checkpoint-last.pth")
 
     resumed = tmp_path / "resumed"
-    run(resumed, mixed, *common, "--stop_after_steps", "3")
+    run_training(resumed, mixed, *common, "--stop_after_steps", "3")
     state = torch.load(resumed / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)
     assert not list(resumed.glob("checkpoint-0.pth"))
-    run(resumed, mixed, *common, "--auto_resume")
+    run_training(resumed, mixed, *common, "--auto_resume")
     assert_same_weights(weights(resumed / "checkpoint-last.pth"), straight)
 
     # A crash leaves a truncated checkpoint-last.pth (newest): --auto_resume falls back to checkpoint-0.pth.
     crashed = tmp_path / "crashed"
-    run(crashed, mixed, *common, "--stop_after_steps", "8")
+    run_training(crashed, mixed, *common, "--stop_after_steps", "8")
     last = crashed / "checkpoint-last.pth"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     (crashed / "checkpoint-last.pth.x1y2.tmp").write_bytes(b"a write cut short by the crash")
     capsys.readouterr()
-    run(crashed, mixed, *common, "--auto_resume")
+    run_training(crashed, mixed, *common, "--auto_resume")
     captured = capsys.readouterr()
     assert not list(crashed.glob("*.tmp")) and "removed checkpoint-last.pth.x1y2.tmp" in captured.out
     assert "skipping checkpoint" in captured.err and "checkpoint-last.pth" in captured.err
@@ -365,7 +326,7 @@ def nan_forward_on(monkeypatch, calls, value=float("nan")):
 
 def test_non_finite_loss_skips_the_step_and_many_in_a_row_stop_the_run(tmp_path, mixed, monkeypatch, capsys):
     nan_forward_on(monkeypatch, calls={2, 5})
-    progress = run(tmp_path / "a", mixed, "--batch_size", "2", "--samples_per_epoch", "16", "--epochs", "1")
+    progress = run_training(tmp_path / "a", mixed, "--batch_size", "2", "--samples_per_epoch", "16", "--epochs", "1")
     assert progress.global_step == 8 and progress.skipped_steps == 2
     assert "non-finite loss" in capsys.readouterr().err
     state = torch.load(tmp_path / "a" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
@@ -376,7 +337,7 @@ def test_non_finite_loss_skips_the_step_and_many_in_a_row_stop_the_run(tmp_path,
 
     nan_forward_on(monkeypatch, calls=set(range(1, 100)))
     with pytest.raises(NonFiniteError, match="3 consecutive"):
-        run(
+        run_training(
             tmp_path / "b",
             mixed,
             "--batch_size",
@@ -436,8 +397,8 @@ def test_compile_trains_like_eager_and_saves_unprefixed_keys(tmp_path, toy):
     """--compile (inductor, here on the CPU): same weights as eager after a few steps, and the
     checkpoint holds the plain module's keys, loadable without the compile wrapper."""
     common = ("--batch_size", "2", "--samples_per_epoch", "6", "--epochs", "1")
-    run(tmp_path / "eager", toy, *common)
-    run(tmp_path / "compiled", toy, *common, "--compile")
+    run_training(tmp_path / "eager", toy, *common)
+    run_training(tmp_path / "compiled", toy, *common, "--compile")
     eager, compiled = (
         weights(tmp_path / "eager" / "checkpoint-last.pth"),
         weights(tmp_path / "compiled" / "checkpoint-last.pth"),
@@ -458,7 +419,7 @@ def test_a_signal_stops_the_run_at_the_next_step_with_a_checkpoint(tmp_path, mix
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(MVG, "forward", forward)
-    progress = run(
+    progress = run_training(
         tmp_path, mixed, "--batch_size", "2", "--samples_per_epoch", "16", "--epochs", "1", "--precision", "bf16"
     )  # CPU autocast, on the way
     assert progress.global_step == 2
@@ -469,116 +430,4 @@ def test_a_signal_stops_the_run_at_the_next_step_with_a_checkpoint(tmp_path, mix
 def test_wandb_is_optional_with_a_clear_message(tmp_path, mixed, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(UsageError, match="--wandb needs the wandb package"):
-        run(tmp_path, mixed, "--wandb", "--batch_size", "2", "--samples_per_epoch", "4", "--epochs", "1")
-
-
-# ---------------------------------------------------------------------------------------------------
-# pretrained weights
-
-
-def mae_checkpoint(depth=4, dim=192, img_size=224):
-    """A timm ViT with MAE's decoder keys added, in MAE's {'model': ...} layout."""
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=depth, img_size=img_size)
-    state = vit.state_dict()
-    decoder = 128
-    state.update(
-        {
-            "mask_token": torch.zeros(1, 1, decoder),
-            "decoder_embed.weight": torch.zeros(decoder, dim),
-            "decoder_embed.bias": torch.zeros(decoder),
-            "decoder_pos_embed": torch.zeros(1, 197, decoder),
-            "decoder_blocks.0.norm1.weight": torch.ones(decoder),
-            "decoder_norm.weight": torch.ones(decoder),
-            "decoder_pred.weight": torch.zeros(16 * 16 * 3, decoder),
-            "decoder_pred.bias": torch.zeros(768),
-        }
-    )
-    return state
-
-
-def test_finetune_loads_mae_timm_and_mvg_checkpoints_with_a_key_report(tmp_path, mixed, capsys):
-    model = create_model("mvg_vit_tiny_patch16", input_size=(64, 32), depth=4)
-    mae = mae_checkpoint()
-    torch.save({"model": mae}, tmp_path / "mae.pth")
-    report = checkpoint.load_pretrained(model, str(tmp_path / "mae.pth"))
-    assert not report.unexpected and not report.adapted
-    assert len(report.loaded) == 5 + 4 * 12  # pos_embed, patch_embed (2), norm (2) + 12 per block
-    assert {k for k, _ in report.skipped} == {
-        "cls_token",
-        "mask_token",
-        "decoder_embed.weight",
-        "decoder_embed.bias",
-        "decoder_pos_embed",
-        "decoder_blocks.0.norm1.weight",
-        "decoder_norm.weight",
-        "decoder_pred.weight",
-        "decoder_pred.bias",
-        "head.weight",
-        "head.bias",
-    }
-    # MAE's mask_token and decoder_embed share our names but not our shapes: skipped above, so they
-    # keep their initialisation like the keys a ViT checkpoint cannot have.
-    assert set(report.missing) == {
-        "segment_token_x",
-        "segment_token_y",
-        *[f"blocks.{i}.attn.rel_pos_{a}" for i in range(4) for a in "hw"],
-        *[k for k in model.state_dict() if k.startswith("decoder_pred.")],
-    }
-    assert torch.equal(model.blocks[3].attn.qkv.weight, mae["blocks.3.attn.qkv.weight"])
-    assert torch.equal(model.pos_embed, mae["pos_embed"])
-
-    # timm's bare state dict from a 256-pixel model: the position embedding is resampled to 14x14.
-    torch.save(mae_checkpoint(img_size=256), tmp_path / "timm.pth")
-    report = checkpoint.load_pretrained(model, str(tmp_path / "timm.pth"))
-    assert report.adapted == [("pos_embed", (1, 257, 192), (1, 197, 192))]
-
-    # The authors' layout (MAE's save_model: the weights beside optimizer, epoch and an
-    # argparse.Namespace) at another canvas: everything loads; rel-pos tables are interpolated.
-    source = create_model("mvg_vit_tiny_patch16", input_size=(128, 32), depth=4)
-    torch.save(
-        {
-            "model": source.state_dict(),
-            "optimizer": {},
-            "epoch": 3,
-            "args": argparse.Namespace(model="mvg_vit_large_patch16"),
-        },
-        tmp_path / "mvg.pth",
-    )
-    report = checkpoint.load_pretrained(model, str(tmp_path / "mvg.pth"))
-    assert not report.missing and not report.skipped and not report.unexpected
-    assert sorted(k for k, _, _ in report.adapted) == sorted(f"blocks.{i}.attn.rel_pos_h" for i in range(4))
-    assert torch.equal(model.decoder_embed.weight, source.decoder_embed.weight)
-
-    # Anything else stops the run in one line with counts and an example, the keys listed on stdout,
-    # unless allowed.
-    bad = dict(mae, **{"blocks.7.attn.qkv.weight": torch.zeros(576, 192), "norm.weight": torch.ones(100)})
-    torch.save({"model": bad}, tmp_path / "bad.pth")
-    capsys.readouterr()
-    with pytest.raises(UsageError) as error:
-        checkpoint.load_pretrained(model, str(tmp_path / "bad.pth"))
-    assert str(error.value) == (
-        f"--finetune {tmp_path / 'bad.pth'} does not fit the model: 1 misshapen, 1 unknown weights, e.g. "
-        "norm.weight (shape [100] vs model [192]) (all 2 listed on stdout); pass --allow_key_mismatch to keep "
-        "those parameters initialised"
-    )
-    listed = capsys.readouterr().out
-    assert "blocks.7.attn.qkv.weight: no such key" in listed
-    assert "norm.weight: shape [100] vs model [192]" in listed
-    report = checkpoint.load_pretrained(model, str(tmp_path / "bad.pth"), allow_mismatch=True)
-    assert {k for k, _ in report.unexpected} == {"blocks.7.attn.qkv.weight", "norm.weight"}
-
-    # Wired into main: the report is printed and training starts from those weights.
-    capsys.readouterr()
-    run(
-        tmp_path / "run",
-        mixed,
-        "--finetune",
-        str(tmp_path / "mae.pth"),
-        "--batch_size",
-        "2",
-        "--samples_per_epoch",
-        "4",
-        "--epochs",
-        "1",
-    )
-    assert "finetune from" in capsys.readouterr().out
+        run_training(tmp_path, mixed, "--wandb", "--batch_size", "2", "--samples_per_epoch", "4", "--epochs", "1")
