@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from datasets.canvas import to_model_inputs
 from models_mvg import LOSS_WEIGHT_EPS
 from pixels import denormalise
 from tasks import TASK_NAMES
@@ -100,14 +101,16 @@ def visual_grid(model, batch, pred, mask, rows: int = 4) -> torch.Tensor:
 
 
 def fetch_step(batches, accum: int, device):
-    """The step's accum micro-batches on the device, and the seconds spent waiting for them.
+    """The step's accum micro-batches on the device, as the model takes them, and the seconds spent
+    waiting for them and converting them.
 
-    All of them are fetched before the first forward because the loss divisor needs their weights.
-    Holding them costs little: about 11 MB a sample at 896x448 (imgs, tgts, valid in fp32), small next
-    to the activations of one forward.
+    The loader's batches hold 8-bit canvases (datasets.canvas.InContextDataset); they are normalised
+    here, on the device (to_model_inputs). All of them are fetched before the first forward because
+    the loss divisor needs their weights. Holding them costs little: about 11 MB a sample at 896x448
+    (imgs, tgts, valid in fp32), small next to the activations of one forward.
     """
     start = time.perf_counter()
-    micro_batches = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()} for _ in range(accum)]
+    micro_batches = [to_model_inputs(next(batches), device) for _ in range(accum)]
     return micro_batches, time.perf_counter() - start
 
 
@@ -333,7 +336,8 @@ def train_one_epoch(
     """Runs the loader to its end (or until a stop), updating `progress` after every step.
 
     model            the (possibly DDP- and compile-wrapped) model
-    loader           yields len(loader) micro-batches, a multiple of args.accum_iter, starting at
+    loader           yields len(loader) micro-batches of InContextDataset items (8-bit canvases, see
+                     datasets.canvas), a multiple of args.accum_iter, starting at
                      progress.step_in_epoch of the epoch
     args             main_pretrain's arguments, args.precision resolved (util.runtime.resolve_precision)
     lr_schedule      global step -> lr

@@ -29,7 +29,8 @@ import time
 import torch
 
 import models_mvg
-from datasets.canvas import BALANCES, CONTEXT_FROM, MIXTURE_RECIPES
+from datasets.canvas import CONTEXT_FROM
+from datasets.mixture import BALANCES, MIXTURE_RECIPES
 from engine_pretrain import Progress, train_one_epoch
 from flags import add_model_flags, add_runtime_flags
 from pretrain_resume import check_model_fits, finish_epoch, restore, set_up_output
@@ -145,7 +146,7 @@ def get_args_parser() -> ArgumentParser:
         "the recipe's: datasets for balanced, slices for paper)",
     )
     g.add_argument(
-        "--mixture", default=None, help="mixture JSON file (see datasets.canvas.load_mixture), instead of --data_path"
+        "--mixture", default=None, help="mixture JSON file (see datasets.mixture.load_mixture), instead of --data_path"
     )
     g.add_argument(
         "--seg_only",
@@ -171,6 +172,12 @@ def get_args_parser() -> ArgumentParser:
     g.add_argument("--hflip", type=float, default=0.0, help="probability of a horizontal flip per pair")
     g.add_argument("--vflip", type=float, default=0.0, help="probability of a vertical flip per pair")
     g.add_argument("--num_workers", type=int, default=8, help="data loading processes per device")
+    g.add_argument(
+        "--slice_cache_mb",
+        type=int,
+        default=2048,
+        help="decoded slices kept in memory shared by this process's data workers (0: decode at every read)",
+    )
     g.add_argument("--pin_mem", action="store_true", default=True, help="pin host memory (default on)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
 
@@ -286,6 +293,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.log_dir = args.output_dir
     if args.accum_iter < 1 or args.batch_size < 1 or args.print_freq < 1:
         raise UsageError("--batch_size, --accum_iter and --print_freq must be at least 1")
+    if args.num_workers < 0 or args.slice_cache_mb < 0:
+        raise UsageError("--num_workers and --slice_cache_mb must be 0 or more")
     # Refused rather than warned about: such a run would train nothing, write nothing and exit 0,
     # which a job script could not tell from a finished run.
     if args.epochs < 1:

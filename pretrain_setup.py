@@ -15,8 +15,9 @@ import torch
 from timm.optim import param_groups_layer_decay
 
 import models_mvg
-from datasets.canvas import Augment, InContextDataset, Mixture, load_mixture
+from datasets.canvas import Augment, InContextDataset
 from datasets.manifest import PreparedDataset
+from datasets.mixture import Mixture, load_mixture
 from masking_generator import MaskPolicy
 from tasks import get_task
 from util import misc
@@ -90,6 +91,7 @@ def build_dataset(args, mixture: Mixture, patch_size: int) -> InContextDataset:
         seed=args.seed,
         samples_per_epoch=args.samples_per_epoch,
         patch_size=patch_size,
+        slice_cache_bytes=args.slice_cache_mb * 2**20,
     )
 
 

@@ -27,6 +27,7 @@ import torch
 import main_pretrain
 import pretrain_setup
 from bench.bench_data import prepared_mni
+from datasets.canvas import to_model_inputs
 from flags import add_runtime_flags
 from util.cli import ArgumentParser, log, run_main
 from util.runtime import autocast, resolve_precision
@@ -133,8 +134,7 @@ def bare_seconds_per_step(args, data, folder):
     device = torch.device(args.device)
     model = pretrain_setup.build_model(train_args).to(device).train()
     dataset = pretrain_setup.build_dataset(train_args, pretrain_setup.build_mixture(train_args), model.patch_size)
-    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)))
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = to_model_inputs(next(iter(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size))), device)
     optimizer = pretrain_setup.build_optimizer(model, train_args, 1e-4, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 

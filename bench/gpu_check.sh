@@ -57,7 +57,7 @@ TRAIN=(--data_path "$DATA" --input_size 896 448 --batch_size 8 --num_workers 8 -
        --vis_every_steps 0 --save_every_epochs 0)
 
 stage "2. attention paths; model step, ViT-L 896x448 batch 8"
-run 90 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py -k cuda
+run 120 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_canvas_pixels.py -k "cuda or gpu"
 # flex compiles its kernels in the warm-up; a path that fails there is left out, the others timed.
 run 240 $PY -m bench.bench_model --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
     --device cuda --precision bf16 --attention fused eager augmented flex --checkpointing off --steps 5 --warmup 2

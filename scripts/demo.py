@@ -29,7 +29,8 @@ import torch
 import main_eval
 import main_pretrain
 from datasets import prepare
-from datasets.canvas import InContextDataset, Mixture
+from datasets.canvas import InContextDataset, to_model_inputs
+from datasets.mixture import Mixture
 from datasets.mni_demo import write_demo_sources
 from label_encoding import LABEL_ENCODINGS
 from masking_generator import MaskPolicy
@@ -124,7 +125,8 @@ def seconds_per_step(prepared, config):
     )
     model = create_model("mvg_vit_tiny_patch16", input_size=config["input_size"], depth=config["depth"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = torch.utils.data.default_collate([data[i] for i in range(config["batch_size"])])
+    items = [data[i] for i in range(config["batch_size"])]
+    batch = to_model_inputs(torch.utils.data.default_collate(items), torch.device("cpu"))
     times = []
     for _ in range(4):
         start = time.perf_counter()

@@ -10,7 +10,8 @@ import torch
 from scipy.stats import chisquare
 
 from datasets import prepare
-from datasets.canvas import Augment, InContextDataset, Mixture, MixtureEntry, load_mixture
+from datasets.canvas import Augment, InContextDataset, to_model_inputs
+from datasets.mixture import Mixture, MixtureEntry, load_mixture
 from label_encoding import random_palette, render_labels
 from masking_generator import MaskPolicy, sample_rng
 from tasks import TASK_NAMES, TASKS
@@ -19,6 +20,7 @@ from util.cli import UsageError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,12 @@ def raw_pixels(tensor):
     return ((tensor * STD + MEAN) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
+def model_view(item):
+    """One item as the model meets it: to_model_inputs of a batch of one, the batch dimension dropped."""
+    batch = to_model_inputs(torch.utils.data.default_collate([item]), CPU)
+    return {key: value[0] for key, value in batch.items()}
+
+
 def colours(picture):
     flat = picture.reshape(-1, 3)
     return {tuple(c) for c in np.unique(flat[flat.any(axis=1)], axis=0)}
@@ -45,10 +53,13 @@ def test_segmentation_canvas_shapes_mask_valid_and_shared_colours(prepared):
     data = dataset(prepared, ["Seg"])
     for index in range(20):
         item = data[index]
-        assert item["imgs"].shape == item["tgts"].shape == (3, *CANVAS)
+        assert item["imgs"].shape == (1, *CANVAS) and item["tgts"].shape == (3, *CANVAS)
+        assert item["imgs"].dtype == item["tgts"].dtype == torch.uint8
         assert item["task"] == TASK_NAMES.index("segmentation") and data.names[item["dataset"]] == "Seg"
         mask = item["mask"].reshape(4, 2)
         assert mask[2:].all() and not mask[:2].any()  # segmentation: whole query target hidden
+        item = model_view(item)
+        assert item["imgs"].shape == item["tgts"].shape == (3, *CANVAS) and item["valid"].shape == (1, *CANVAS)
         target = raw_pixels(item["tgts"])
         top, bottom = colours(target[:32]), colours(target[32:])
         assert top == bottom and len(top) == 2  # classes 1 and 2, one colour each, in both pairs
@@ -63,7 +74,7 @@ def test_other_tasks_use_image_targets_and_mim_masks(prepared):
     data = dataset(prepared, ["Synth", "Denoise", "Inpaint"], mask_policy=policy(half_mask_ratio=0.0))
     seen = set()
     for index in range(40):
-        item = data[index]
+        item = model_view(data[index])
         seen.add(TASK_NAMES[item["task"]])
         assert item["mask"].sum() == 3  # MIM: exactly num_mask_patches
         assert torch.all(item["valid"] == 1)
@@ -72,11 +83,11 @@ def test_other_tasks_use_image_targets_and_mim_masks(prepared):
 
 def test_grey_and_binary_encodings(prepared):
     grey = dataset(prepared, ["Seg"], label_encoding="grey")
-    levels = set(np.unique(raw_pixels(grey[0]["tgts"])[..., 0]).tolist())
+    levels = set(np.unique(grey[0]["tgts"].numpy()).tolist())
     assert levels == {0, 10, 20}
     binary = dataset(prepared, ["Seg"], label_encoding="binary")
     for index in range(5):
-        item = binary[index]
+        item = model_view(binary[index])
         target = raw_pixels(item["tgts"])
         assert colours(target) == {(255, 255, 255)}
         white = target.all(axis=2)
@@ -102,7 +113,7 @@ def test_render_labels_many_classes_and_limits():
 def test_items_are_deterministic_per_seed_epoch_index_and_across_workers(prepared):
     data = dataset(prepared)
     a, b = data[7], data[7]
-    for key in ("imgs", "tgts", "mask", "valid"):
+    for key in ("imgs", "tgts", "mask", "background_weight"):
         assert torch.equal(a[key], b[key])
     data.set_epoch(1)
     assert not torch.equal(data[7]["imgs"], a["imgs"])
@@ -154,8 +165,8 @@ def test_synthesis_swap_reverses_the_direction(prepared):
     # t2w = 100 - t1c, so the image is the bright inverse of the target whichever way round.
     forward = dataset(prepared, mixture=Mixture([MixtureEntry(str(prepared / "Synth"), swap_prob=0.0)]))
     backward = dataset(prepared, mixture=Mixture([MixtureEntry(str(prepared / "Synth"), swap_prob=1.0)]))
-    a, b = forward[3], backward[3]
-    assert torch.allclose(a["imgs"], b["tgts"]) and torch.allclose(a["tgts"], b["imgs"])
+    a, b = model_view(forward[3]), model_view(backward[3])
+    assert torch.equal(a["imgs"], b["tgts"]) and torch.equal(a["tgts"], b["imgs"])
 
 
 def test_task_settings_come_from_the_registry(prepared, monkeypatch):
@@ -164,7 +175,7 @@ def test_task_settings_come_from_the_registry(prepared, monkeypatch):
         TASKS[name].swap_prob for name in ("segmentation", "synthesis", "denoising")
     ]
     monkeypatch.setitem(TASKS, "segmentation", dataclasses.replace(TASKS["segmentation"], background_weight=0.25))
-    item = dataset(prepared, ["Seg"])[0]
+    item = model_view(dataset(prepared, ["Seg"])[0])
     background = ~raw_pixels(item["tgts"]).any(axis=2)
     np.testing.assert_allclose(item["valid"][0].numpy(), np.where(background, 0.25, 1.0))
 
@@ -191,7 +202,6 @@ def test_augment_crops_pairs_identically():
     for _ in range(10):
         out_image, out_target = augment(image, image.copy(), True, rng)
         assert out_image.shape == (32, 32)
-        assert out_image.flags.c_contiguous and out_target.flags.c_contiguous  # torch refuses flipped views
         np.testing.assert_array_equal(out_image, out_target)
     small = np.zeros((20, 24), dtype=np.uint8)
     out_image, out_target = Augment(crop_size=(32, 32), scale_jitter=0.1)(small, small, True, rng)
@@ -219,10 +229,10 @@ def test_flipped_items_reach_a_batch_through_a_data_loader(prepared, name):
     crop = (CANVAS[0] // 2, CANVAS[1])
     flipped = dataset(prepared, [name], augment=Augment(crop_size=crop, hflip=1.0, vflip=1.0), seed=3)
     reference = dataset(prepared, [name], augment=Augment(crop_size=crop, hflip=NEVER, vflip=NEVER), seed=3)
-    batch = next(iter(torch.utils.data.DataLoader(flipped, batch_size=4, num_workers=0)))
+    batch = to_model_inputs(next(iter(torch.utils.data.DataLoader(flipped, batch_size=4, num_workers=0))), CPU)
     assert batch["imgs"].shape == (4, 3, *CANVAS)
     for position in range(4):
-        unflipped = reference[position]
+        unflipped = model_view(reference[position])
         assert not torch.equal(batch["imgs"][position], unflipped["imgs"])
         for key in ("imgs", "tgts", "valid"):
             # context pair over query pair: each is flipped on its own, in both directions
@@ -232,11 +242,8 @@ def test_flipped_items_reach_a_batch_through_a_data_loader(prepared, name):
         assert torch.equal(batch["mask"][position], unflipped["mask"])
 
 
-def prepare_recipe_tree(root):
-    """One dataset per task, cases of different lengths: 3 segmentation cases (2, 3, 5 slices), 8
-    synthesis cases (2 to 5 slices), 4 inpainting cases (2 to 5 slices), 2 denoising cases (2 and 5
-    slices)."""
-    out = root / "prepared"
+def write_recipe_sources(root):
+    """The source volumes of prepare_recipe_tree, in the layouts of their datasets.prepare commands."""
     for i, depth in enumerate((2, 3, 5)):
         image, label = segmentation_case(i, depth)
         save(root / "seg" / "imagesTr" / f"c{i}.nii.gz", image)
@@ -255,45 +262,24 @@ def prepare_recipe_tree(root):
         base = np.random.default_rng(40 + i).uniform(0, 100, size=(SLICE, SLICE, depth)).astype(np.float32)
         save(root / "ldct" / "low" / f"p{i}.nii.gz", base + 5)
         save(root / "ldct" / "full" / f"p{i}.nii.gz", base)
+
+
+def prepare_recipe_tree(root):
+    """One dataset per task, cases of different lengths: 3 segmentation cases (2, 3, 5 slices), 8
+    synthesis cases (2 to 5 slices), 4 inpainting cases (2 to 5 slices), 2 denoising cases (2 and 5
+    slices)."""
+    write_recipe_sources(root)
+    out = root / "prepared"
     common = ["--out", str(out), "--size", str(SLICE), "--test_fraction", "0"]
-    assert prepare.main(["msd", "--root", str(root / "seg"), "--dataset", "Seg", "--modality", "CT", *common]) == 0
-    assert (
-        prepare.main(
-            [
-                "brats-synthesis",
-                "--root",
-                str(root / "brats"),
-                "--source",
-                "t1c",
-                "--target",
-                "t2w",
-                "--dataset",
-                "Synth",
-                *common,
-            ]
-        )
-        == 0
+    commands = (
+        ["msd", "--root", str(root / "seg"), "--dataset", "Seg", "--modality", "CT"],
+        ["brats-synthesis", "--root", str(root / "brats"), "--source", "t1c", "--target", "t2w", "--dataset", "Synth"],
+        ["brats-inpainting", "--root", str(root / "local"), "--dataset", "Inpaint"],
+        ["denoising", "--root", str(root / "ldct"), "--low_dose", "low/*.nii.gz", "--normal_dose", "full/*.nii.gz"]
+        + ["--modality", "CT", "--dataset", "Denoise"],
     )
-    assert prepare.main(["brats-inpainting", "--root", str(root / "local"), "--dataset", "Inpaint", *common]) == 0
-    assert (
-        prepare.main(
-            [
-                "denoising",
-                "--root",
-                str(root / "ldct"),
-                "--low_dose",
-                "low/*.nii.gz",
-                "--normal_dose",
-                "full/*.nii.gz",
-                "--modality",
-                "CT",
-                "--dataset",
-                "Denoise",
-                *common,
-            ]
-        )
-        == 0
-    )
+    for command in commands:
+        assert prepare.main([*command, *common]) == 0
     return out
 
 

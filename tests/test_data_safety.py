@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from datasets import prepare
-from datasets.canvas import InContextDataset, Mixture, MixtureEntry
+from datasets.canvas import InContextDataset
 from datasets.manifest import PreparedDataset, read_png
+from datasets.mixture import Mixture, MixtureEntry
 from datasets.verify import verify_root
 from tests.helpers import CANVAS, labelled_volume, policy, save_nifti, write_msd
 from util.cli import UsageError
