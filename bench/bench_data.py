@@ -174,6 +174,35 @@ def loader_per_second(data, args) -> float:
     return count / (time.perf_counter() - start)
 
 
+def alternating_rates(paths: dict, args) -> dict:
+    """{path name: canvases/s per round}. Every round times other items, so the cache holds only what
+    earlier rounds (and this round's earlier items) decoded. The paths take turns every CHUNK items, in
+    an order that rotates, so that a burst of load from elsewhere falls on all of them alike."""
+    names = list(paths)
+    rates = {name: [] for name in names}
+    for round_ in range(args.repeats):
+        seconds = dict.fromkeys(names, 0.0)
+        first = 1 + round_ * args.items
+        for turn, start in enumerate(range(first, first + args.items, CHUNK)):
+            count = min(CHUNK, first + args.items - start)
+            for name in names[turn % 3 :] + names[: turn % 3]:
+                seconds[name] += count / items_per_second(paths[name], start, count)
+        for name in names:
+            rates[name].append(args.items / seconds[name])
+        log(f"round {round_ + 1}: " + ", ".join(f"{name} {rates[name][-1]:.1f}" for name in names))
+    return rates
+
+
+def conversion_seconds(dataset, batch_size: int) -> float:
+    """Seconds per canvas of to_model_inputs on the CPU (the mean of 3 calls after a warm-up)."""
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(batch_size)])
+    to_model_inputs(batch, torch.device("cpu"))
+    start = time.perf_counter()
+    for _ in range(3):
+        to_model_inputs(batch, torch.device("cpu"))
+    return (time.perf_counter() - start) / 3 / batch_size
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)  # one worker's worth of CPU, as in a DataLoader worker
@@ -200,36 +229,18 @@ def main(argv=None):
         }
         for data in paths.values():
             data[0]  # imports and first-call costs out of the timings
-        rates = {name: [] for name in paths}
-        names = list(paths)
-        for round_ in range(args.repeats):
-            # Every round times other items, so the cache holds only what earlier rounds (and this
-            # round's earlier items) decoded. The paths take turns every CHUNK items, in an order
-            # that rotates, so that a burst of load from elsewhere falls on all of them alike.
-            seconds = dict.fromkeys(names, 0.0)
-            first = 1 + round_ * args.items
-            for turn, start in enumerate(range(first, first + args.items, CHUNK)):
-                count = min(CHUNK, first + args.items - start)
-                for name in names[turn % 3 :] + names[: turn % 3]:
-                    seconds[name] += count / items_per_second(paths[name], start, count)
-            for name in names:
-                rates[name].append(args.items / seconds[name])
-            log(f"round {round_ + 1}: " + ", ".join(f"{name} {rates[name][-1]:.1f}" for name in names))
+        rates = alternating_rates(paths, args)
         cache = current.slice_cache
         log(f"slice cache: {cache.cached_slices()} slices, {cache.used_bytes() / 2**20:.1f} MiB in shared memory")
 
-        batch = torch.utils.data.default_collate([current[i] for i in range(args.batch_size)])
-        to_model_inputs(batch, torch.device("cpu"))
-        start = time.perf_counter()
-        for _ in range(3):
-            to_model_inputs(batch, torch.device("cpu"))
-        conversion = (time.perf_counter() - start) / 3 / args.batch_size
+        conversion = conversion_seconds(current, args.batch_size)
 
         pooled = {
             "previous": loader_per_second(PreviousPath(dataset()), args),
             "current": loader_per_second(dataset(), args),
         }
 
+    names = list(paths)
     previous = statistics.median(rates["previous"])
     log("")
     log(f"canvases/s in one process (one worker), median of {args.repeats} rounds of {args.items} items:")
