@@ -22,7 +22,17 @@ def to_normalised_tensor(pictures: Sequence[np.ndarray]) -> torch.Tensor:
     ImageNet-normalised; grey is replicated to 3 channels."""
     parts = [torch.tensor(p) for p in pictures]  # a copy: decoded PNG buffers are read-only
     parts = [p.expand(3, *p.shape) if p.ndim == 2 else p for p in parts]
-    return torch.cat(parts, dim=1).float().sub_(MEAN_255).div_(STD_255)
+    return normalise(torch.cat(parts, dim=1))
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """8-bit pixels (..., 1 or 3, H, W) -> ImageNet-normalised (..., 3, H, W) float32, grey replicated.
+    The one order of operations (float32, minus mean x 255, divided by std x 255), wherever it runs: the
+    data workers of inference and the training device give the same values bit for bit."""
+    device = pixels.device
+    shape = (*pixels.shape[:-3], 3, *pixels.shape[-2:])
+    floats = pixels.expand(shape).to(torch.float32, memory_format=torch.contiguous_format)
+    return floats.sub_(MEAN_255.to(device)).div_(STD_255.to(device))
 
 
 def denormalise(canvas: torch.Tensor) -> torch.Tensor:

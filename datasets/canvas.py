@@ -29,15 +29,14 @@ comes from the task registry (tasks.py); label targets are drawn in a label enco
 (label_encoding.py), pixels normalised as pixels.py does.
 """
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from label_encoding import LABEL_ENCODINGS, render_labels
+from label_encoding import LABEL_ENCODINGS, draw_labels
 from masking_generator import MaskPolicy, sample_rng
-from pixels import MEAN_255, STD_255, resize_picture, training_scale_size
+from pixels import normalise, resize_picture, training_scale_size
 from tasks import TASK_NAMES
 
 from .manifest import SlicePair
@@ -263,52 +262,6 @@ class InContextDataset(torch.utils.data.Dataset):
         }
 
 
-def draw_labels(labels: Sequence[np.ndarray], encoding: str, rng: np.random.Generator, out: Sequence[np.ndarray]):
-    """The class-id crops of one sample drawn into out, (3, rows, cols) uint8 each, as render_labels
-    draws them: render_labels chooses the colours from which ids each map holds (and nothing else),
-    so it is given just those ids, which takes the same random draws, and the colour table it gives
-    them is applied here, once per channel."""
-    present = [ids_present(label) for label in labels]
-    lut = np.zeros((3, max(int(held[-1]) for held in present) + 1), dtype=np.uint8)
-    for held, colours in zip(present, render_labels(present, encoding, rng)):
-        lut[:, held] = colours
-    for label, picture in zip(labels, out):
-        rows = max(1, TAKE_BLOCK // label.shape[1])
-        for top in range(0, label.shape[0], rows):
-            block = label[top : top + rows]
-            for channel in range(3):  # "clip": no buffered copy of the output; every id fits the table
-                np.take(lut[channel], block, out=picture[channel, top : top + rows], mode="clip")
-
-
-# take() first copies its indices to 64-bit integers. For a whole 448x448 crop that copy (1.6 MB) is
-# above glibc's mmap threshold, so every call maps fresh pages and faults them in; in blocks of 14336
-# pixels (112 KiB of indices, 32 rows of 448) the copy reuses heap memory: measured 1.36x more
-# canvases/s without the slice cache, and no slower with it.
-TAKE_BLOCK = 14336
-
-
-# Up to this many ids, ids_present compares the map with each id: cheaper than counting every pixel
-# (np.bincount converts the whole map to 64-bit indices first).
-FEW_IDS = 32
-
-
-def ids_present(label: np.ndarray) -> np.ndarray:
-    """The ids a class-id map holds, ascending."""
-    top = int(label.max())
-    if top < FEW_IDS:
-        return np.array([i for i in range(top + 1) if (label == i).any()])
-    return np.flatnonzero(np.bincount(label.ravel()))
-
-
-def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (B, 1 or 3, H, W) -> ImageNet-normalised (B, 3, H, W) float32, grey replicated: the
-    operations of pixels.to_normalised_tensor in its order (float32, minus mean x 255, divided by std x
-    255), so the values are the same bit for bit."""
-    device = pixels.device
-    floats = pixels.expand(-1, 3, -1, -1).to(torch.float32, memory_format=torch.contiguous_format)
-    return floats.sub_(MEAN_255.to(device)).div_(STD_255.to(device))
-
-
 def to_model_inputs(batch: dict, device) -> dict:
     """A batch of InContextDataset items (collated) on the device as the model takes them: imgs and
     tgts normalised (B, 3, H, W) float32; valid (B, 1, H, W) float32, 1 where the target is drawn and
@@ -324,5 +277,6 @@ def to_model_inputs(batch: dict, device) -> dict:
         **batch,
         "imgs": normalise(batch["imgs"]),
         "tgts": normalise(pixels),
+        # any() of uint8 is uint8, which where() takes as a condition only with a deprecation warning.
         "valid": torch.where(pixels.any(dim=1, keepdim=True).bool(), 1.0, background),
     }

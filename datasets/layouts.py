@@ -11,6 +11,7 @@ when it does not say). The folders are the task's (tasks.py), input first and ta
     denoising      image (low dose), target (normal dose)
 """
 
+import abc
 import glob
 import json
 import os
@@ -238,7 +239,7 @@ def find_brats_cases(root, roles_to_suffixes, fallbacks=None):
 # ---------------------------------------------------------------- the registry
 
 
-class Layout:
+class Layout(abc.ABC):
     """A source layout, the subcommand `python -m datasets.prepare <name>`. An entry sets name, help and
     task and defines find_cases; add_arguments and folders where it has flags or folder names of its own."""
 
@@ -246,11 +247,12 @@ class Layout:
     help: str
     task: Task
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser):  # noqa: B027  an optional hook: a layout may have no flags of its own
         """The layout's own flags (the flags every layout takes are datasets.prepare's)."""
 
+    @abc.abstractmethod
     def find_cases(self, args) -> FoundCases:
-        raise NotImplementedError
+        """The layout's cases under args.root, the class names and the modality the source gives."""
 
     def folders(self, args) -> dict[str, str]:
         """{folder: kind} of the prepared dataset, input first, target second."""

@@ -11,18 +11,10 @@ from torch.utils.data import DataLoader, default_collate
 
 from bench.bench_data import PreviousPath
 from datasets import prepare
-from datasets.canvas import (
-    FEW_IDS,
-    TAKE_BLOCK,
-    Augment,
-    InContextDataset,
-    draw_labels,
-    normalise,
-    to_model_inputs,
-)
+from datasets.canvas import Augment, InContextDataset, to_model_inputs
 from datasets.mixture import Mixture
-from label_encoding import render_labels
-from pixels import MEAN_255, STD_255, to_normalised_tensor
+from label_encoding import FEW_IDS, TAKE_BLOCK, draw_labels, render_labels
+from pixels import MEAN_255, STD_255, normalise, to_normalised_tensor
 from tests.helpers import CANVAS, SLICE, policy, save
 
 CPU = torch.device("cpu")
