@@ -168,6 +168,13 @@ def get_args_parser() -> ArgumentParser:
         default="same_case",
         help="the context pair is another slice of the query's case, or a slice of another case",
     )
+    g.add_argument(
+        "--background_weight",
+        type=float,
+        default=None,
+        help="loss weight of the black (background) pixels of label targets (default: the task's, "
+        "0.1 for segmentation as in the authors' code)",
+    )
     g.add_argument("--scale_jitter", type=float, default=0.0, help="random rescale of a pair by 1 +- this")
     g.add_argument("--hflip", type=float, default=0.0, help="probability of a horizontal flip per pair")
     g.add_argument("--vflip", type=float, default=0.0, help="probability of a vertical flip per pair")

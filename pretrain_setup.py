@@ -92,6 +92,7 @@ def build_dataset(args, mixture: Mixture, patch_size: int) -> InContextDataset:
         samples_per_epoch=args.samples_per_epoch,
         patch_size=patch_size,
         slice_cache_bytes=args.slice_cache_mb * 2**20,
+        background_weight=args.background_weight,
     )
 
 

@@ -8,7 +8,8 @@ crops, copies and draws labels, in 8-bit pixels:
     tgts  (3, H, W)   uint8, context target over query target: a grey image replicated to 3 channels,
                       or a label map drawn in the label encoding
     background_weight float32 (), the loss weight of the target's black pixels: the task's
-                      background_weight for a label target (0.1 for segmentation), 1 for an image
+                      background_weight for a label target (0.1 for segmentation) unless the dataset
+                      is given one, 1 for an image
     mask  (L,)        bool, True where a target token is hidden (masking_generator.MaskPolicy)
     task, dataset     int ids into tasks.TASK_NAMES and into the dataset's `names`, for per-task logging
 
@@ -115,6 +116,7 @@ class InContextDataset(torch.utils.data.Dataset):
         samples_per_epoch: int | None = None,
         patch_size: int = 16,
         slice_cache_bytes: int = SLICE_CACHE_BYTES,
+        background_weight: float | None = None,
     ):
         if label_encoding not in LABEL_ENCODINGS:
             raise ValueError(f"label_encoding must be one of {LABEL_ENCODINGS}, got '{label_encoding}'")
@@ -157,6 +159,7 @@ class InContextDataset(torch.utils.data.Dataset):
                 f"{(input_size[0] // 2, input_size[1])}"
             )
         self.seed = seed
+        self.background_weight = background_weight
         self.epoch = 0
         self.samples_per_epoch = samples_per_epoch or self.num_slices
         self.slice_cache = self._slice_cache(slice_cache_bytes)
@@ -251,7 +254,11 @@ class InContextDataset(torch.utils.data.Dataset):
         if target_is_label:
             draw_labels(labels, self.label_encoding, rng, [tgts[:, rows] for rows in halves])
         mask, _ = self.mask_policy(source.task.name, rng)
-        background_weight = source.task.background_weight if target_is_label else 1.0
+        background_weight = 1.0
+        if target_is_label:
+            background_weight = (
+                source.task.background_weight if self.background_weight is None else self.background_weight
+            )
         return {
             "imgs": torch.from_numpy(imgs),
             "tgts": torch.from_numpy(tgts),

@@ -16,6 +16,8 @@ The case is written in the nnU-Net / Decathlon layout, so it prepares like any s
 import importlib.util
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
@@ -83,30 +85,88 @@ def write_mni152_tissue_case(out_dir, case_id="mni152"):
 # The one template volume is cut into axial slabs that serve as cases: slabs of SLAB_SLICES slices
 # separated by SLAB_GAP unused slices, every TEST_EVERY-th slab held out. No test slice then has a
 # training slice closer than SLAB_GAP + 1 slices, so neighbouring-slice leakage cannot inflate scores.
+#
+# Several label sets are drawn on the same slabs, and their class ids collide on purpose: 1 is CSF in
+# one set, the whole brain in another, the left hemisphere in a third. A query slice alone therefore
+# does not say which label it should get; only the context pair does.
 
 SLAB_SLICES = 8
 SLAB_GAP = 6
 TEST_EVERY = 3
-DEMO_CLASS_NAMES = {0: "background", 1: "csf", 2: "grey matter", 3: "white matter"}
 CSF_QUANTILE = 0.35  # brain voxels darker than this T1 quantile and neither grey nor white: "CSF-ish"
+ENVELOPE_PROBABILITY = 0.1  # grey + white probability above this, holes filled: the brain
 NOISE_FRACTION = 0.06  # Rician noise sigma as a fraction of the T1's 99th percentile
+VOID_RADIUS_MM = (8.0, 14.0)  # radius range of the region removed from each slab for inpainting
+# Each slab is placed in its own in-plane pose, as different subjects lie in a scanner: copies of one
+# template in one position would let "copy the context label" score like an atlas without registration.
+POSE_DEGREES, POSE_SHIFT_MM, POSE_SCALE = 12.0, 8.0, 0.08  # rotation, shift and size change at most
 
 
-def demo_tissue_labels(t1, grey_probability, white_probability):
-    """0 background, 1 CSF-ish, 2 grey matter, 3 white matter.
+class TemplateMaps:
+    """The template's T1 and tissue probabilities (0..1) on its own grid, with the derived masks the
+    label sets are drawn from."""
 
-    Grey and white matter as in `tissue_labels`. CSF-ish: inside the brain envelope (grey or white
-    probability above 0.1, holes filled slice by slice) where neither tissue wins and the T1 is
-    darker than its CSF_QUANTILE quantile over the envelope: ventricles and sulci."""
+    def __init__(self):
+        t1_image, grey, white = (load_template(name) for name in ("t1", "gm", "wm"))
+        self.image = t1_image
+        self.t1 = np.asarray(t1_image.dataobj, dtype=np.float32)
+        self.grey = grey.get_fdata(dtype=np.float32) / 255.0
+        self.white = white.get_fdata(dtype=np.float32) / 255.0
+        # The template's affine is diagonal and RAS: world x < 0 is the subject's left.
+        columns = np.arange(self.t1.shape[0]) * t1_image.affine[0, 0] + t1_image.affine[0, 3]
+        self.is_left = (columns < 0)[:, None, None]
+        self.envelope = brain_envelope(self.grey, self.white)
+        self.tissue = demo_tissue_labels(self.t1, self.grey, self.white, self.envelope)
+
+
+def brain_envelope(grey_probability, white_probability):
+    """Where grey or white matter is at all likely, holes filled slice by slice: the brain with its
+    ventricles and sulci."""
     from scipy import ndimage
 
+    likely = (grey_probability + white_probability) > ENVELOPE_PROBABILITY
+    return np.stack([ndimage.binary_fill_holes(likely[:, :, z]) for z in range(likely.shape[2])], axis=2)
+
+
+def demo_tissue_labels(t1, grey_probability, white_probability, envelope):
+    """0 background, 1 CSF-ish, 2 grey matter, 3 white matter.
+
+    Grey and white matter as in `tissue_labels`. CSF-ish: inside the brain envelope where neither
+    tissue wins and the T1 is darker than its CSF_QUANTILE quantile over the envelope: ventricles and
+    sulci."""
     tissue = tissue_labels(grey_probability, white_probability)
-    envelope = (grey_probability + white_probability) > 0.1
-    envelope = np.stack([ndimage.binary_fill_holes(envelope[:, :, z]) for z in range(envelope.shape[2])], axis=2)
     dark = t1 < np.quantile(t1[envelope], CSF_QUANTILE)
     labels = np.where(tissue > 0, tissue + 1, 0).astype(np.uint8)
     labels[envelope & dark & (tissue == 0)] = 1
     return labels
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """One segmentation task on the demo's slabs: its prepared dataset is MNI_<name>."""
+
+    name: str
+    classes: dict  # {class id: name}, background 0 left out
+    draw: Callable[[TemplateMaps], np.ndarray]  # the label volume on the template grid
+    by_intensity: bool  # whether the T1 intensity alone tells its classes apart
+
+    @property
+    def dataset(self) -> str:
+        return f"MNI_{self.name}"
+
+
+def _hemispheres(maps: TemplateMaps) -> np.ndarray:
+    return np.where(maps.envelope, np.where(maps.is_left, 1, 2), 0).astype(np.uint8)
+
+
+LABEL_SETS = {
+    label_set.name: label_set
+    for label_set in (
+        LabelSet("tissue", {1: "csf", 2: "grey matter", 3: "white matter"}, lambda maps: maps.tissue, True),
+        LabelSet("brain", {1: "brain"}, lambda maps: maps.envelope.astype(np.uint8), False),
+        LabelSet("hemispheres", {1: "left", 2: "right"}, _hemispheres, False),
+    )
+}
 
 
 def rician_noise(volume, sigma, rng):
@@ -123,6 +183,53 @@ def slab_ranges(labels):
     return [(z, z + SLAB_SLICES) for z in range(start, stop - SLAB_SLICES + 1, SLAB_SLICES + SLAB_GAP)]
 
 
+def void_region(envelope_slab, rng):
+    """A cylinder through the whole slab (every slice has something to fill), centred on a random
+    brain voxel of the slab's middle slice, its radius drawn from VOID_RADIUS_MM (1 mm voxels)."""
+    middle = envelope_slab[:, :, envelope_slab.shape[2] // 2]
+    candidates = np.argwhere(middle)
+    centre = candidates[rng.integers(len(candidates))]
+    radius = rng.uniform(*VOID_RADIUS_MM)
+    rows, columns = np.ogrid[: middle.shape[0], : middle.shape[1]]
+    disc = (rows - centre[0]) ** 2 + (columns - centre[1]) ** 2 <= radius**2
+    return np.repeat(disc[:, :, None], envelope_slab.shape[2], axis=2)
+
+
+@dataclass(frozen=True)
+class Pose:
+    """An in-plane rotation (degrees), shift (voxels, rows and columns of the slice) and scale about
+    the slice centre, applied alike to every slice of a slab."""
+
+    degrees: float = 0.0
+    shift: tuple = (0.0, 0.0)
+    scale: float = 1.0
+
+    @classmethod
+    def random(cls, rng) -> "Pose":
+        return cls(
+            float(rng.uniform(-POSE_DEGREES, POSE_DEGREES)),
+            tuple(float(v) for v in rng.uniform(-POSE_SHIFT_MM, POSE_SHIFT_MM, size=2)),
+            float(1.0 + rng.uniform(-POSE_SCALE, POSE_SCALE)),
+        )
+
+    def apply(self, volume, is_label: bool):
+        """The slab seen in this pose: linear interpolation for images, nearest for labels and masks;
+        what comes from outside the field of view is 0."""
+        from scipy import ndimage
+
+        angle = np.deg2rad(self.degrees)
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        inverse = rotation.T / self.scale  # output voxel -> input voxel
+        centre = (np.array(volume.shape[:2]) - 1) / 2.0
+        offset = centre - inverse @ (centre + np.array(self.shift))
+        order = 0 if is_label else 1
+        moved = [
+            ndimage.affine_transform(volume[:, :, z], inverse, offset=offset, order=order, mode="constant")
+            for z in range(volume.shape[2])
+        ]
+        return np.stack(moved, axis=2).astype(volume.dtype)
+
+
 def _save_slab(path, volume, affine, header, z0, dtype):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     shifted = affine.copy()
@@ -133,41 +240,65 @@ def _save_slab(path, volume, affine, header, z0, dtype):
     nib.save(nib.Nifti1Image(volume.astype(dtype), shifted, slab_header), path)
 
 
-def write_demo_sources(out_dir, seed=0):
-    """Writes the demo's two source datasets from the template and returns their folders:
-    <out_dir>/tissue/{imagesTr,labelsTr}/slabNN.nii.gz + dataset.json    (segmentation, MSD layout)
-    <out_dir>/denoise/{noisy,clean}/slabNN.nii.gz                          (Rician-noise denoising)
-    <out_dir>/test_cases.txt                                               (held-out slab ids)
+@dataclass
+class DemoSources:
+    """Where write_demo_sources put each source dataset."""
+
+    label_sets: dict  # {LabelSet name: MSD-layout folder}
+    denoise: str  # noisy/, clean/
+    inpaint: str  # BraTS layout: <case>/<case>-t1n-voided.nii.gz, -t1n.nii.gz, -mask.nii.gz
+    test_cases: str  # held-out slab ids, one per line
+
+
+def _describe(folder, label_set: LabelSet):
+    description = {
+        "name": f"MNI152 2009 slabs, {label_set.name}",
+        "modality": {"0": "MRI"},
+        "file_ending": ".nii.gz",
+        "labels": {"0": "background", **{str(i): name for i, name in label_set.classes.items()}},
+    }
+    with open(os.path.join(folder, "dataset.json"), "w") as handle:
+        json.dump(description, handle, indent=1)
+
+
+def write_demo_sources(out_dir, label_sets=tuple(LABEL_SETS), seed=0) -> DemoSources:
+    """Writes the demo's source datasets from the template, one case per slab:
+    <out_dir>/<label set>/{imagesTr,labelsTr}/slabNN.nii.gz + dataset.json   (segmentation, MSD layout)
+    <out_dir>/denoise/{noisy,clean}/slabNN.nii.gz                           (Rician-noise denoising)
+    <out_dir>/inpaint/slabNN/slabNN-{t1n-voided,t1n,mask}.nii.gz            (a removed region, BraTS layout)
+    <out_dir>/test_cases.txt                                                (held-out slab ids)
     """
-    t1_image, grey, white = (load_template(name) for name in ("t1", "gm", "wm"))
-    t1 = np.asarray(t1_image.dataobj, dtype=np.float32)
-    labels = demo_tissue_labels(t1, grey.get_fdata() / 255.0, white.get_fdata() / 255.0)
-    noisy = rician_noise(t1, NOISE_FRACTION * np.percentile(t1, 99), np.random.default_rng(seed))
-    tissue, denoise = os.path.join(out_dir, "tissue"), os.path.join(out_dir, "denoise")
+    maps = TemplateMaps()
+    rng = np.random.default_rng(seed)
+    noise_sigma = NOISE_FRACTION * np.percentile(maps.t1, 99)
+    label_volumes = {name: LABEL_SETS[name].draw(maps) for name in label_sets}
+    folders = {name: os.path.join(out_dir, name) for name in label_sets}
+    denoise, inpaint = os.path.join(out_dir, "denoise"), os.path.join(out_dir, "inpaint")
+    affine, header = maps.image.affine, maps.image.header
     test_ids = []
-    for number, (z0, z1) in enumerate(slab_ranges(labels)):
+    for number, (z0, z1) in enumerate(slab_ranges(maps.tissue)):
         case_id = f"slab{number:02d}"
         if number % TEST_EVERY == TEST_EVERY - 1:
             test_ids.append(case_id)
         block = slice(z0, z1)
-        volumes = {
-            os.path.join(tissue, "imagesTr"): (t1, np.float32),
-            os.path.join(tissue, "labelsTr"): (labels, np.uint8),
-            os.path.join(denoise, "noisy"): (noisy, np.float32),
-            os.path.join(denoise, "clean"): (t1, np.float32),
-        }
-        for folder, (volume, dtype) in volumes.items():
-            path = os.path.join(folder, f"{case_id}.nii.gz")
-            _save_slab(path, volume[:, :, block], t1_image.affine, t1_image.header, z0, dtype)
-    description = {
-        "name": "MNI152 2009 tissue slabs",
-        "modality": {"0": "MRI"},
-        "file_ending": ".nii.gz",
-        "labels": {str(i): name for i, name in DEMO_CLASS_NAMES.items()},
-    }
-    with open(os.path.join(tissue, "dataset.json"), "w") as handle:
-        json.dump(description, handle, indent=1)
+        pose = Pose.random(rng)
+        t1_slab = pose.apply(maps.t1[:, :, block], is_label=False)
+        removed = void_region(pose.apply(maps.envelope[:, :, block], is_label=True), rng)
+        volumes = {os.path.join(denoise, "noisy", case_id): (rician_noise(t1_slab, noise_sigma, rng), np.float32)}
+        volumes[os.path.join(denoise, "clean", case_id)] = (t1_slab, np.float32)
+        brats_case = os.path.join(inpaint, case_id, case_id)
+        volumes[f"{brats_case}-t1n-voided"] = (np.where(removed, 0.0, t1_slab), np.float32)
+        volumes[f"{brats_case}-t1n"] = (t1_slab, np.float32)
+        volumes[f"{brats_case}-mask"] = (removed, np.uint8)
+        for name, folder in folders.items():
+            volumes[os.path.join(folder, "imagesTr", case_id)] = (t1_slab, np.float32)
+            labels = pose.apply(label_volumes[name][:, :, block], is_label=True)
+            volumes[os.path.join(folder, "labelsTr", case_id)] = (labels, np.uint8)
+        for path, (volume, dtype) in volumes.items():
+            _save_slab(f"{path}.nii.gz", volume, affine, header, z0, dtype)
+    for name, folder in folders.items():
+        _describe(folder, LABEL_SETS[name])
     test_cases = os.path.join(out_dir, "test_cases.txt")
     with open(test_cases, "w") as handle:
         handle.write("\n".join(test_ids) + "\n")
-    return tissue, denoise, test_cases
+    return DemoSources(folders, denoise, inpaint, test_cases)

@@ -1,14 +1,21 @@
-"""The README's demo: MVG trained and evaluated in context on real MRI, on a CPU, in minutes.
+"""The README's demo: one MVG trained on several tasks at once, on real MRI, on a CPU, in minutes; the
+context pair alone tells it which task a query asks for.
 
 Data: the MNI152 2009 T1 template with its grey/white matter maps, shipped in the nilearn wheel
-(nothing is downloaded). datasets/mni_demo.py cuts it into axial slabs that act as cases, held-out
-slabs far from the training ones, and builds two tasks:
-    MNI_tissue   segmentation: background / CSF-ish / grey matter / white matter
-    MNI_denoise  denoising: Rician noise (6% of the bright end) -> clean T1
-Then the project's own tools: datasets.prepare, main_pretrain.py (a small MVG for a bounded time),
-main_eval.py on the held-out slabs with baselines on the same queries and contexts:
+(nothing is downloaded). datasets/mni_demo.py cuts it into axial slabs that act as cases, holds out
+slabs far from the training ones, and draws on the same slices:
+    MNI_tissue       background / CSF-ish / grey matter / white matter (ids 1, 2, 3)
+    MNI_brain        background / brain (id 1)
+    MNI_hemispheres  background / left / right (ids 1, 2): intensity cannot tell them apart
+    MNI_denoise      Rician noise (6% of the bright end) -> clean T1
+    MNI_inpaint      T1 with a disc removed from every slice of the slab -> the whole T1
+The class ids collide across label sets, so a query slice alone does not say what to paint.
+Then the project's own tools: datasets.prepare, main_pretrain.py (a small MVG, trained in stretches,
+each followed by main_eval.py for the learning curve), main_eval.py on the held-out slabs with baselines
+on the same queries and contexts:
     copy_context  the context's label as the answer;  intensity  nearest class-mean intensity;
-    identity      the noisy input as the denoised answer.
+    identity      the noisy or voided input as the answer.
+Finally every held-out query is run once with a context from each label set in turn (context_switch).
 
     scripts/demo.sh                  # about 10 minutes of training on 2 cores
     scripts/demo.sh --minutes 30     # longer training, better numbers
@@ -19,7 +26,7 @@ main_eval.py on the held-out slabs with baselines on the same queries and contex
 import argparse
 import json
 import os
-import resource
+import shlex
 import shutil
 import sys
 import time
@@ -31,17 +38,20 @@ import main_pretrain
 from datasets import prepare
 from datasets.canvas import InContextDataset, to_model_inputs
 from datasets.mixture import Mixture
-from datasets.mni_demo import write_demo_sources
+from datasets.mni_demo import LABEL_SETS, write_demo_sources
 from label_encoding import LABEL_ENCODINGS
 from masking_generator import MaskPolicy
 from models_mvg import create_model
+from scripts import demo_report
 from util.cli import ArgumentParser, UsageError, log, run_main
 
 # The demo's model and canvas: a 6-block ViT-Ti on 256x128 canvases (two 128x128 pairs cropped from
 # 144x144 slices), small enough to learn on two CPU cores in minutes. --fast shrinks everything
 # further for the test suite, which only checks that every stage runs and writes its files.
-FULL = dict(size=144, input_size=(256, 128), depth=6, batch_size=8, mask=(32, 4, 16))
-FAST = dict(size=40, input_size=(64, 32), depth=4, batch_size=2, mask=(2, 1, 2))
+FULL = dict(size=144, input_size=(256, 128), depth=6, batch_size=8, mask=(32, 4, 16), curve_points=5)
+FAST = dict(size=40, input_size=(64, 32), depth=4, batch_size=2, mask=(2, 1, 2), curve_points=2)
+IMAGE_TASKS = ("MNI_denoise", "MNI_inpaint")
+LABEL_SET_WEIGHT = 2  # mixture weight of each label set against 1 for each image task
 
 
 def get_args_parser():
@@ -53,6 +63,7 @@ def get_args_parser():
         type=int,
         help="train exactly this many steps instead (reproducible results whatever the machine or its load)",
     )
+    p.add_argument("--batch_size", type=int, help=f"canvases per step (default: {FULL['batch_size']})")
     p.add_argument("--workers", type=int, default=1, help="data loading processes during training")
     p.add_argument(
         "--label_encoding",
@@ -60,6 +71,26 @@ def get_args_parser():
         choices=LABEL_ENCODINGS,
         help="how labels are drawn; 'grey' (the authors' code) learns within minutes on a CPU, "
         "'random_colors' (the paper's best) needs much longer training",
+    )
+    p.add_argument(
+        "--label_sets",
+        nargs="+",
+        default=list(LABEL_SETS),
+        choices=list(LABEL_SETS),
+        help="segmentation label sets drawn on the slabs (datasets/mni_demo.py)",
+    )
+    p.add_argument(
+        "--image_tasks",
+        nargs="*",
+        default=["MNI_denoise"],
+        choices=list(IMAGE_TASKS),
+        help="image-to-image tasks trained alongside (inpainting needs far more than the default budget)",
+    )
+    p.add_argument(
+        "--train_args",
+        default="",
+        help="more main_pretrain.py flags, after the demo's own (so they win), e.g. "
+        "--train_args='--lr 3e-4 --background_weight 1'",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a few steps at tiny sizes: checks the pipeline only")
@@ -71,45 +102,42 @@ def stage(title):
     log(f"\n=== {title}")
 
 
-def build_data(out, config, seed):
+def prepare_arguments(sources, args) -> list[list[str]]:
+    """datasets.prepare's command lines, one per demo dataset."""
+    runs = [
+        ["msd", "--root", sources.label_sets[name], "--dataset", LABEL_SETS[name].dataset] for name in args.label_sets
+    ]
+    if "MNI_denoise" in args.image_tasks:
+        noisy_clean = ["--low_dose", "noisy/*.nii.gz", "--normal_dose", "clean/*.nii.gz", "--modality", "MRI"]
+        runs.append(["denoising", "--root", sources.denoise, *noisy_clean, "--dataset", "MNI_denoise"])
+    if "MNI_inpaint" in args.image_tasks:
+        runs.append(["brats-inpainting", "--root", sources.inpaint, "--dataset", "MNI_inpaint"])
+    return runs
+
+
+def build_data(out, config, args):
     prepared = os.path.join(out, "prepared")
-    tissue, denoise, test_cases = write_demo_sources(os.path.join(out, "sources"), seed=seed)
-    common = ["--out", prepared, "--size", str(config["size"]), "--test_cases", test_cases]
-    for argv in (
-        ["msd", "--root", tissue, "--dataset", "MNI_tissue", *common],
-        [
-            "denoising",
-            "--root",
-            denoise,
-            "--low_dose",
-            "noisy/*.nii.gz",
-            "--normal_dose",
-            "clean/*.nii.gz",
-            "--modality",
-            "MRI",
-            "--dataset",
-            "MNI_denoise",
-            *common,
-        ],
-    ):
-        if prepare.main(argv) != 0:
+    sources = write_demo_sources(os.path.join(out, "sources"), label_sets=args.label_sets, seed=args.seed)
+    common = ["--out", prepared, "--size", str(config["size"]), "--test_cases", sources.test_cases]
+    for argv in prepare_arguments(sources, args):
+        if prepare.main([*argv, *common]) != 0:
             raise UsageError(f"preparing the demo data failed (the reason is above): {' '.join(argv)}")
     return prepared
 
 
-def write_mixture(prepared, out):
-    """Segmentation, the harder task, gets three quarters of the canvases."""
+def write_mixture(prepared, out, datasets):
+    """Each label set LABEL_SET_WEIGHT times as often as each image task: segmentation is what the
+    demo measures, and the harder task to learn."""
     path = os.path.join(out, "mixture.json")
+    entries = [
+        {
+            "path": os.path.abspath(os.path.join(prepared, name)),
+            "weight": 1 if name in IMAGE_TASKS else LABEL_SET_WEIGHT,
+        }
+        for name in datasets
+    ]
     with open(path, "w") as handle:
-        json.dump(
-            {
-                "datasets": [
-                    {"path": os.path.abspath(os.path.join(prepared, "MNI_tissue")), "weight": 3},
-                    {"path": os.path.abspath(os.path.join(prepared, "MNI_denoise")), "weight": 1},
-                ]
-            },
-            handle,
-        )
+        json.dump({"datasets": entries}, handle)
     return path
 
 
@@ -146,14 +174,16 @@ def training_steps(prepared, config, args) -> int:
     return max(20, int(args.minutes * 60 / seconds_per_step(prepared, config)))
 
 
-def train(prepared, out, config, args):
-    steps = training_steps(prepared, config, args)
+def curve_steps(steps: int, points: int) -> list[int]:
+    """Where training pauses for an evaluation: `points` steps evenly spread, the last one included."""
+    return sorted({max(1, round(steps * (k + 1) / points)) for k in range(points)})
+
+
+def training_arguments(config, args, steps, mixture, run_dir) -> list[str]:
     epochs = 1 if args.fast else 10
     samples_per_epoch = max(1, steps // epochs) * config["batch_size"]
     count, smallest, largest = config["mask"]
     height, width = config["input_size"]
-    run_dir = os.path.join(out, "train")
-    log(f"{steps} steps of batch {config['batch_size']} in {epochs} epoch(s)")
     flags = (
         f"--model mvg_vit_tiny_patch16 --depth {config['depth']} --input_size {height} {width} "
         f"--batch_size {config['batch_size']} --epochs {epochs} --samples_per_epoch {samples_per_epoch} "
@@ -164,114 +194,82 @@ def train(prepared, out, config, args):
         # Train as the evaluation asks: the context pair comes from another case (slab).
         f"--context_from other_case --label_encoding {args.label_encoding} --device cpu --precision fp32 "
         f"--num_workers {args.workers} --seed {args.seed} --save_every_epochs 0 --save_every_steps 200 "
-        "--print_freq 20 --vis_every_steps 100"
+        "--print_freq 20 --vis_every_steps 100 --auto_resume"
     )
     # Paths go in as whole words: they may hold spaces.
-    main_pretrain.main([*flags.split(), "--mixture", write_mixture(prepared, out), "--output_dir", run_dir])
-    return os.path.join(run_dir, "checkpoint-last.pth")
+    return [*flags.split(), "--mixture", mixture, "--output_dir", run_dir, *shlex.split(args.train_args)]
 
 
-def evaluate(checkpoint, prepared, out, fast):
+def evaluate(checkpoint, prepared, eval_dir, datasets, fast, grids=0, baselines=True):
     """main_eval.py's results {(dataset, protocol): summary}; the label encoding and the rest come from
     the checkpoint's record."""
-    eval_dir = os.path.join(out, "eval")
-    argv = [
-        "--checkpoint",
-        checkpoint,
-        "--data_path",
-        prepared,
-        "--output_dir",
-        eval_dir,
-        "--device",
-        "cpu",
-        "--context_policy",
-        "retrieval",
-        "--baselines",
-        "--grids",
-        "4",
-        "--batch_size",
-        "8",
-    ]
+    argv = ["--checkpoint", checkpoint, "--data_path", prepared, "--output_dir", eval_dir, "--datasets", *datasets]
+    argv += ["--device", "cpu", "--context_policy", "retrieval", "--grids", str(grids), "--batch_size", "8"]
+    if baselines:
+        argv.append("--baselines")
     if fast:
         argv += ["--max_cases", "1"]
     if main_eval.main(argv) != 0:
         raise UsageError("the evaluation failed (the reason is above)")
     with open(os.path.join(eval_dir, "results.json")) as handle:
-        return {(d["dataset"], d["protocol"]): d for d in json.load(handle)["datasets"]}, eval_dir
+        return {(d["dataset"], d["protocol"]): d for d in json.load(handle)["datasets"]}
 
 
-def report(results, eval_dir, out, timings):
-    tissue, denoise = results["MNI_tissue", "foreground"], results["MNI_denoise", "foreground"]
-    model_dice, copy_dice = tissue["dice"], tissue["baselines"]["copy_context"]["dice"]
-    model_psnr, noisy_psnr = denoise["psnr"], denoise["baselines"]["identity"]["psnr"]
-    lines = [
-        "| held-out slabs | MVG (this run) | copy the context label | intensity classifier | noisy input |",
-        "|---|---|---|---|---|",
-        f"| tissue mean Dice | {model_dice:.3f} | {copy_dice:.3f} | {tissue['baselines']['intensity']['dice']:.3f} | - |",
-    ]
-    for c, v in tissue["classes"].items():
-        lines.append(
-            f"| Dice {v['name']} | {v['dice']:.3f} | {tissue['baselines']['copy_context']['classes'][c]['dice']:.3f} "
-            f"| {tissue['baselines']['intensity']['classes'][c]['dice']:.3f} | - |"
-        )
-    whole = results.get(("MNI_tissue", "volume"))
-    if whole is not None:  # every slice of the held-out slabs, background-only ones included
-        lines.append(
-            f"| tissue mean Dice, whole slabs | {whole['dice']:.3f} | "
-            f"{whole['baselines']['copy_context']['dice']:.3f} | "
-            f"{whole['baselines']['intensity']['dice']:.3f} | - |"
-        )
-    lines.append(f"| denoising PSNR (dB) | {model_psnr:.2f} | - | - | {noisy_psnr:.2f} |")
-    lines.append(f"| denoising SSIM | {denoise['ssim']:.3f} | - | - | {denoise['baselines']['identity']['ssim']:.3f} |")
-    verdicts = [
-        f"Dice: MVG {'beats' if model_dice > copy_dice else 'does NOT beat'} copying the context label "
-        f"({model_dice:.3f} vs {copy_dice:.3f})",
-        f"PSNR: MVG {'beats' if model_psnr > noisy_psnr else 'does NOT beat'} the noisy input "
-        f"({model_psnr:.2f} vs {noisy_psnr:.2f} dB)",
-    ]
-    grids = sorted(f for f in os.listdir(os.path.join(eval_dir, "grids")) if f.startswith("MNI_tissue"))
-    if grids:
-        shutil.copy(os.path.join(eval_dir, "grids", grids[len(grids) // 2]), os.path.join(out, "demo.png"))
-    timing = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    text = "\n".join(
-        lines
-        + [""]
-        + verdicts
-        + [
-            "",
-            f"time: {timing}; peak memory {peak:.2f} GiB",
-            f"grid (context | context label | query | MVG | truth): {out}/demo.png",
-            f"all tables: {eval_dir}/results.md",
-        ]
+def train_with_curve(prepared, out, config, args, label_datasets, datasets):
+    """Trains in stretches that end at the curve's steps (each stretch resumes exactly where the last
+    stopped, so the final model is the one an uninterrupted run gives) and evaluates the label sets
+    after each; returns the checkpoint, the curve {step: results} and the seconds spent training."""
+    steps = training_steps(prepared, config, args)
+    run_dir = os.path.join(out, "train")
+    if os.path.isdir(run_dir):  # a run of an earlier demo: its steps and schedule may differ
+        shutil.rmtree(run_dir)
+    flags = training_arguments(config, args, steps, write_mixture(prepared, out, datasets), run_dir)
+    log(
+        f"{steps} steps of batch {config['batch_size']}, evaluated after steps {curve_steps(steps, config['curve_points'])}"
     )
-    with open(os.path.join(out, "summary.md"), "w") as handle:
-        handle.write(text + "\n")
-    log("\n" + text)
-    return model_dice > copy_dice and model_psnr > noisy_psnr
+    checkpoint, curve, seconds = os.path.join(run_dir, "checkpoint-last.pth"), {}, 0.0
+    for step in curve_steps(steps, config["curve_points"]):
+        start = time.perf_counter()
+        main_pretrain.main([*flags, "--stop_after_steps", str(step)])
+        seconds += time.perf_counter() - start
+        curve[step] = evaluate(
+            checkpoint, prepared, os.path.join(out, "curve", f"step{step:05d}"), label_datasets, args.fast
+        )
+    return checkpoint, curve, seconds
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    config = FAST if args.fast else FULL
+    config = dict(FAST if args.fast else FULL)
+    if args.batch_size:
+        config["batch_size"] = args.batch_size
     if args.fresh and os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.makedirs(args.out, exist_ok=True)
+    label_datasets = [LABEL_SETS[name].dataset for name in args.label_sets]
+    datasets = label_datasets + [name for name in IMAGE_TASKS if name in args.image_tasks]
     timings = {}
     start = time.perf_counter()
-    stage("1/3 data: MNI152 slabs -> prepared slices (datasets.prepare)")
-    prepared = build_data(args.out, config, args.seed)
+    stage("1/4 data: MNI152 slabs -> prepared slices (datasets.prepare)")
+    prepared = build_data(args.out, config, args)
     timings["data"] = time.perf_counter() - start
     budget = "a few steps" if args.fast else f"{args.steps} steps" if args.steps else f"about {args.minutes:g} minutes"
-    stage(f"2/3 training MVG on the CPU ({budget})")
+    stage(f"2/4 training one MVG on all {len(datasets)} tasks on the CPU ({budget}), with a learning curve")
     start = time.perf_counter()
-    checkpoint = train(prepared, args.out, config, args)
-    timings["training"] = time.perf_counter() - start
-    stage("3/3 evaluation on the held-out slabs (main_eval.py, with baselines)")
+    checkpoint, curve, timings["training"] = train_with_curve(
+        prepared, args.out, config, args, label_datasets, datasets
+    )
+    timings["curve evaluations"] = time.perf_counter() - start - timings["training"]
+    stage("3/4 evaluation on the held-out slabs (main_eval.py, with baselines)")
     start = time.perf_counter()
-    results, eval_dir = evaluate(checkpoint, prepared, args.out, args.fast)
+    eval_dir = os.path.join(args.out, "eval")
+    results = evaluate(checkpoint, prepared, eval_dir, datasets, args.fast, grids=4)
     timings["evaluation"] = time.perf_counter() - start
-    report(results, eval_dir, args.out, timings)
+    stage("4/4 context switching: every held-out query with a context from each label set")
+    start = time.perf_counter()
+    switch = demo_report.context_switch(checkpoint, prepared, label_datasets, args.out, args.fast)
+    timings["context switching"] = time.perf_counter() - start
+    demo_report.write_summary(args.out, results, curve, switch, label_datasets, timings)
     return 0
 
 

@@ -180,6 +180,16 @@ def test_task_settings_come_from_the_registry(prepared, monkeypatch):
     np.testing.assert_allclose(item["valid"][0].numpy(), np.where(background, 0.25, 1.0))
 
 
+def test_a_run_can_set_the_background_weight_of_label_targets(prepared):
+    """--background_weight replaces the task's weight on label targets and leaves images at 1."""
+    data = dataset(prepared, ["Seg", "Denoise"], background_weight=0.5)
+    weights = {data.names[item["dataset"]]: float(item["background_weight"]) for item in (data[i] for i in range(12))}
+    assert weights == {"Seg": 0.5, "Denoise": 1.0}
+    item = model_view(dataset(prepared, ["Seg"], background_weight=0.5)[0])
+    background = ~raw_pixels(item["tgts"]).any(axis=2)
+    np.testing.assert_allclose(item["valid"][0].numpy(), np.where(background, 0.5, 1.0))
+
+
 def test_context_policies_and_the_one_slice_case(prepared):
     data = dataset(prepared, ["Seg"], context_from="other_case")
     source = data.sources[0]

@@ -1,47 +1,128 @@
-"""The README demo's fast version: every stage runs on the real MNI152 data and writes its files."""
+"""The README demo: its sources on the real MNI152 template, and its fast version end to end."""
 
+import json
 import os
 import re
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from datasets import mni_demo
 from datasets.manifest import PreparedDataset
 from scripts import demo
 
 
-def test_demo_sources_hold_out_slabs_far_from_training(tmp_path):
-    tissue, denoise, test_cases = mni_demo.write_demo_sources(str(tmp_path))
-    held_out = set(Path(test_cases).read_text().split())
-    slabs = sorted(os.listdir(os.path.join(tissue, "labelsTr")))
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return mni_demo.write_demo_sources(str(tmp_path_factory.mktemp("sources")))
+
+
+def load(path):
+    image = nib.load(path)
+    return np.asarray(image.dataobj), image.affine
+
+
+def slab_files(sources):
+    return sorted(os.listdir(os.path.join(sources.label_sets["tissue"], "labelsTr")))
+
+
+def test_demo_sources_hold_out_slabs_far_from_training(sources):
+    held_out = set(Path(sources.test_cases).read_text().split())
+    slabs = slab_files(sources)
     assert len(slabs) >= 6 and held_out and held_out < {s.split(".")[0] for s in slabs}
     z = {}
     for name in slabs:
-        image = nib.load(os.path.join(tissue, "labelsTr", name))
-        labels = np.asarray(image.dataobj)
+        labels, affine = load(os.path.join(sources.label_sets["tissue"], "labelsTr", name))
         assert set(np.unique(labels)) <= {0, 1, 2, 3} and labels.shape[2] == mni_demo.SLAB_SLICES
-        z[name.split(".")[0]] = image.affine[2, 3]  # world position of the slab's first slice
+        z[name.split(".")[0]] = affine[2, 3]  # world position of the slab's first slice
     train = [v for k, v in z.items() if k not in held_out]
     for case in held_out:  # at least a gap of SLAB_GAP slices (1 mm) to any training slice
         nearest = min(abs(z[case] - t) for t in train)
         assert nearest >= mni_demo.SLAB_SLICES + mni_demo.SLAB_GAP - 1e-6
-    noisy = np.asarray(nib.load(os.path.join(denoise, "noisy", slabs[3])).dataobj)
-    clean = np.asarray(nib.load(os.path.join(denoise, "clean", slabs[3])).dataobj)
+    noisy, _ = load(os.path.join(sources.denoise, "noisy", slabs[3]))
+    clean, _ = load(os.path.join(sources.denoise, "clean", slabs[3]))
     assert noisy.shape == clean.shape and 0 < np.abs(noisy - clean).mean() < 0.2 * clean.max()
+
+
+def test_label_sets_share_the_slices_and_their_ids_collide(sources):
+    """Same T1 under every label set; id 1 means CSF, brain and left hemisphere in turn, so only the
+    context can say which; the left hemisphere lies towards lower x (RAS), whatever the slab's pose."""
+    for name in slab_files(sources)[2:5]:
+        images = {s: load(os.path.join(folder, "imagesTr", name))[0] for s, folder in sources.label_sets.items()}
+        assert all(np.array_equal(images["tissue"], image) for image in images.values())
+        labels = {s: load(os.path.join(folder, "labelsTr", name)) for s, folder in sources.label_sets.items()}
+        tissue, brain, sides = (labels[s][0] for s in ("tissue", "brain", "hemispheres"))
+        assert set(np.unique(brain)) == {0, 1} and set(np.unique(sides)) == {0, 1, 2}
+        assert np.array_equal(sides > 0, brain == 1) and np.all(brain[tissue > 0] == 1)
+        assert labels["hemispheres"][1][0, 0] > 0  # RAS: x grows to the right
+        assert np.argwhere(sides == 1)[:, 0].mean() + 40 < np.argwhere(sides == 2)[:, 0].mean()
+        assert (tissue == 1).any() and (tissue == 3).any()
+
+
+def test_inpainting_sources_remove_a_region_from_every_slice(sources):
+    for case in [s.split(".")[0] for s in slab_files(sources)][:4]:
+        stem = os.path.join(sources.inpaint, case, case)
+        voided, healthy, mask = (load(f"{stem}-{s}.nii.gz")[0] for s in ("t1n-voided", "t1n", "mask"))
+        assert mask.reshape(-1, mask.shape[2]).any(axis=0).all()  # something to fill on every slice
+        assert np.all(voided[mask > 0] == 0) and np.array_equal(voided[mask == 0], healthy[mask == 0])
+        assert healthy[mask > 0].mean() > 20  # the removed disc held brain
+
+
+def test_slabs_lie_in_poses_of_their_own(sources):
+    """Rotated and shifted per slab, image and labels alike: the brain's centre moves between slabs,
+    and the label still covers the same T1 it covered on the template."""
+    centres = []
+    for name in slab_files(sources)[3:7]:
+        brain, _ = load(os.path.join(sources.label_sets["brain"], "labelsTr", name))
+        image, _ = load(os.path.join(sources.label_sets["brain"], "imagesTr", name))
+        centres.append(np.argwhere(brain[:, :, 4]).mean(axis=0))
+        assert image[brain == 1].mean() > 5 * max(image[brain == 0].mean(), 1.0)
+    spread = np.ptp(np.array(centres), axis=0)
+    assert spread.max() > 2.0
+
+
+def test_pose_moves_images_and_labels_together():
+    labels = np.zeros((41, 41, 2), np.uint8)
+    labels[25:30, 18:23] = 1
+    pose = mni_demo.Pose(degrees=90.0)
+    moved = pose.apply(labels, is_label=True)
+    assert moved.sum() == labels.sum() and np.array_equal(moved[:, :, 0], np.rot90(labels[:, :, 0], k=1))
+    shifted = mni_demo.Pose(shift=(3.0, -2.0)).apply(labels, is_label=True)
+    assert np.array_equal(shifted[28:33, 16:21], labels[25:30, 18:23])
+    image = np.random.default_rng(0).random((41, 41, 1)).astype(np.float32)
+    assert np.allclose(mni_demo.Pose().apply(image, is_label=False), image)
+
+
+def test_curve_steps_end_at_the_last_step():
+    assert demo.curve_steps(800, 5) == [160, 320, 480, 640, 800]
+    assert demo.curve_steps(3, 2) == [2, 3] and demo.curve_steps(1, 5) == [1]
 
 
 def test_fast_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert demo.main(["--fast", "--out", str(out), "--workers", "0"]) == 0
+    image_tasks = ["--image_tasks", *demo.IMAGE_TASKS]
+    assert demo.main(["--fast", "--out", str(out), "--workers", "0", *image_tasks]) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"\| tissue mean Dice \| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \| - \|", printed)
-    assert re.search(r"\| denoising PSNR \(dB\) \| \d+\.\d\d \| - \| - \| \d+\.\d\d \|", printed)
-    assert "copying the context label" in printed and "the noisy input" in printed
-    for dataset in ("MNI_tissue", "MNI_denoise"):
+    for name in mni_demo.LABEL_SETS:
+        assert re.search(rf"\| {name} \| \d\.\d{{3}} \| \d\.\d{{3}} \| \d\.\d{{3}} \|", printed)
+        assert re.search(rf"^\| {name} \|( \**\d\.\d{{3}}\** \|){{{len(mni_demo.LABEL_SETS)}}}$", printed, re.M)
+    assert re.search(r"\| \*\*mean over label sets\*\* \|( \*\*\d\.\d{3}\*\* \|){3}", printed)
+    assert re.search(r"\| denoising PSNR \(dB\) / SSIM \| \d+\.\d\d / \d\.\d{3} \| noisy input", printed)
+    assert re.search(r"\| inpainting PSNR .* \| \d+\.\d\d / \d+\.\d\d \| voided input", printed)
+    assert re.search(r"mean Dice: MVG \d\.\d{3} beats", printed)
+    for label_set in mni_demo.LABEL_SETS.values():
+        assert PreparedDataset(str(out / "prepared" / label_set.dataset)).case_ids("test")
+    for dataset in demo.IMAGE_TASKS:
         assert PreparedDataset(str(out / "prepared" / dataset)).case_ids("test")
     assert (out / "train" / "checkpoint-last.pth").is_file() and (out / "train" / "log.txt").is_file()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "train"))
-    assert (out / "eval" / "results.json").is_file() and (out / "demo.png").is_file()
-    assert (out / "summary.md").read_text().startswith("| held-out slabs |")
+    steps = [json.loads(line)["global_step"] for line in (out / "train" / "log.txt").read_text().splitlines()]
+    assert steps[-1] == 3  # trained in stretches, to the same end as one run
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["steps"] == [2, 3] and len(curve["MNI_hemispheres"]["MVG"]) == 2
+    for picture in ("context_switch.png", "learning_curve.png"):
+        assert (out / picture).stat().st_size > 1000
+    assert (out / "eval" / "results.json").is_file()
+    assert (out / "summary.md").read_text().startswith("| held-out slabs, mean Dice |")

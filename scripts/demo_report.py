@@ -1,0 +1,246 @@
+"""What the demo shows: the per-label-set table, the context-switching matrix and picture, and the
+learning curve (scripts/demo.py runs the stages and hands their results here)."""
+
+import json
+import os
+import resource
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from datasets.manifest import PreparedDataset, read_png
+from evaluation.contexts import ContextPicker
+from evaluation.reports import grid_picture
+from inference import Predictor, load_checkpoint
+from metrics import dice_per_class, nanmean
+from util.cli import log
+from util.files import atomic_output
+
+BASELINES = {"copy_context": "copy the context label", "intensity": "intensity classifier"}
+SWITCH_PICTURE, CURVE_PICTURE = "context_switch.png", "learning_curve.png"
+
+
+def label_set_name(dataset: str) -> str:
+    return dataset.removeprefix("MNI_")
+
+
+def foreground_ids(dataset: PreparedDataset) -> list[int]:
+    return sorted(c for c in dataset.classes if c != 0)
+
+
+def mean_foreground_dice(prediction, truth, class_ids) -> float:
+    return nanmean(list(dice_per_class(prediction, truth, class_ids).values()))
+
+
+# ---------------------------------------------------------------- context switching
+
+
+def held_out_queries(dataset: PreparedDataset, fast: bool) -> list[tuple[str, int]]:
+    cases = dataset.case_ids("test")[: 1 if fast else None]
+    return [(case, index) for case in cases for index in dataset.slice_indices(case)]
+
+
+def context_switch(checkpoint, prepared, label_datasets, out, fast):
+    """Every held-out query slice predicted once per label set, each time with that set's context pair
+    (the most alike training slice, as in the evaluation). Returns {"matrix": {context set: {truth
+    set: mean Dice over the slices}}, "picture": path}: the diagonal is the task the context shows,
+    the rest how much of another task's answer the prediction holds."""
+    model, settings = load_checkpoint(checkpoint, {"label_encoding": None}, required=("label_encoding",))
+    predictor = Predictor(model, label_encoding=settings["label_encoding"])
+    sets = {name: PreparedDataset(os.path.join(prepared, name)) for name in label_datasets}
+    first = sets[label_datasets[0]]
+    queries = held_out_queries(first, fast)
+    images = [read_png(first.slice_path(first.input_folder, c, i)) for c, i in queries]
+    truths, predictions = {}, {}
+    for name, dataset in sets.items():
+        truths[name] = [read_png(dataset.slice_path(dataset.target_folder, c, i)) for c, i in queries]
+        picker = ContextPicker(dataset, "retrieval", k=1, seed=0)
+        pairs = []
+        for (case, index), image in zip(queries, images):
+            ((context_case, context_index),) = picker.pick(case, index, image)
+            pairs.append(
+                [
+                    (
+                        read_png(dataset.slice_path(dataset.input_folder, context_case, context_index)),
+                        read_png(dataset.slice_path(dataset.target_folder, context_case, context_index)),
+                    )
+                ]
+            )
+        predictions[name] = (pairs, predictor.segment(pairs, images))
+    matrix = {
+        shown: {
+            truth_set: float(
+                np.mean(
+                    [
+                        mean_foreground_dice(p, t, foreground_ids(sets[truth_set]))
+                        for p, t in zip(predictions[shown][1], truths[truth_set])
+                    ]
+                )
+            )
+            for truth_set in sets
+        }
+        for shown in sets
+    }
+    middle = len(queries) // 2
+    rows = []
+    for name in sets:
+        pairs, predicted = predictions[name]
+        class_ids = foreground_ids(sets[name])
+        rows.append(
+            (
+                name,
+                grid_picture(
+                    True, pairs[middle][0], images[middle], predicted[middle], truths[name][middle], class_ids
+                ),
+            )
+        )
+    picture = os.path.join(out, SWITCH_PICTURE)
+    save_picture(stack_with_titles(rows), picture)
+    return {"matrix": matrix, "picture": picture, "query": "{} slice {}".format(*queries[middle])}
+
+
+def stack_with_titles(rows, title_height=16) -> Image.Image:
+    """Strips one above the other, each under a line naming its label set."""
+    width = max(strip.width for _, strip in rows)
+    height = sum(strip.height + title_height for _, strip in rows)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    top = 0
+    for title, strip in rows:
+        draw.text((4, top + 2), f"context from {label_set_name(title)}", fill="black")
+        canvas.paste(strip, (0, top + title_height))
+        top += title_height + strip.height
+    return canvas
+
+
+def save_picture(picture: Image.Image, path: str):
+    with atomic_output(path) as handle:
+        picture.save(handle, format="PNG")
+
+
+# ---------------------------------------------------------------- learning curve
+
+
+def curve_table(curve: dict, label_datasets) -> dict:
+    """{"steps": [...], "<set>": {"MVG": [...], baseline: [...]}} of foreground mean Dice."""
+    table = {"steps": sorted(curve)}
+    for name in label_datasets:
+        rows = [curve[step][name, "foreground"] for step in table["steps"]]
+        table[name] = {"MVG": [r["dice"] for r in rows]}
+        for baseline in BASELINES:
+            table[name][baseline] = [r["baselines"][baseline]["dice"] for r in rows]
+    return table
+
+
+def draw_learning_curve(table: dict, label_datasets, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(1, len(label_datasets), figsize=(3.2 * len(label_datasets), 3), sharey=True)
+    for axis, name in zip(np.atleast_1d(axes), label_datasets):
+        axis.plot(table["steps"], table[name]["MVG"], "o-", label="MVG")
+        for baseline, style in zip(BASELINES, ("--", ":")):
+            axis.plot(table["steps"], table[name][baseline], style, label=BASELINES[baseline])
+        axis.set_title(label_set_name(name))
+        axis.set_xlabel("training step")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("mean Dice, held-out slabs")
+    np.atleast_1d(axes)[0].legend(loc="lower right", fontsize=7)
+    figure.tight_layout()
+    with atomic_output(path) as handle:
+        figure.savefig(handle, format="png", dpi=110)
+    pyplot.close(figure)
+
+
+# ---------------------------------------------------------------- the summary
+
+
+def label_rows(results, label_datasets):
+    """Markdown rows per label set and their mean, and the verdict against every baseline."""
+    lines = [
+        "| held-out slabs, mean Dice | MVG (this run) | " + " | ".join(BASELINES.values()) + " |",
+        "|---|---|" + "---|" * len(BASELINES),
+    ]
+    columns = {"MVG": []} | {b: [] for b in BASELINES}
+    for name in label_datasets:
+        summary = results[name, "foreground"]
+        scores = {"MVG": summary["dice"]} | {b: summary["baselines"][b]["dice"] for b in BASELINES}
+        for key, value in scores.items():
+            columns[key].append(value)
+        lines.append(f"| {label_set_name(name)} | " + " | ".join(f"{v:.3f}" for v in scores.values()) + " |")
+    means = {key: float(np.mean(values)) for key, values in columns.items()}
+    lines.append("| **mean over label sets** | " + " | ".join(f"**{v:.3f}**" for v in means.values()) + " |")
+    beaten = [BASELINES[b] for b in BASELINES if means["MVG"] > means[b]]
+    missed = [BASELINES[b] for b in BASELINES if means["MVG"] <= means[b]]
+    verdict = f"mean Dice: MVG {means['MVG']:.3f} beats {', '.join(beaten) or 'no baseline'}"
+    if missed:
+        verdict += f"; does NOT beat {', '.join(missed)}"
+    return lines, verdict, means
+
+
+def image_rows(results):
+    lines = []
+    denoise = results.get(("MNI_denoise", "foreground"))
+    if denoise:
+        noisy = denoise["baselines"]["identity"]
+        lines.append(
+            f"| denoising PSNR (dB) / SSIM | {denoise['psnr']:.2f} / {denoise['ssim']:.3f} | noisy input: "
+            f"{noisy['psnr']:.2f} / {noisy['ssim']:.3f} |"
+        )
+    inpaint = results.get(("MNI_inpaint", "foreground"))
+    if inpaint:
+        voided = inpaint["baselines"]["identity"]
+        lines.append(
+            f"| inpainting PSNR (dB) in the removed region / whole slice | {inpaint['psnr_region']:.2f} / "
+            f"{inpaint['psnr']:.2f} | voided input: {voided['psnr_region']:.2f} / {voided['psnr']:.2f} |"
+        )
+    if lines:
+        lines = ["| image task | MVG | input as the answer |", "|---|---|---|", *lines]
+    return lines
+
+
+def switch_rows(matrix):
+    names = list(matrix)
+    lines = [
+        "| context shows \\ scored against | " + " | ".join(label_set_name(n) for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for shown in names:
+        cells = [f"**{matrix[shown][t]:.3f}**" if t == shown else f"{matrix[shown][t]:.3f}" for t in names]
+        lines.append(f"| {label_set_name(shown)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_summary(out, results, curve, switch, label_datasets, timings):
+    table = curve_table(curve, label_datasets)
+    draw_learning_curve(table, label_datasets, os.path.join(out, CURVE_PICTURE))
+    with atomic_output(os.path.join(out, "curve.json"), mode="w") as handle:
+        json.dump(table, handle, indent=1)
+    labels, verdict, _ = label_rows(results, label_datasets)
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    text = "\n".join(
+        [
+            *labels,
+            "",
+            *image_rows(results),
+            "",
+            f"Context switching (mean Dice per held-out slice; each row runs the same queries with a context "
+            f"from one label set; picture: {switch['query']}):",
+            "",
+            *switch_rows(switch["matrix"]),
+            "",
+            verdict,
+            "",
+            f"time: {timing}; peak memory {peak:.2f} GiB",
+            f"pictures: {os.path.join(out, SWITCH_PICTURE)} (context | context label | query | MVG | truth, "
+            f"one row per label set), {os.path.join(out, CURVE_PICTURE)}",
+            f"all tables: {os.path.join(out, 'eval', 'results.md')}; the curve's numbers: {os.path.join(out, 'curve.json')}",
+        ]
+    )
+    with atomic_output(os.path.join(out, "summary.md"), mode="w") as handle:
+        handle.write(text + "\n")
+    log("\n" + text)
