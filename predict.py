@@ -68,7 +68,7 @@ import argparse
 import gzip
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -204,14 +204,20 @@ def build_predictor(args, model) -> Predictor:
 
 
 def predict_slices(
-    predictor: Predictor, task: Task, queries: Sequence[np.ndarray], contexts: Sequence[list[tuple]]
+    predictor: Predictor,
+    task: Task,
+    queries: Sequence[np.ndarray],
+    contexts: Sequence[list[tuple]],
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[np.ndarray]:
-    """One batch at a time, so only a batch of full-size float predictions is held in memory."""
-    run = predictor.segment if task.target_is_label else predictor.translate
+    """One batch at a time, so only a batch of full-size float predictions is held in memory;
+    on_progress(done, total) after each batch."""
     step = predictor.batch_size
     predictions = []
     for start in tqdm(range(0, len(queries), step), desc="predicting", unit="batch", disable=None):
-        predictions += run(contexts[start : start + step], queries[start : start + step])
+        predictions += predictor.run(task, contexts[start : start + step], queries[start : start + step])
+        if on_progress is not None:
+            on_progress(len(predictions), len(queries))
     return predictions
 
 

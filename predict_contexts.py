@@ -79,13 +79,16 @@ def choose_context_slices(
     return list(value)
 
 
-def volume_contexts(image_path: str, target_path: str, selection, task: Task, settings) -> list[ContextPair]:
-    pair = slicing.read_pair(
-        image_path, target_path, task, settings, (f"--context_image {image_path}", f"--context_label {target_path}")
-    )
+def volume_contexts(
+    image_path: str, target_path: str, selection, task: Task, settings, where: tuple[str, str] | None = None
+) -> list[ContextPair]:
+    """The selected slices of a context volume pair; `where` names the two inputs in messages (default:
+    predict.py's flags and the paths)."""
+    where = where or (f"--context_image {image_path}", f"--context_label {target_path}")
+    pair = slicing.read_pair(image_path, target_path, task, settings, where)
     warn_non_finite(pair, {task.input_folder: image_path, task.target_folder: target_path})
     usable = np.flatnonzero(pair.above_background(task.target_folder).any(axis=pair.in_plane_axes))
-    indices = choose_context_slices(selection, usable, pair.num_slices, settings.axis_name, target_path, task)
+    indices = choose_context_slices(selection, usable, pair.num_slices, settings.axis_name, where[1], task)
     return [
         ContextPair(
             pair.picture(task.input_folder, index),

@@ -15,7 +15,7 @@ fi
 source "$venv/bin/activate"
 
 stamp="$venv/.requirements.sha256"
-wanted="$(cat "$repo_root/requirements.txt" "$repo_root/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
+wanted="$(cat "$repo_root"/requirements*.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
   echo "[setup] installing requirements (first run takes a few minutes: torch is large)"
   # Some pip configurations list local index folders that may be absent; their warnings are noise.
