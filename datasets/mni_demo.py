@@ -100,6 +100,7 @@ VOID_RADIUS_MM = (8.0, 14.0)  # radius range of the region removed from each sla
 # Each slab is placed in its own in-plane pose, as different subjects lie in a scanner: copies of one
 # template in one position would let "copy the context label" score like an atlas without registration.
 POSE_DEGREES, POSE_SHIFT_MM, POSE_SCALE = 12.0, 8.0, 0.08  # rotation, shift and size change at most
+TRAINING_POSES = 3  # cases per training slab, each in a pose of its own
 
 
 class TemplateMaps:
@@ -116,6 +117,7 @@ class TemplateMaps:
         columns = np.arange(self.t1.shape[0]) * t1_image.affine[0, 0] + t1_image.affine[0, 3]
         self.is_left = (columns < 0)[:, None, None]
         self.envelope = brain_envelope(self.grey, self.white)
+        self.noise_sigma = NOISE_FRACTION * np.percentile(self.t1, 99)
         self.tissue = demo_tissue_labels(self.t1, self.grey, self.white, self.envelope)
 
 
@@ -261,44 +263,50 @@ def _describe(folder, label_set: LabelSet):
         json.dump(description, handle, indent=1)
 
 
-def write_demo_sources(out_dir, label_sets=tuple(LABEL_SETS), seed=0) -> DemoSources:
-    """Writes the demo's source datasets from the template, one case per slab:
-    <out_dir>/<label set>/{imagesTr,labelsTr}/slabNN.nii.gz + dataset.json   (segmentation, MSD layout)
-    <out_dir>/denoise/{noisy,clean}/slabNN.nii.gz                           (Rician-noise denoising)
-    <out_dir>/inpaint/slabNN/slabNN-{t1n-voided,t1n,mask}.nii.gz            (a removed region, BraTS layout)
-    <out_dir>/test_cases.txt                                                (held-out slab ids)
+def write_demo_sources(out_dir, label_sets=tuple(LABEL_SETS), seed=0, training_poses=TRAINING_POSES) -> DemoSources:
+    """Writes the demo's source datasets from the template, one case per slab and pose:
+    <out_dir>/<label set>/{imagesTr,labelsTr}/<case>.nii.gz + dataset.json   (segmentation, MSD layout)
+    <out_dir>/denoise/{noisy,clean}/<case>.nii.gz                           (Rician-noise denoising)
+    <out_dir>/inpaint/<case>/<case>-{t1n-voided,t1n,mask}.nii.gz            (a removed region, BraTS layout)
+    <out_dir>/test_cases.txt                                                (held-out case ids)
+    Held-out slabs are one case each (slabNN); every training slab is `training_poses` cases
+    (slabNN, slabNN_pose1, ...), the same anatomy in different poses, as several subjects would be.
     """
     maps = TemplateMaps()
     rng = np.random.default_rng(seed)
-    noise_sigma = NOISE_FRACTION * np.percentile(maps.t1, 99)
     label_volumes = {name: LABEL_SETS[name].draw(maps) for name in label_sets}
     folders = {name: os.path.join(out_dir, name) for name in label_sets}
-    denoise, inpaint = os.path.join(out_dir, "denoise"), os.path.join(out_dir, "inpaint")
-    affine, header = maps.image.affine, maps.image.header
+    sources = DemoSources(folders, os.path.join(out_dir, "denoise"), os.path.join(out_dir, "inpaint"), "")
     test_ids = []
-    for number, (z0, z1) in enumerate(slab_ranges(maps.tissue)):
-        case_id = f"slab{number:02d}"
-        if number % TEST_EVERY == TEST_EVERY - 1:
-            test_ids.append(case_id)
-        block = slice(z0, z1)
-        pose = Pose.random(rng)
-        t1_slab = pose.apply(maps.t1[:, :, block], is_label=False)
-        removed = void_region(pose.apply(maps.envelope[:, :, block], is_label=True), rng)
-        volumes = {os.path.join(denoise, "noisy", case_id): (rician_noise(t1_slab, noise_sigma, rng), np.float32)}
-        volumes[os.path.join(denoise, "clean", case_id)] = (t1_slab, np.float32)
-        brats_case = os.path.join(inpaint, case_id, case_id)
-        volumes[f"{brats_case}-t1n-voided"] = (np.where(removed, 0.0, t1_slab), np.float32)
-        volumes[f"{brats_case}-t1n"] = (t1_slab, np.float32)
-        volumes[f"{brats_case}-mask"] = (removed, np.uint8)
-        for name, folder in folders.items():
-            volumes[os.path.join(folder, "imagesTr", case_id)] = (t1_slab, np.float32)
-            labels = pose.apply(label_volumes[name][:, :, block], is_label=True)
-            volumes[os.path.join(folder, "labelsTr", case_id)] = (labels, np.uint8)
-        for path, (volume, dtype) in volumes.items():
-            _save_slab(f"{path}.nii.gz", volume, affine, header, z0, dtype)
+    for number, slab in enumerate(slab_ranges(maps.tissue)):
+        held_out = number % TEST_EVERY == TEST_EVERY - 1
+        if held_out:
+            test_ids.append(f"slab{number:02d}")
+        for copy in range(1 if held_out else training_poses):
+            case_id = f"slab{number:02d}" + (f"_pose{copy}" if copy else "")
+            _write_case(sources, case_id, maps, label_volumes, slice(*slab), Pose.random(rng), rng)
     for name, folder in folders.items():
         _describe(folder, LABEL_SETS[name])
-    test_cases = os.path.join(out_dir, "test_cases.txt")
-    with open(test_cases, "w") as handle:
+    sources.test_cases = os.path.join(out_dir, "test_cases.txt")
+    with open(sources.test_cases, "w") as handle:
         handle.write("\n".join(test_ids) + "\n")
-    return DemoSources(folders, denoise, inpaint, test_cases)
+    return sources
+
+
+def _write_case(sources: DemoSources, case_id, maps: TemplateMaps, label_volumes, block, pose: Pose, rng):
+    """One slab in one pose, in every source dataset."""
+    t1_slab = pose.apply(maps.t1[:, :, block], is_label=False)
+    removed = void_region(pose.apply(maps.envelope[:, :, block], is_label=True), rng)
+    noisy = rician_noise(t1_slab, maps.noise_sigma, rng)
+    volumes = {os.path.join(sources.denoise, "noisy", case_id): (noisy, np.float32)}
+    volumes[os.path.join(sources.denoise, "clean", case_id)] = (t1_slab, np.float32)
+    brats_case = os.path.join(sources.inpaint, case_id, case_id)
+    volumes[f"{brats_case}-t1n-voided"] = (np.where(removed, 0.0, t1_slab), np.float32)
+    volumes[f"{brats_case}-t1n"] = (t1_slab, np.float32)
+    volumes[f"{brats_case}-mask"] = (removed, np.uint8)
+    for name, folder in sources.label_sets.items():
+        volumes[os.path.join(folder, "imagesTr", case_id)] = (t1_slab, np.float32)
+        labels = pose.apply(label_volumes[name][:, :, block], is_label=True)
+        volumes[os.path.join(folder, "labelsTr", case_id)] = (labels, np.uint8)
+    for path, (volume, dtype) in volumes.items():
+        _save_slab(f"{path}.nii.gz", volume, maps.image.affine, maps.image.header, block.start, dtype)

@@ -92,6 +92,11 @@ def get_args_parser():
         help="more main_pretrain.py flags, after the demo's own (so they win), e.g. "
         "--train_args='--lr 3e-4 --background_weight 1'",
     )
+    p.add_argument(
+        "--specialists",
+        action="store_true",
+        help="also train one model per label set on that set alone, same steps (multiplies training time)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a few steps at tiny sizes: checks the pipeline only")
     p.add_argument("--fresh", action="store_true", help="delete --out first (default: reuse prepared data)")
@@ -200,13 +205,12 @@ def training_arguments(config, args, steps, mixture, run_dir) -> list[str]:
     return [*flags.split(), "--mixture", mixture, "--output_dir", run_dir, *shlex.split(args.train_args)]
 
 
-def evaluate(checkpoint, prepared, eval_dir, datasets, fast, grids=0, baselines=True):
-    """main_eval.py's results {(dataset, protocol): summary}; the label encoding and the rest come from
-    the checkpoint's record."""
+def evaluate(checkpoint, prepared, eval_dir, datasets, fast, grids=0, protocol="both"):
+    """main_eval.py's results {(dataset, protocol): summary}, baselines included; the label encoding
+    and the rest come from the checkpoint's record."""
     argv = ["--checkpoint", checkpoint, "--data_path", prepared, "--output_dir", eval_dir, "--datasets", *datasets]
     argv += ["--device", "cpu", "--context_policy", "retrieval", "--grids", str(grids), "--batch_size", "8"]
-    if baselines:
-        argv.append("--baselines")
+    argv += ["--baselines", "--protocol", protocol]
     if fast:
         argv += ["--max_cases", "1"]
     if main_eval.main(argv) != 0:
@@ -232,10 +236,29 @@ def train_with_curve(prepared, out, config, args, label_datasets, datasets):
         start = time.perf_counter()
         main_pretrain.main([*flags, "--stop_after_steps", str(step)])
         seconds += time.perf_counter() - start
-        curve[step] = evaluate(
-            checkpoint, prepared, os.path.join(out, "curve", f"step{step:05d}"), label_datasets, args.fast
-        )
+        curve_dir = os.path.join(out, "curve", f"step{step:05d}")
+        curve[step] = evaluate(checkpoint, prepared, curve_dir, label_datasets, args.fast, protocol="foreground")
     return checkpoint, curve, seconds
+
+
+def train_specialists(prepared, out, config, args, label_datasets) -> dict:
+    """{label set: mean Dice} of one model per label set, trained on that set alone for as many steps
+    as the generalist, evaluated the same way: what sharing one model across tasks costs or gains."""
+    steps = training_steps(prepared, config, args)
+    scores = {}
+    for name in label_datasets:
+        folder = os.path.join(out, "specialists", name)
+        run_dir = os.path.join(folder, "train")
+        if os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)
+        os.makedirs(folder, exist_ok=True)
+        flags = training_arguments(config, args, steps, write_mixture(prepared, folder, [name]), run_dir)
+        log(f"specialist for {name}: {steps} steps on {name} alone")
+        main_pretrain.main([*flags, "--stop_after_steps", str(steps)])
+        checkpoint = os.path.join(run_dir, "checkpoint-last.pth")
+        results = evaluate(checkpoint, prepared, os.path.join(folder, "eval"), [name], args.fast, protocol="foreground")
+        scores[name] = results[name, "foreground"]["dice"]
+    return scores
 
 
 def main(argv=None):
@@ -269,7 +292,13 @@ def main(argv=None):
     start = time.perf_counter()
     switch = demo_report.context_switch(checkpoint, prepared, label_datasets, args.out, args.fast)
     timings["context switching"] = time.perf_counter() - start
-    demo_report.write_summary(args.out, results, curve, switch, label_datasets, timings)
+    specialists = None
+    if args.specialists:
+        stage("specialists: one model per label set, the same number of steps each")
+        start = time.perf_counter()
+        specialists = train_specialists(prepared, args.out, config, args, label_datasets)
+        timings["specialists"] = time.perf_counter() - start
+    demo_report.write_summary(args.out, results, curve, switch, label_datasets, timings, specialists)
     return 0
 
 

@@ -17,6 +17,7 @@ from util.cli import log
 from util.files import atomic_output
 
 BASELINES = {"copy_context": "copy the context label", "intensity": "intensity classifier"}
+SPECIALIST = "specialist"
 SWITCH_PICTURE, CURVE_PICTURE = "context_switch.png", "learning_curve.png"
 
 
@@ -158,23 +159,27 @@ def draw_learning_curve(table: dict, label_datasets, path: str):
 # ---------------------------------------------------------------- the summary
 
 
-def label_rows(results, label_datasets):
-    """Markdown rows per label set and their mean, and the verdict against every baseline."""
+def label_rows(results, label_datasets, specialists=None):
+    """Markdown rows per label set and their mean, and the verdict against every baseline (and the
+    specialists, one model per label set, where they were trained)."""
+    names = dict(BASELINES) | ({SPECIALIST: "one model per label set"} if specialists else {})
     lines = [
-        "| held-out slabs, mean Dice | MVG (this run) | " + " | ".join(BASELINES.values()) + " |",
-        "|---|---|" + "---|" * len(BASELINES),
+        "| held-out slabs, mean Dice | MVG (this run) | " + " | ".join(names.values()) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
-    columns = {"MVG": []} | {b: [] for b in BASELINES}
+    columns = {"MVG": []} | {b: [] for b in names}
     for name in label_datasets:
         summary = results[name, "foreground"]
         scores = {"MVG": summary["dice"]} | {b: summary["baselines"][b]["dice"] for b in BASELINES}
+        if specialists:
+            scores[SPECIALIST] = specialists[name]
         for key, value in scores.items():
             columns[key].append(value)
         lines.append(f"| {label_set_name(name)} | " + " | ".join(f"{v:.3f}" for v in scores.values()) + " |")
     means = {key: float(np.mean(values)) for key, values in columns.items()}
     lines.append("| **mean over label sets** | " + " | ".join(f"**{v:.3f}**" for v in means.values()) + " |")
-    beaten = [BASELINES[b] for b in BASELINES if means["MVG"] > means[b]]
-    missed = [BASELINES[b] for b in BASELINES if means["MVG"] <= means[b]]
+    beaten = [names[b] for b in names if means["MVG"] > means[b]]
+    missed = [names[b] for b in names if means["MVG"] <= means[b]]
     verdict = f"mean Dice: MVG {means['MVG']:.3f} beats {', '.join(beaten) or 'no baseline'}"
     if missed:
         verdict += f"; does NOT beat {', '.join(missed)}"
@@ -214,12 +219,12 @@ def switch_rows(matrix):
     return lines
 
 
-def write_summary(out, results, curve, switch, label_datasets, timings):
+def write_summary(out, results, curve, switch, label_datasets, timings, specialists=None):
     table = curve_table(curve, label_datasets)
     draw_learning_curve(table, label_datasets, os.path.join(out, CURVE_PICTURE))
     with atomic_output(os.path.join(out, "curve.json"), mode="w") as handle:
         json.dump(table, handle, indent=1)
-    labels, verdict, _ = label_rows(results, label_datasets)
+    labels, verdict, _ = label_rows(results, label_datasets, specialists)
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     text = "\n".join(
