@@ -165,7 +165,7 @@ LABEL_SETS = {
     label_set.name: label_set
     for label_set in (
         LabelSet("tissue", {1: "csf", 2: "grey matter", 3: "white matter"}, lambda maps: maps.tissue, True),
-        LabelSet("brain", {1: "brain"}, lambda maps: maps.envelope.astype(np.uint8), False),
+        LabelSet("brain", {1: "brain"}, lambda maps: maps.envelope.astype(np.uint8), True),
         LabelSet("hemispheres", {1: "left", 2: "right"}, _hemispheres, False),
     )
 }

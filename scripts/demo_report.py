@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from datasets.manifest import PreparedDataset, read_png
+from datasets.mni_demo import LABEL_SETS
 from evaluation.contexts import ContextPicker
 from evaluation.reports import grid_picture
 from inference import Predictor, load_checkpoint
@@ -160,30 +161,35 @@ def draw_learning_curve(table: dict, label_datasets, path: str):
 
 
 def label_rows(results, label_datasets, specialists=None):
-    """Markdown rows per label set and their mean, and the verdict against every baseline (and the
-    specialists, one model per label set, where they were trained)."""
+    """Markdown rows per label set and their mean, and the verdicts against every baseline (and the
+    specialists, one model per label set, where they were trained): on the mean, and on each label
+    set that intensity alone cannot solve."""
     names = dict(BASELINES) | ({SPECIALIST: "one model per label set"} if specialists else {})
     lines = [
         "| held-out slabs, mean Dice | MVG (this run) | " + " | ".join(names.values()) + " |",
         "|---|---|" + "---|" * len(names),
     ]
-    columns = {"MVG": []} | {b: [] for b in names}
+    rows = {}
     for name in label_datasets:
         summary = results[name, "foreground"]
-        scores = {"MVG": summary["dice"]} | {b: summary["baselines"][b]["dice"] for b in BASELINES}
+        rows[name] = {"MVG": summary["dice"]} | {b: summary["baselines"][b]["dice"] for b in BASELINES}
         if specialists:
-            scores[SPECIALIST] = specialists[name]
-        for key, value in scores.items():
-            columns[key].append(value)
-        lines.append(f"| {label_set_name(name)} | " + " | ".join(f"{v:.3f}" for v in scores.values()) + " |")
-    means = {key: float(np.mean(values)) for key, values in columns.items()}
+            rows[name][SPECIALIST] = specialists[name]
+        lines.append(f"| {label_set_name(name)} | " + " | ".join(f"{v:.3f}" for v in rows[name].values()) + " |")
+    means = {key: float(np.mean([row[key] for row in rows.values()])) for key in ["MVG", *names]}
     lines.append("| **mean over label sets** | " + " | ".join(f"**{v:.3f}**" for v in means.values()) + " |")
-    beaten = [names[b] for b in names if means["MVG"] > means[b]]
-    missed = [names[b] for b in names if means["MVG"] <= means[b]]
-    verdict = f"mean Dice: MVG {means['MVG']:.3f} beats {', '.join(beaten) or 'no baseline'}"
-    if missed:
-        verdict += f"; does NOT beat {', '.join(missed)}"
-    return lines, verdict, means
+    verdicts = [verdict("mean Dice", means, names)]
+    for name in label_datasets:
+        if not LABEL_SETS[label_set_name(name)].by_intensity:
+            verdicts.append(verdict(f"{label_set_name(name)} (intensity cannot solve it)", rows[name], names))
+    return lines, verdicts, means
+
+
+def verdict(what: str, scores: dict, names: dict) -> str:
+    beaten = [names[b] for b in names if scores["MVG"] > scores[b]]
+    missed = [names[b] for b in names if scores["MVG"] <= scores[b]]
+    text = f"{what}: MVG {scores['MVG']:.3f} beats {', '.join(beaten) or 'no baseline'}"
+    return text + (f"; does NOT beat {', '.join(missed)}" if missed else "")
 
 
 def image_rows(results):
@@ -224,7 +230,7 @@ def write_summary(out, results, curve, switch, label_datasets, timings, speciali
     draw_learning_curve(table, label_datasets, os.path.join(out, CURVE_PICTURE))
     with atomic_output(os.path.join(out, "curve.json"), mode="w") as handle:
         json.dump(table, handle, indent=1)
-    labels, verdict, _ = label_rows(results, label_datasets, specialists)
+    labels, verdicts, _ = label_rows(results, label_datasets, specialists)
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     text = "\n".join(
@@ -238,7 +244,7 @@ def write_summary(out, results, curve, switch, label_datasets, timings, speciali
             "",
             *switch_rows(switch["matrix"]),
             "",
-            verdict,
+            *verdicts,
             "",
             f"time: {timing}; peak memory {peak:.2f} GiB",
             f"pictures: {os.path.join(out, SWITCH_PICTURE)} (context | context label | query | MVG | truth, "

@@ -11,7 +11,7 @@ import pytest
 
 from datasets import mni_demo
 from datasets.manifest import PreparedDataset
-from scripts import demo
+from scripts import demo, demo_report
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,9 @@ def test_fast_demo_runs_every_stage(tmp_path, capsys):
     assert re.search(r"\| denoising PSNR \(dB\) / SSIM \| \d+\.\d\d / \d\.\d{3} \| noisy input", printed)
     assert re.search(r"\| inpainting PSNR .* \| \d+\.\d\d / \d+\.\d\d \| voided input", printed)
     assert re.search(r"mean Dice: MVG \d\.\d{3} beats", printed)
+    unsolvable = [name for name, label_set in mni_demo.LABEL_SETS.items() if not label_set.by_intensity]
+    assert unsolvable == ["hemispheres"]
+    assert re.search(r"^hemispheres \(intensity cannot solve it\): MVG \d\.\d{3} beats", printed, re.M)
     for label_set in mni_demo.LABEL_SETS.values():
         assert PreparedDataset(str(out / "prepared" / label_set.dataset)).case_ids("test")
     for dataset in demo.IMAGE_TASKS:
@@ -131,3 +134,25 @@ def test_fast_demo_runs_every_stage(tmp_path, capsys):
         assert (out / picture).stat().st_size > 1000
     assert (out / "eval" / "results.json").is_file()
     assert (out / "summary.md").read_text().startswith("| held-out slabs, mean Dice |")
+
+
+def test_verdicts_name_what_mvg_beats_and_what_it_does_not():
+    scores = {"MVG": 0.5, "copy_context": 0.4, "intensity": 0.5}
+    assert demo_report.verdict("tissue", scores, demo_report.BASELINES) == (
+        "tissue: MVG 0.500 beats copy the context label; does NOT beat intensity classifier"
+    )
+    table = {"MVG": [0.2, 0.6], "copy_context": [0.3, 0.3], "intensity": [0.9, 0.1]}
+    results = {
+        (f"MNI_{name}", "foreground"): {
+            "dice": table["MVG"][k],
+            "baselines": {b: {"dice": table[b][k]} for b in demo_report.BASELINES},
+        }
+        for k, name in enumerate(("tissue", "hemispheres"))
+    }
+    lines, verdicts, means = demo_report.label_rows(results, ["MNI_tissue", "MNI_hemispheres"])
+    assert means == pytest.approx({"MVG": 0.4, "copy_context": 0.3, "intensity": 0.5})
+    assert lines[-1] == "| **mean over label sets** | **0.400** | **0.300** | **0.500** |"
+    assert verdicts == [
+        "mean Dice: MVG 0.400 beats copy the context label; does NOT beat intensity classifier",
+        "hemispheres (intensity cannot solve it): MVG 0.600 beats copy the context label, intensity classifier",
+    ]
