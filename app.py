@@ -52,8 +52,7 @@ from app_session import (
     non_finite_note,
     render_slice,
 )
-from datasets import intensity, slicing
-from flags import add_model_flags, add_prompt_flags, add_runtime_flags
+from predict import add_volume_and_model_flags
 from tasks import TASK_NAMES, get_task
 from util.cli import ArgumentParser, UsageError, first_line, log, run_main, warn
 
@@ -88,22 +87,12 @@ def get_args_parser():
         "temporary folder, removed when it stops)",
     )
 
-    volumes = parser.add_argument_group("volumes: slicing and intensities (as predict.py)")
-    slicing.add_slicing_arguments(volumes)
-    volumes.add_argument(
-        "--slice_size",
-        type=int,
-        default=None,
-        help="slices are stretched to this size squared (default: what the checkpoint records, else 512)",
+    add_volume_and_model_flags(
+        parser,
+        "volumes: slicing and intensities (as predict.py)",
+        slice_size_help="the size of the prepared training slices (default: what the checkpoint records, else 512)",
+        modality_flag=False,
     )
-    intensity.add_intensity_arguments(volumes)
-
-    model = parser.add_argument_group("model and inference")
-    model.add_argument("--checkpoint", required=True, help="model checkpoint (.pth)")
-    add_model_flags(model)
-    add_prompt_flags(model)
-    add_runtime_flags(model)
-    model.add_argument("--batch_size", type=int, default=8, help="query slices per forward pass")
     return parser
 
 

@@ -140,23 +140,30 @@ def get_args_parser():
     )
     inputs.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
-    volumes = parser.add_argument_group("volumes: slicing and intensities (as datasets.prepare)")
+    add_volume_and_model_flags(
+        parser,
+        "volumes: slicing and intensities (as datasets.prepare)",
+        slice_size_help="the size of the prepared training slices (default: the size the checkpoint records, "
+        "else 512; another needs --force); 0 keeps each slice at its own size",
+        modality_flag=True,
+    )
+    return parser
+
+
+def add_volume_and_model_flags(parser, volumes_title: str, slice_size_help: str, modality_flag: bool):
+    """The flags of reading volumes as prepare does and of the model, shared with the browser app."""
+    volumes = parser.add_argument_group(volumes_title)
     slicing.add_slicing_arguments(volumes)
     volumes.add_argument(
-        "--slice_size",
-        type=int,
-        default=None,
-        help="slices are stretched to this size squared, the size of the prepared "
-        "training slices (default: the size the checkpoint records, else 512; another "
-        "needs --force); 0 keeps each slice at its own size",
+        "--slice_size", type=int, default=None, help=f"slices are stretched to this size squared: {slice_size_help}"
     )
-    volumes.add_argument(
-        "--modality",
-        help="CT (HU window), MRI (percentiles) or anything else (min-max); "
-        "needed for volumes unless --normalization is given",
-    )
+    if modality_flag:
+        volumes.add_argument(
+            "--modality",
+            help="CT (HU window), MRI (percentiles) or anything else (min-max); "
+            "needed for volumes unless --normalization is given",
+        )
     intensity.add_intensity_arguments(volumes)
-
     model = parser.add_argument_group("model and inference")
     model.add_argument("--checkpoint", required=True, help="model checkpoint (.pth)")
     add_model_flags(model)
@@ -165,7 +172,6 @@ def get_args_parser():
     model.add_argument(
         "--batch_size", type=int, default=8, help="query slices per forward pass (each with --num_prompts canvases)"
     )
-    return parser
 
 
 # ---------------------------------------------------------------------------------------------------

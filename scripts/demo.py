@@ -8,8 +8,9 @@ slabs far from the training ones, and draws on the same slices:
     MNI_brain        background / brain (id 1)
     MNI_hemispheres  background / left / right (ids 1, 2): intensity cannot tell them apart
     MNI_denoise      Rician noise (6% of the bright end) -> clean T1
-    MNI_inpaint      T1 with a disc removed from every slice of the slab -> the whole T1
-The class ids collide across label sets, so a query slice alone does not say what to paint.
+    MNI_inpaint      T1 with a disc removed from every slice of the slab -> the whole T1 (--image_tasks)
+The class ids collide across label sets, so a query slice alone does not say what to paint. Each slab
+lies in a pose of its own (rotation, shift, size), and every training slab comes in three poses.
 Then the project's own tools: datasets.prepare, main_pretrain.py (a small MVG, trained in stretches,
 each followed by main_eval.py for the learning curve), main_eval.py on the held-out slabs with baselines
 on the same queries and contexts:

@@ -192,22 +192,27 @@ def verdict(what: str, scores: dict, names: dict) -> str:
     return text + (f"; does NOT beat {', '.join(missed)}" if missed else "")
 
 
+# dataset: (row title, input shown as the answer, the two scores shown and their formats)
+IMAGE_ROWS = {
+    "MNI_denoise": ("denoising PSNR (dB) / SSIM", "noisy input", (("psnr", ".2f"), ("ssim", ".3f"))),
+    "MNI_inpaint": (
+        "inpainting PSNR (dB) in the removed region / whole slice",
+        "voided input",
+        (("psnr_region", ".2f"), ("psnr", ".2f")),
+    ),
+}
+
+
 def image_rows(results):
     lines = []
-    denoise = results.get(("MNI_denoise", "foreground"))
-    if denoise:
-        noisy = denoise["baselines"]["identity"]
-        lines.append(
-            f"| denoising PSNR (dB) / SSIM | {denoise['psnr']:.2f} / {denoise['ssim']:.3f} | noisy input: "
-            f"{noisy['psnr']:.2f} / {noisy['ssim']:.3f} |"
-        )
-    inpaint = results.get(("MNI_inpaint", "foreground"))
-    if inpaint:
-        voided = inpaint["baselines"]["identity"]
-        lines.append(
-            f"| inpainting PSNR (dB) in the removed region / whole slice | {inpaint['psnr_region']:.2f} / "
-            f"{inpaint['psnr']:.2f} | voided input: {voided['psnr_region']:.2f} / {voided['psnr']:.2f} |"
-        )
+    for dataset, (title, identity, scores) in IMAGE_ROWS.items():
+        summary = results.get((dataset, "foreground"))
+        if summary:
+            model, unchanged = (
+                " / ".join(format(values[key], style) for key, style in scores)
+                for values in (summary, summary["baselines"]["identity"])
+            )
+            lines.append(f"| {title} | {model} | {identity}: {unchanged} |")
     if lines:
         lines = ["| image task | MVG | input as the answer |", "|---|---|---|", *lines]
     return lines
