@@ -52,7 +52,6 @@ from util.cli import ArgumentParser, UsageError, log, run_main
 FULL = dict(size=144, input_size=(256, 128), depth=6, batch_size=8, mask=(32, 4, 16), curve_points=5)
 FAST = dict(size=40, input_size=(64, 32), depth=4, batch_size=2, mask=(2, 1, 2), curve_points=2)
 IMAGE_TASKS = ("MNI_denoise", "MNI_inpaint")
-LABEL_SET_WEIGHT = 2  # mixture weight of each label set against 1 for each image task
 
 
 def get_args_parser():
@@ -132,16 +131,10 @@ def build_data(out, config, args):
 
 
 def write_mixture(prepared, out, datasets):
-    """Each label set LABEL_SET_WEIGHT times as often as each image task: segmentation is what the
-    demo measures, and the harder task to learn."""
+    """Every dataset equally often. (With each label set twice as often as denoising, 1 canvas in 7,
+    the denoised slices came out worse than the noisy input: 16.9 dB against 24.0 after 800 steps.)"""
     path = os.path.join(out, "mixture.json")
-    entries = [
-        {
-            "path": os.path.abspath(os.path.join(prepared, name)),
-            "weight": 1 if name in IMAGE_TASKS else LABEL_SET_WEIGHT,
-        }
-        for name in datasets
-    ]
+    entries = [{"path": os.path.abspath(os.path.join(prepared, name)), "weight": 1} for name in datasets]
     with open(path, "w") as handle:
         json.dump({"datasets": entries}, handle)
     return path
