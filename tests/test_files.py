@@ -2,9 +2,11 @@
 
 import errno
 import os
+import stat
 
 import pytest
 
+from util import files
 from util.cli import UsageError
 from util.files import atomic_output, path_below, writable_folder
 
@@ -50,3 +52,13 @@ def test_writable_folder_names_the_flag(tmp_path):
     with pytest.raises(UsageError, match=f"--output_dir {blocked}: cannot write there"):
         writable_folder(str(blocked), "--output_dir")
     assert writable_folder(str(tmp_path / "new"), "--output_dir") == str(tmp_path / "new")
+
+
+def test_written_files_get_the_permissions_open_would_give(tmp_path):
+    """Owner-only files (mkstemp's default) would hide predictions and tables from a user's group."""
+    with atomic_output(str(tmp_path / "table.md"), mode="w") as handle:
+        handle.write("| a |\n")
+    with open(tmp_path / "plain.md", "w") as handle:
+        handle.write("| a |\n")
+    mode = stat.S_IMODE(os.stat(tmp_path / "table.md").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.md").st_mode) == 0o666 & ~files.UMASK

@@ -34,13 +34,25 @@ def describe_os_error(error: OSError) -> str:
     return error.strerror or str(error)
 
 
+def _process_umask() -> int:
+    """The umask, read once at import (setting it to read it back is not safe once threads run)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+UMASK = _process_umask()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: str = "wb"):
-    """A file handle whose contents replace `path` only once fully written and synced."""
+    """A file handle whose contents replace `path` only once fully written and synced. The file gets
+    the permissions a plain open() would give it (mkstemp's own are owner-only)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        os.fchmod(descriptor, 0o666 & ~UMASK)
     except OSError as error:
         raise UsageError(f"{path}: cannot write ({describe_os_error(error)})") from error
     try:
