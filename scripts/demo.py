@@ -216,14 +216,29 @@ def evaluate(checkpoint, prepared, eval_dir, datasets, fast, grids=0, protocol="
         return {(d["dataset"], d["protocol"]): d for d in json.load(handle)["datasets"]}
 
 
+RUN_MARKER = "written_by_scripts_demo"
+
+
+def fresh_run_dir(run_dir):
+    """An empty training folder. One left by an earlier demo (it holds RUN_MARKER) is removed: its
+    steps and schedule may differ, and training would resume from it. Any other existing folder is
+    the user's, and is left alone."""
+    if os.path.isdir(run_dir):
+        if not os.path.exists(os.path.join(run_dir, RUN_MARKER)):
+            raise UsageError(f"{run_dir}: exists and was not written by the demo; choose another --out")
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, RUN_MARKER), "w") as handle:
+        handle.write("scripts/demo.py replaces this folder when it runs again\n")
+
+
 def train_with_curve(prepared, out, config, args, label_datasets, datasets):
     """Trains in stretches that end at the curve's steps (each stretch resumes exactly where the last
     stopped, so the final model is the one an uninterrupted run gives) and evaluates the label sets
     after each; returns the checkpoint, the curve {step: results} and the seconds spent training."""
     steps = training_steps(prepared, config, args)
     run_dir = os.path.join(out, "train")
-    if os.path.isdir(run_dir):  # a run of an earlier demo: its steps and schedule may differ
-        shutil.rmtree(run_dir)
+    fresh_run_dir(run_dir)
     flags = training_arguments(config, args, steps, write_mixture(prepared, out, datasets), run_dir)
     log(
         f"{steps} steps of batch {config['batch_size']}, evaluated after steps {curve_steps(steps, config['curve_points'])}"
@@ -246,8 +261,7 @@ def train_specialists(prepared, out, config, args, label_datasets) -> dict:
     for name in label_datasets:
         folder = os.path.join(out, "specialists", name)
         run_dir = os.path.join(folder, "train")
-        if os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)
+        fresh_run_dir(run_dir)
         os.makedirs(folder, exist_ok=True)
         flags = training_arguments(config, args, steps, write_mixture(prepared, folder, [name]), run_dir)
         log(f"specialist for {name}: {steps} steps on {name} alone")

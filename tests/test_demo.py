@@ -12,6 +12,7 @@ import pytest
 from datasets import mni_demo
 from datasets.manifest import PreparedDataset
 from scripts import demo, demo_report
+from util.cli import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +157,17 @@ def test_verdicts_name_what_mvg_beats_and_what_it_does_not():
         "mean Dice: MVG 0.400 beats copy the context label; does NOT beat intensity classifier",
         "hemispheres (intensity cannot solve it): MVG 0.600 beats copy the context label, intensity classifier",
     ]
+
+
+def test_the_demo_replaces_only_its_own_training_folders(tmp_path):
+    run_dir = tmp_path / "train"
+    demo.fresh_run_dir(str(run_dir))
+    (run_dir / "checkpoint-last.pth").write_bytes(b"an earlier demo's")
+    demo.fresh_run_dir(str(run_dir))  # the demo's own: replaced, so training cannot resume from it
+    assert sorted(os.listdir(run_dir)) == [demo.RUN_MARKER]
+    users = tmp_path / "users" / "train"
+    users.mkdir(parents=True)
+    (users / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="was not written by the demo"):
+        demo.fresh_run_dir(str(users))
+    assert (users / "notes.txt").read_text() == "mine"
