@@ -13,7 +13,7 @@ Then it stops the app with Ctrl-C's signal and checks that the app removed its t
 
 By default the demo's files are used: the checkpoint scripts/demo.sh trains
 (<demo_output>/train/checkpoint-last.pth), a held-out slab as the query and a training slab with its
-tissue label as the context (<demo_output>/sources/tissue/...).
+hemispheres label as the context (<demo_output>/sources/hemispheres/...).
 
 Not part of the test suite (CI has no browser). It needs what the app needs (requirements-app.txt,
 which includes selenium) and Chromium with its driver: on Debian, apt-get install chromium chromium-driver.
@@ -48,7 +48,7 @@ def get_args_parser():
     parser.add_argument("--checkpoint", help="default: <demo_output>/train/checkpoint-last.pth")
     parser.add_argument("--query", help="default: the demo's held-out slab05")
     parser.add_argument("--context_image", help="default: the demo's training slab04")
-    parser.add_argument("--context_label", help="default: slab04's tissue label")
+    parser.add_argument("--context_label", help="default: slab04's hemispheres label")
     parser.add_argument("--context_slices", default="auto:3", help="which context slices (as the page takes them)")
     parser.add_argument("--screenshot", default=os.path.join(REPO, "docs", "app.png"), help="where the PNG goes")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
@@ -58,12 +58,12 @@ def get_args_parser():
 
 def demo_inputs(args):
     """The paths to use, the demo's where none is given; each must exist."""
-    tissue = os.path.join(args.demo_output, "sources", "tissue")
+    sources = os.path.join(args.demo_output, "sources", "hemispheres")
     paths = {
         "--checkpoint": args.checkpoint or os.path.join(args.demo_output, "train", "checkpoint-last.pth"),
-        "--query": args.query or os.path.join(tissue, "imagesTr", "slab05.nii.gz"),
-        "--context_image": args.context_image or os.path.join(tissue, "imagesTr", "slab04.nii.gz"),
-        "--context_label": args.context_label or os.path.join(tissue, "labelsTr", "slab04.nii.gz"),
+        "--query": args.query or os.path.join(sources, "imagesTr", "slab05.nii.gz"),
+        "--context_image": args.context_image or os.path.join(sources, "imagesTr", "slab04.nii.gz"),
+        "--context_label": args.context_label or os.path.join(sources, "labelsTr", "slab04.nii.gz"),
     }
     for flag, path in paths.items():
         if not os.path.exists(path):
@@ -295,7 +295,7 @@ def drive(page: PageDriver, inputs: dict, args):
     log(page.wait_text("status", "Predicted"))
     page.wait_idle()
     table = page.wait_for(
-        lambda: re.search(r"ml\s+1\s", page.text_of("volumes")) and page.text_of("volumes"), "the table"
+        lambda: re.search(r"ml\s+\d+\s", page.text_of("volumes")) and page.text_of("volumes"), "the table"
     )
     downloads = page.wait_text("downloads", "_segmentation.nii")
     log(f"volumes per class: {' '.join(table.split())}")
