@@ -19,8 +19,8 @@ on the same queries and contexts:
 Finally every held-out query is run once with a context from each label set in turn (context_switch).
 
     scripts/demo.sh                  # about 10 minutes of training on 2 cores
-    scripts/demo.sh --minutes 30     # longer training, better numbers
-    scripts/demo.sh --steps 800      # a fixed number of steps: the same numbers on any machine
+    scripts/demo.sh --minutes 30     # longer training
+    scripts/demo.sh --steps 800      # a fixed number of steps, whatever the machine's speed
     python -m scripts.demo --help    # the same, in an environment that is already set up
 """
 
@@ -61,7 +61,8 @@ def get_args_parser():
     p.add_argument(
         "--steps",
         type=int,
-        help="train exactly this many steps instead (reproducible results whatever the machine or its load)",
+        help="train exactly this many steps instead (the same training whatever the machine's speed or load; "
+        "float summation order still differs between CPUs)",
     )
     p.add_argument("--batch_size", type=int, help=f"canvases per step (default: {FULL['batch_size']})")
     p.add_argument("--workers", type=int, default=1, help="data loading processes during training")
