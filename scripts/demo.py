@@ -233,11 +233,10 @@ def fresh_run_dir(run_dir):
         handle.write("scripts/demo.py replaces this folder when it runs again\n")
 
 
-def train_with_curve(prepared, out, config, args, label_datasets, datasets):
+def train_with_curve(prepared, out, config, args, steps, label_datasets, datasets):
     """Trains in stretches that end at the curve's steps (each stretch resumes exactly where the last
     stopped, so the final model is the one an uninterrupted run gives) and evaluates the label sets
     after each; returns the checkpoint, the curve {step: results} and the seconds spent training."""
-    steps = training_steps(prepared, config, args)
     run_dir = os.path.join(out, "train")
     fresh_run_dir(run_dir)
     flags = training_arguments(config, args, steps, write_mixture(prepared, out, datasets), run_dir)
@@ -254,16 +253,14 @@ def train_with_curve(prepared, out, config, args, label_datasets, datasets):
     return checkpoint, curve, seconds
 
 
-def train_specialists(prepared, out, config, args, label_datasets) -> dict:
+def train_specialists(prepared, out, config, args, steps, label_datasets) -> dict:
     """{label set: mean Dice} of one model per label set, trained on that set alone for as many steps
     as the generalist, evaluated the same way: what sharing one model across tasks costs or gains."""
-    steps = training_steps(prepared, config, args)
     scores = {}
     for name in label_datasets:
         folder = os.path.join(out, "specialists", name)
         run_dir = os.path.join(folder, "train")
         fresh_run_dir(run_dir)
-        os.makedirs(folder, exist_ok=True)
         flags = training_arguments(config, args, steps, write_mixture(prepared, folder, [name]), run_dir)
         log(f"specialist for {name}: {steps} steps on {name} alone")
         main_pretrain.main([*flags, "--stop_after_steps", str(steps)])
@@ -290,9 +287,10 @@ def main(argv=None):
     timings["data"] = time.perf_counter() - start
     budget = "a few steps" if args.fast else f"{args.steps} steps" if args.steps else f"about {args.minutes:g} minutes"
     stage(f"2/4 training one MVG on all {len(datasets)} tasks on the CPU ({budget}), with a learning curve")
+    steps = training_steps(prepared, config, args)  # once: the specialists train as many
     start = time.perf_counter()
     checkpoint, curve, timings["training"] = train_with_curve(
-        prepared, args.out, config, args, label_datasets, datasets
+        prepared, args.out, config, args, steps, label_datasets, datasets
     )
     timings["curve evaluations"] = time.perf_counter() - start - timings["training"]
     stage("3/4 evaluation on the held-out slabs (main_eval.py, with baselines)")
@@ -308,7 +306,7 @@ def main(argv=None):
     if args.specialists:
         stage("specialists: one model per label set, the same number of steps each")
         start = time.perf_counter()
-        specialists = train_specialists(prepared, args.out, config, args, label_datasets)
+        specialists = train_specialists(prepared, args.out, config, args, steps, label_datasets)
         timings["specialists"] = time.perf_counter() - start
     demo_report.write_summary(args.out, results, curve, switch, label_datasets, timings, specialists)
     return 0

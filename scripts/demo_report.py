@@ -42,6 +42,17 @@ def held_out_queries(dataset: PreparedDataset, fast: bool) -> list[tuple[str, in
     return [(case, index) for case in cases for index in dataset.slice_indices(case)]
 
 
+def read_pair(dataset: PreparedDataset, case: str, index: int) -> tuple:
+    """(image, target) of one prepared slice."""
+    return tuple(
+        read_png(dataset.slice_path(folder, case, index)) for folder in (dataset.input_folder, dataset.target_folder)
+    )
+
+
+def mean_dice_over_slices(predictions, truths, class_ids) -> float:
+    return float(np.mean([mean_foreground_dice(p, t, class_ids) for p, t in zip(predictions, truths)]))
+
+
 def context_switch(checkpoint, prepared, label_datasets, out, fast):
     """Every held-out query slice predicted once per label set, each time with that set's context pair
     (the most alike training slice, as in the evaluation). Returns {"matrix": {context set: {truth
@@ -50,55 +61,35 @@ def context_switch(checkpoint, prepared, label_datasets, out, fast):
     model, settings = load_checkpoint(checkpoint, {"label_encoding": None}, required=("label_encoding",))
     predictor = Predictor(model, label_encoding=settings["label_encoding"])
     sets = {name: PreparedDataset(os.path.join(prepared, name)) for name in label_datasets}
-    first = sets[label_datasets[0]]
-    queries = held_out_queries(first, fast)
-    images = [read_png(first.slice_path(first.input_folder, c, i)) for c, i in queries]
-    truths, predictions = {}, {}
+    queries = held_out_queries(sets[label_datasets[0]], fast)
+    # The label sets share their images, so one set's query pictures serve them all.
+    images, _ = zip(*(read_pair(sets[label_datasets[0]], c, i) for c, i in queries))
+    truths, pairs, predictions = {}, {}, {}
     for name, dataset in sets.items():
-        truths[name] = [read_png(dataset.slice_path(dataset.target_folder, c, i)) for c, i in queries]
+        truths[name] = [read_pair(dataset, c, i)[1] for c, i in queries]
         picker = ContextPicker(dataset, "retrieval", k=1, seed=0)
-        pairs = []
-        for (case, index), image in zip(queries, images):
-            ((context_case, context_index),) = picker.pick(case, index, image)
-            pairs.append(
-                [
-                    (
-                        read_png(dataset.slice_path(dataset.input_folder, context_case, context_index)),
-                        read_png(dataset.slice_path(dataset.target_folder, context_case, context_index)),
-                    )
-                ]
-            )
-        predictions[name] = (pairs, predictor.segment(pairs, images))
+        pairs[name] = [[read_pair(dataset, *picker.pick(c, i, image)[0])] for (c, i), image in zip(queries, images)]
+        predictions[name] = predictor.segment(pairs[name], list(images))
     matrix = {
         shown: {
-            truth_set: float(
-                np.mean(
-                    [
-                        mean_foreground_dice(p, t, foreground_ids(sets[truth_set]))
-                        for p, t in zip(predictions[shown][1], truths[truth_set])
-                    ]
-                )
-            )
-            for truth_set in sets
+            truth: mean_dice_over_slices(predictions[shown], truths[truth], foreground_ids(sets[truth]))
+            for truth in sets
         }
         for shown in sets
     }
-    middle = len(queries) // 2
-    rows = []
-    for name in sets:
-        pairs, predicted = predictions[name]
-        class_ids = foreground_ids(sets[name])
-        rows.append(
-            (
-                name,
-                grid_picture(
-                    True, pairs[middle][0], images[middle], predicted[middle], truths[name][middle], class_ids
-                ),
-            )
+    k = len(queries) // 2
+    rows = [
+        (
+            name,
+            grid_picture(
+                True, pairs[name][k][0], images[k], predictions[name][k], truths[name][k], foreground_ids(sets[name])
+            ),
         )
+        for name in sets
+    ]
     picture = os.path.join(out, SWITCH_PICTURE)
     save_picture(stack_with_titles(rows), picture)
-    return {"matrix": matrix, "picture": picture, "query": "{} slice {}".format(*queries[middle])}
+    return {"matrix": matrix, "picture": picture, "query": "{} slice {}".format(*queries[k])}
 
 
 def stack_with_titles(rows, title_height=16) -> Image.Image:
