@@ -49,8 +49,18 @@ from util.cli import ArgumentParser, UsageError, log, run_main
 # The demo's model and canvas: a 6-block ViT-Ti on 256x128 canvases (two 128x128 pairs cropped from
 # 144x144 slices), small enough to learn on two CPU cores in minutes. --fast shrinks everything
 # further for the test suite, which only checks that every stage runs and writes its files.
-FULL = dict(size=144, input_size=(256, 128), depth=6, batch_size=8, mask=(32, 4, 16), curve_points=5)
-FAST = dict(size=40, input_size=(64, 32), depth=4, batch_size=2, mask=(2, 1, 2), curve_points=2)
+FULL = dict(
+    model="mvg_vit_tiny_patch16",
+    size=144,
+    input_size=(256, 128),
+    depth=6,
+    batch_size=8,
+    mask=(32, 4, 16),
+    curve_points=5,
+)
+FAST = dict(
+    model="mvg_vit_tiny_patch16", size=40, input_size=(64, 32), depth=4, batch_size=2, mask=(2, 1, 2), curve_points=2
+)
 IMAGE_TASKS = ("MNI_denoise", "MNI_inpaint")
 
 
@@ -144,14 +154,15 @@ def write_mixture(prepared, out, datasets):
 def seconds_per_step(prepared, config):
     """Times a few training steps of the demo configuration, to fit the run into the budget."""
     torch.manual_seed(0)
-    grid = (config["input_size"][0] // 16, config["input_size"][1] // 16)
+    model = create_model(config["model"], input_size=config["input_size"], depth=config["depth"])
+    grid = (config["input_size"][0] // model.patch_size, config["input_size"][1] // model.patch_size)
     count, smallest, largest = config["mask"]
     data = InContextDataset(
         Mixture.of([prepared]),
         MaskPolicy(grid, count, smallest, largest, half_mask_ratio=0.5),
         input_size=config["input_size"],
+        patch_size=model.patch_size,
     )
-    model = create_model("mvg_vit_tiny_patch16", input_size=config["input_size"], depth=config["depth"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     items = [data[i] for i in range(config["batch_size"])]
     batch = to_model_inputs(torch.utils.data.default_collate(items), torch.device("cpu"))
@@ -185,7 +196,7 @@ def training_arguments(config, args, steps, mixture, run_dir) -> list[str]:
     count, smallest, largest = config["mask"]
     height, width = config["input_size"]
     flags = (
-        f"--model mvg_vit_tiny_patch16 --depth {config['depth']} --input_size {height} {width} "
+        f"--model {config['model']} --depth {config['depth']} --input_size {height} {width} "
         f"--batch_size {config['batch_size']} --epochs {epochs} --samples_per_epoch {samples_per_epoch} "
         # From scratch: a high learning rate, no layer-wise decay (nothing pretrained to protect).
         "--lr 1e-3 --layer_decay 1.0 --warmup_epochs 0.5 --weight_decay 0.05 "
