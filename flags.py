@@ -62,7 +62,7 @@ def add_runtime_flags(group):
         default="auto",
         choices=ATTENTION_PATHS,
         help="how attention adds the relative-position bias (all exact); auto: the fastest "
-        "measured path for the device, dtype and grad mode (rel_pos_attention.choose_attention)",
+        "measured path for the device, dtype, grad mode and token count (rel_pos_attention.choose_attention)",
     )
 
 

@@ -15,7 +15,7 @@ paths (ATTENTION_PATHS) differ only in how those bias terms reach the softmax:
              scale 1 and no mask. Nothing of size L x L is built outside the kernel.
   flex       FlexAttention (compiled) adding q.Rh and q.Rw per score in a score_mod; PyTorch has
              no FlexAttention backward on the CPU.
-  auto       chosen per call by choose_attention from the device, dtype and grad mode.
+  auto       chosen per call by choose_attention from the device, dtype, grad mode and token count.
 
 RelPosAttention takes over the weights of the timm Attention a SAM-ViT Block builds, so the
 state-dict keys stay timm's (and the authors').
@@ -36,17 +36,29 @@ ATTENTION_PATHS = ("auto", "fused", "eager", "augmented", "flex")
 AUGMENTED_WIDTH_MULTIPLE = 8
 
 
-def choose_attention(device_type: str, dtype: torch.dtype, needs_grad: bool) -> str:
-    """The path 'auto' takes. Tiny model at 896x448, batch 2, 2 shared CPU cores, seconds per
-    training step / forward, medians of paths run in turns (bench/README.md, "Attention paths"):
+# Below this many tokens per stream, attention is a small share of a CPU fp32 training step, and the
+# 2.4x wider value matmuls of 'augmented' cost more than the dense bias it saves (ViT-L at 448x224,
+# 392 tokens: eager 45.3 s, augmented 48.3 s; the tiny model at 896x448, 1568 tokens: augmented
+# 5.39 s, eager 5.76 s and 23% less memory; bench/README.md, "Attention paths").
+AUGMENTED_MIN_TOKENS = 1024
 
-        device  dtype       training   no gradients  measured
-        CPU     fp32        augmented  fused         augmented 5.39 / 1.66, fused 5.76 / 1.55,
-                                                     eager 5.76 / 2.36; augmented -23% peak memory
-        CPU     16-bit      eager      eager         bf16: eager 2.57 / 0.95, augmented 3.98 /
-                                                     1.31, fused 4.54 / 1.16 (fp16 not measured)
-        CUDA    any         augmented  augmented     not yet: see below
-        other   any         fused      fused         timm's default, not measured
+
+def choose_attention(device_type: str, dtype: torch.dtype, needs_grad: bool, tokens: int) -> str:
+    """The path 'auto' takes for attention over `tokens` tokens per stream. Seconds per training step /
+    forward, 2 shared CPU cores, paths run in turns (bench/README.md, "Attention paths"):
+
+        device  dtype       training                  no gradients  measured
+        CPU     fp32        augmented from 1024       fused         tiny 896x448 (1568 tokens):
+                            tokens, eager below                     augmented 5.39 / 1.66, fused
+                                                                    5.76 / 1.55, eager 5.76 / 2.36;
+                                                                    ViT-L 448x224 (392): eager 45.3
+                                                                    / 15.3, fused 46.7 / 14.5,
+                                                                    augmented 48.3 / 16.7
+        CPU     16-bit      eager                     eager         bf16: eager 2.57 / 0.95,
+                                                                    augmented 3.98 / 1.31, fused
+                                                                    4.54 / 1.16 (fp16 not measured)
+        CUDA    any         augmented                 augmented     not yet: see below
+        other   any         fused                     fused         timm's default, not measured
 
     On CUDA the choice is reasoned until bench/gpu_check.sh has timed the paths: 'augmented' leaves
     attention to the memory-efficient kernel with nothing of size L x L outside it, where timm's
@@ -58,7 +70,9 @@ def choose_attention(device_type: str, dtype: torch.dtype, needs_grad: bool) -> 
         return "fused"
     if dtype in (torch.bfloat16, torch.float16):
         return "eager"
-    return "augmented" if needs_grad else "fused"
+    if not needs_grad:
+        return "fused"
+    return "augmented" if tokens >= AUGMENTED_MIN_TOKENS else "eager"
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -161,7 +175,7 @@ class RelPosAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, L, d)
         path = self.path
         if path == "auto":
-            path = choose_attention(x.device.type, compute_dtype(x), torch.is_grad_enabled())
+            path = choose_attention(x.device.type, compute_dtype(x), torch.is_grad_enabled(), gh * gw)
         if path in ("fused", "eager"):
             out = timm_attention(q, k, v, self.scale, self.rel_pos_h, self.rel_pos_w, grid, path == "fused")
         else:

@@ -13,6 +13,7 @@ path (weights and imports included). Prints a markdown table; --json writes the 
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -183,7 +184,7 @@ def run_one(args, precision, checkpointing):
                 device=device_name(bench.device),
                 precision=precision,
                 attention=attention,
-                resolved=resolved_label(bench.device, precision, attention),
+                resolved=resolved_label(bench.device, precision, attention, math.prod(bench.model.grid_size)),
                 checkpointing=checkpointing,
                 train_step_s=train_s,
                 forward_s=forward_s,
@@ -208,11 +209,11 @@ def peak_resident_bytes(args, precision, attention, checkpointing, step):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def resolved_label(device, precision, attention):
+def resolved_label(device, precision, attention, tokens):
     if attention != "auto":
         return attention
     dtype = DTYPES[precision]
-    train, forward = (choose_attention(device.type, dtype, needs_grad) for needs_grad in (True, False))
+    train, forward = (choose_attention(device.type, dtype, needs_grad, tokens) for needs_grad in (True, False))
     return f"auto: {train}" if train == forward else f"auto: {train} / {forward}"
 
 

@@ -6,6 +6,8 @@ with 'eager' on the loss, the prediction and the gradient of every parameter and
 FlexAttention has no backward on the CPU; its gradients are checked only where CUDA is present.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +25,7 @@ MODELS = {
     "96x80": ((96, 80), {}),
     "64x32-windowed": ((64, 32), dict(window_size=2, window_block_indexes=(1,))),
 }
-# The new path on every model; timm's fused path and 'auto' (augmented here) on one each.
+# The new path on every model; timm's fused path and 'auto' on one each.
 CPU_CASES = [("augmented", name) for name in MODELS] + [("fused", "96x80"), ("auto", "64x32")]
 CUDA = torch.cuda.is_available()
 
@@ -187,12 +189,14 @@ def test_set_attention_validates_and_set_fused_attn_maps_to_timm_paths():
 
 
 def test_auto_rule():
-    assert choose_attention("cpu", torch.float32, needs_grad=True) == "augmented"
-    assert choose_attention("cpu", torch.float32, needs_grad=False) == "fused"
+    many, few = rel_pos_attention.AUGMENTED_MIN_TOKENS, rel_pos_attention.AUGMENTED_MIN_TOKENS - 1
+    assert choose_attention("cpu", torch.float32, needs_grad=True, tokens=many) == "augmented"
+    assert choose_attention("cpu", torch.float32, needs_grad=True, tokens=few) == "eager"
+    assert choose_attention("cpu", torch.float32, needs_grad=False, tokens=many) == "fused"
     for needs_grad in (True, False):
-        assert choose_attention("cpu", torch.bfloat16, needs_grad) == "eager"
-        assert choose_attention("cuda", torch.bfloat16, needs_grad) == "augmented"
-        assert choose_attention("mps", torch.float32, needs_grad) == "fused"
+        assert choose_attention("cpu", torch.bfloat16, needs_grad, many) == "eager"
+        assert choose_attention("cuda", torch.bfloat16, needs_grad, few) == "augmented"
+        assert choose_attention("mps", torch.float32, needs_grad, many) == "fused"
 
 
 def test_auto_follows_autocast_and_grad_mode(monkeypatch):
@@ -209,7 +213,8 @@ def test_auto_follows_autocast_and_grad_mode(monkeypatch):
     model(imgs, tgts, mask)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(imgs, tgts, mask)
-    assert set(chosen) == {("cpu", torch.float32, True), ("cpu", torch.bfloat16, False)}
+    tokens = math.prod(model.grid_size)
+    assert set(chosen) == {("cpu", torch.float32, True, tokens), ("cpu", torch.bfloat16, False, tokens)}
 
 
 def test_model_without_rel_pos_keeps_timm_attention():
