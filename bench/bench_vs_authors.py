@@ -1,6 +1,8 @@
 """Our ViT-L against the authors' released model, side by side: a training step (forward, backward,
 AdamW) at the same canvas, batch, mask and precision, the two models taking turns step by step, and the
-peak resident memory of a one-step process of each.
+peak resident memory of a one-step process of each. Each side steps the optimizer its own training
+script builds over layer-decay groups (0.75, weight decay 0.05): ours the fused AdamW of
+pretrain_setup.build_optimizer, theirs torch's default per-tensor AdamW.
 
 The authors' code is not part of this repository: point --authors_repo at a checkout of their release
 (the folder holding their models_mvg.py and utils/), for example
@@ -27,10 +29,12 @@ import torch
 import torch.nn as nn
 
 from models_mvg import create_model
+from pretrain_setup import build_optimizer
 from util.cli import ArgumentParser, UsageError, log, run_main
 from util.runtime import PRECISIONS, autocast, default_device, resolve_precision
 
 IMPLEMENTATIONS = ("ours", "authors")
+WEIGHT_DECAY, LAYER_DECAY = 0.05, 0.75
 
 
 def parse_args(argv=None):
@@ -51,14 +55,26 @@ def parse_args(argv=None):
     return args
 
 
-def authors_model(repo: str, input_size) -> nn.Module:
-    """Their MVG class with their ViT-L factory's settings, on the asked canvas; their module is
-    loaded under another name, since ours is models_mvg too."""
-    sys.path.append(repo)  # their `utils` package
-    spec = importlib.util.spec_from_file_location("authors_models_mvg", os.path.join(repo, "models_mvg.py"))
+def authors_module(repo: str, name: str):
+    """One module of their release, loaded under another name (ours are models_mvg and util too)."""
+    if repo not in sys.path:
+        sys.path.append(repo)  # what their modules import from one another
+    spec = importlib.util.spec_from_file_location(f"authors_{name.replace('/', '_')}", os.path.join(repo, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.MVG(
+    return module
+
+
+def authors_optimizer(repo: str, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of their main_pretrain.py: their layer-decay groups, torch's default AdamW."""
+    lr_decay = authors_module(repo, "utils/lr_decay")
+    groups = lr_decay.param_groups_lrd(model, WEIGHT_DECAY, model.no_weight_decay(), layer_decay=LAYER_DECAY)
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.999))
+
+
+def authors_model(repo: str, input_size) -> nn.Module:
+    """Their MVG class with their ViT-L factory's settings, on the asked canvas."""
+    return authors_module(repo, "models_mvg").MVG(
         img_size=tuple(input_size), patch_size=16, embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.1,
         window_size=0, qkv_bias=True, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
         window_block_indexes=(), residual_block_indexes=[], use_rel_pos=True, decoder_embed_dim=64,
@@ -72,11 +88,14 @@ class Contender:
         self.device = torch.device(args.device)
         torch.manual_seed(0)
         if implementation == "ours":
-            self.model = create_model("mvg_vit_large_patch16", input_size=args.input_size)
+            self.model = create_model("mvg_vit_large_patch16", input_size=args.input_size).to(self.device)
             self.model.set_attention(args.attention)
+            settings = argparse.Namespace(weight_decay=WEIGHT_DECAY, layer_decay=LAYER_DECAY)
+            self.optimizer = build_optimizer(self.model, settings, 1e-4, self.device)
         else:
-            self.model = authors_model(args.authors_repo, args.input_size)
-        self.model.to(self.device).train()
+            self.model = authors_model(args.authors_repo, args.input_size).to(self.device)
+            self.optimizer = authors_optimizer(args.authors_repo, self.model)
+        self.model.train()
         n, (height, width) = args.batch_size, args.input_size
         self.imgs = torch.randn(n, 3, height, width, device=self.device)
         self.tgts = torch.randn(n, 3, height, width, device=self.device)
@@ -84,7 +103,6 @@ class Contender:
         self.mask = torch.zeros(n, *grid, dtype=torch.bool, device=self.device)
         self.mask[:, grid[0] // 2 :] = True
         self.valid = torch.ones_like(self.tgts)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.implementation, self.precision = implementation, precision
 
     def step(self):
