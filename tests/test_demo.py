@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from datasets import mni_demo
 from datasets.manifest import PreparedDataset
@@ -171,3 +172,23 @@ def test_the_demo_replaces_only_its_own_training_folders(tmp_path):
     with pytest.raises(UsageError, match="was not written by the demo"):
         demo.fresh_run_dir(str(users))
     assert (users / "notes.txt").read_text() == "mine"
+
+
+def test_a_fixed_step_count_reproduces_the_model_and_the_table(tmp_path):
+    """Same seed, same --steps, same machine: the same weights bit for bit, and the same summary
+    (only its timing line may differ)."""
+    runs = [tmp_path / name for name in ("first", "second")]
+    for out in runs:
+        assert demo.main(["--fast", "--out", str(out), "--workers", "0", "--seed", "3"]) == 0
+    weights = [
+        torch.load(out / "train" / "checkpoint-last.pth", map_location="cpu", weights_only=True)["model"]
+        for out in runs
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+    summaries = [
+        [line for line in (out / "summary.md").read_text().splitlines() if not line.startswith("time:")] for out in runs
+    ]
+    assert summaries[0] == [line.replace(str(runs[1]), str(runs[0])) for line in summaries[1]]
+    assert any(line.startswith("| tissue |") for line in summaries[0])
