@@ -87,8 +87,9 @@ def write_mni152_tissue_case(out_dir, case_id="mni152"):
 # training slice closer than SLAB_GAP + 1 slices, so neighbouring-slice leakage cannot inflate scores.
 #
 # Several label sets are drawn on the same slabs, and their class ids collide on purpose: 1 is CSF in
-# one set, the whole brain in another, the left hemisphere in a third. A query slice alone therefore
-# does not say which label it should get; only the context pair does.
+# one set, the whole brain in another, the left hemisphere in a third, the cerebral territory in a
+# fourth. A query slice alone therefore does not say which label it should get; only the context
+# pair does.
 
 SLAB_SLICES = 8
 SLAB_GAP = 6
@@ -161,12 +162,46 @@ def _hemispheres(maps: TemplateMaps) -> np.ndarray:
     return np.where(maps.envelope, np.where(maps.is_left, 1, 2), 0).astype(np.uint8)
 
 
+# The 300 regions of interest of Seitzman et al. (2018), which the nilearn wheel ships: centres in
+# MNI mm, and an anatomical code per centre (0 midline, 1 left and 2 right cortex, 3 hippocampus,
+# 4 amygdala, 5 basal ganglia, 6 thalamus, 7 cerebellum), grouped here into the classes of `regions`.
+SEITZMAN_CENTRES = "seitzman_2018_ROIs_300inVol_MNI_allInfo.txt"
+SEITZMAN_ANATOMY = "seitzman_2018_ROIs_anatomicalLabels.txt"
+REGION_OF_ANATOMY = np.array([1, 1, 1, 2, 2, 2, 2, 3], dtype=np.uint8)
+
+
+def seitzman_rois() -> tuple[np.ndarray, np.ndarray]:
+    """(300, 3) ROI centres in MNI mm and their (300,) anatomical codes."""
+    folder = nilearn_data_folder()
+    centres = np.loadtxt(os.path.join(folder, SEITZMAN_CENTRES), skiprows=1, usecols=(0, 1, 2))
+    codes = np.loadtxt(os.path.join(folder, SEITZMAN_ANATOMY), skiprows=1, dtype=np.int64)
+    if len(centres) != len(codes) or codes.min() < 0 or codes.max() >= len(REGION_OF_ANATOMY):
+        raise ValueError(
+            f"{folder}: the Seitzman 2018 ROI files do not match ({len(centres)} centres, {len(codes)} codes)"
+        )
+    return centres, codes
+
+
+def _regions(maps: TemplateMaps) -> np.ndarray:
+    """Every brain voxel takes the class of its nearest Seitzman ROI centre: the territories of the
+    cerebral, subcortical and cerebellar ROIs, which only position and anatomy tell apart."""
+    from scipy.spatial import cKDTree
+
+    centres, codes = seitzman_rois()
+    inside = np.argwhere(maps.envelope)
+    nearest = cKDTree(centres).query(nib.affines.apply_affine(maps.image.affine, inside))[1]
+    labels = np.zeros(maps.envelope.shape, np.uint8)
+    labels[tuple(inside.T)] = REGION_OF_ANATOMY[codes[nearest]]
+    return labels
+
+
 LABEL_SETS = {
     label_set.name: label_set
     for label_set in (
         LabelSet("tissue", {1: "csf", 2: "grey matter", 3: "white matter"}, lambda maps: maps.tissue, True),
         LabelSet("brain", {1: "brain"}, lambda maps: maps.envelope.astype(np.uint8), True),
         LabelSet("hemispheres", {1: "left", 2: "right"}, _hemispheres, False),
+        LabelSet("regions", {1: "cerebral", 2: "subcortical", 3: "cerebellar"}, _regions, False),
     )
 }
 

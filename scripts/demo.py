@@ -7,6 +7,8 @@ slabs far from the training ones, and draws on the same slices:
     MNI_tissue       background / CSF-ish / grey matter / white matter (ids 1, 2, 3)
     MNI_brain        background / brain (id 1)
     MNI_hemispheres  background / left / right (ids 1, 2): intensity cannot tell them apart
+    MNI_regions      background / cerebral / subcortical / cerebellar territories (ids 1, 2, 3): each
+                     brain voxel takes the group of its nearest of Seitzman et al.'s (2018) 300 ROIs
     MNI_denoise      Rician noise (6% of the bright end) -> clean T1
     MNI_inpaint      T1 with a disc removed from every slice of the slab -> the whole T1 (--image_tasks)
 The class ids collide across label sets, so a query slice alone does not say what to paint. Each slab

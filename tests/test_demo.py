@@ -52,8 +52,9 @@ def test_demo_sources_hold_out_slabs_far_from_training(sources):
 
 
 def test_label_sets_share_the_slices_and_their_ids_collide(sources):
-    """Same T1 under every label set; id 1 means CSF, brain and left hemisphere in turn, so only the
-    context can say which; the left hemisphere lies towards lower x (RAS), whatever the slab's pose."""
+    """Same T1 under every label set; id 1 means CSF, brain, left hemisphere and cerebral territory in
+    turn, so only the context can say which; the left hemisphere lies towards lower x (RAS), whatever
+    the slab's pose."""
     for name in slab_files(sources)[2:5]:
         images = {s: load(os.path.join(folder, "imagesTr", name))[0] for s, folder in sources.label_sets.items()}
         assert all(np.array_equal(images["tissue"], image) for image in images.values())
@@ -64,6 +65,7 @@ def test_label_sets_share_the_slices_and_their_ids_collide(sources):
         assert labels["hemispheres"][1][0, 0] > 0  # RAS: x grows to the right
         assert np.argwhere(sides == 1)[:, 0].mean() + 5 < np.argwhere(sides == 2)[:, 0].mean()
         assert (tissue == 1).any() and (tissue == 3).any()
+        assert np.array_equal(labels["regions"][0] > 0, brain == 1)
 
 
 def test_inpainting_sources_remove_a_region_from_every_slice(sources):
@@ -86,6 +88,22 @@ def test_slabs_lie_in_poses_of_their_own(sources):
         assert image[brain == 1].mean() > 5 * max(image[brain == 0].mean(), 1.0)
     spread = np.ptp(np.array(centres), axis=0)
     assert spread.max() > 2.0
+
+
+def test_regions_are_the_territories_of_real_roi_centres():
+    """Each brain voxel takes the group of its nearest Seitzman ROI: the cerebellum's territory lies
+    below the cerebrum's, the subcortical one sits between them in the middle of the brain."""
+    maps = mni_demo.TemplateMaps()
+    regions = mni_demo._regions(maps)
+    assert np.array_equal(regions > 0, maps.envelope)
+    centres, codes = mni_demo.seitzman_rois()
+    assert centres.shape == (300, 3) and np.bincount(codes).tolist() == [1, 115, 123, 4, 2, 16, 12, 27]
+    height = {k: np.argwhere(regions == k)[:, 2].mean() for k in (1, 2, 3)}
+    assert height[3] + 10 < height[2] < height[1]
+    middle = np.argwhere(regions == 2)[:, 0].mean()
+    assert abs(middle - regions.shape[0] / 2) < 10
+    thalamus = np.round(nib.affines.apply_affine(np.linalg.inv(maps.image.affine), [10, -18, 8])).astype(int)
+    assert regions[tuple(thalamus)] == 2
 
 
 def test_pose_moves_images_and_labels_together():
@@ -120,8 +138,9 @@ def test_fast_demo_runs_every_stage(tmp_path, capsys):
     assert re.search(r"\| inpainting PSNR .* \| \d+\.\d\d / \d+\.\d\d \| voided input", printed)
     assert re.search(r"mean Dice: MVG \d\.\d{3} beats", printed)
     unsolvable = [name for name, label_set in mni_demo.LABEL_SETS.items() if not label_set.by_intensity]
-    assert unsolvable == ["hemispheres"]
-    assert re.search(r"^hemispheres \(intensity cannot solve it\): MVG \d\.\d{3} beats", printed, re.M)
+    assert unsolvable == ["hemispheres", "regions"]
+    for name in unsolvable:
+        assert re.search(rf"^{name} \(intensity cannot solve it\): MVG \d\.\d{{3}} beats", printed, re.M)
     for label_set in mni_demo.LABEL_SETS.values():
         assert PreparedDataset(str(out / "prepared" / label_set.dataset)).case_ids("test")
     for dataset in demo.IMAGE_TASKS:
