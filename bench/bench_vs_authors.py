@@ -148,9 +148,13 @@ def peak_memory_gib(args, implementation, precision) -> float:
 
 
 def one_step_peak(args, implementation, precision) -> int:
-    """This process's peak resident bytes after one step. VmHWM, not getrusage's ru_maxrss: Linux
-    carries ru_maxrss over from the parent through fork and exec, and the parent holds both models."""
-    Contender(implementation, args, precision).step()
+    """This process's peak bytes after one step: on CUDA the most the allocator held, on the CPU the
+    peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the
+    parent through fork and exec, and the parent holds both models."""
+    contender = Contender(implementation, args, precision)
+    contender.step()
+    if contender.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(contender.device)
     with open("/proc/self/status") as status:
         kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     return kib * 1024

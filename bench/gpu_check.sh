@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU check in about nine minutes: the CUDA paths the CPU tests cannot reach, and the figures
-# bench/README.md asks for. Each stage has its own time limit, so one that hangs does not take the
-# others with it; everything is also written to $LOG.
+# One GPU check in under ten minutes (a lent device has 15 in all): the CUDA paths the CPU tests
+# cannot reach, and the figures bench/README.md asks for, most wanted first. Each stage has its own
+# time limit, so one that hangs does not take the others with it; everything is also written to $LOG.
 #
 #   bash bench/gpu_check.sh [prepared-data-root]
 #
@@ -11,10 +11,12 @@
 #      (augmented and flex against eager with gradients, augmented in bf16 on a fused kernel), then
 #      bench_model.py, ViT-L at 896x448, batch 8, bf16: fused, eager, augmented and flex in turns
 #      (step time, MFU, peak memory), and 'auto' with activation checkpointing
-#   3. main_pretrain.py under torchrun with nccl: fp16 with the grad scaler, checkpoints every 10
+#   3. bench_vs_authors.py at 896x448, batch 8, bf16, where the authors' release is at hand: set
+#      AUTHORS_REPO, or copy their checkout to .authors_mvg/ (git-ignored; a device run must carry it)
+#   4. bench_inference.py: ViT-L query slices per second at 896x448 in bf16
+#   5. main_pretrain.py under torchrun with nccl: fp16 with the grad scaler, checkpoints every 10
 #      steps in the background, then --auto_resume to step 30
-#   4. main_pretrain.py with --compile, bf16 (ViT-B, so that compiling fits the budget)
-#   5. bench_train.py: the whole loop against the bare step (ViT-B, 896x448, 8 data workers)
+#   6. main_pretrain.py with --compile, bf16 (ViT-B, so that compiling fits the budget)
 #
 # Data: a prepared root (default: bench_data.py's MNI152 preparation, which needs nilearn). Where the
 # GPU machine lacks packages, put their wheels in .whl/ and set WHEELS=1; for a Python 3.12 machine
@@ -27,6 +29,7 @@ cd "$(dirname "$0")/.."
 DATA=${1:-}
 LOG=${LOG:-${OUT:-/tmp}/gpu_check.log}
 WORK=$(mktemp -d)
+AUTHORS_REPO=${AUTHORS_REPO:-.authors_mvg}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -57,28 +60,36 @@ TRAIN=(--data_path "$DATA" --input_size 896 448 --batch_size 8 --num_workers 8 -
        --vis_every_steps 0 --save_every_epochs 0)
 
 stage "2. attention paths; model step, ViT-L 896x448 batch 8"
-run 120 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_canvas_pixels.py -k "cuda or gpu"
+run 60 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_canvas_pixels.py -k "cuda or gpu"
 # flex compiles its kernels in the warm-up; a path that fails there is left out, the others timed.
-run 240 $PY -m bench.bench_model --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
-    --device cuda --precision bf16 --attention fused eager augmented flex --checkpointing off --steps 5 --warmup 2
-run 90 $PY -m bench.bench_model --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
-    --device cuda --precision bf16 --attention auto --checkpointing on --steps 5 --warmup 2
+run 150 $PY -m bench.bench_model --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
+    --device cuda --precision bf16 --attention fused eager augmented flex --checkpointing off --steps 3 --warmup 1
+run 45 $PY -m bench.bench_model --model mvg_vit_large_patch16 --input_size 896 448 --batch_size 8 \
+    --device cuda --precision bf16 --attention auto --checkpointing on --steps 3 --warmup 1
 
-stage "3. torchrun + nccl, fp16 grad scaler, background checkpoints, resume"
-run 150 torchrun --nproc_per_node=1 --master_port 29533 main_pretrain.py --model mvg_vit_large_patch16 \
+stage "3. against the authors' release, ViT-L 896x448 batch 8, bf16"
+if [ -f "$AUTHORS_REPO/models_mvg.py" ]; then
+    run 75 $PY -m bench.bench_vs_authors --authors_repo "$AUTHORS_REPO" --input_size 896 448 --batch_size 8 \
+        --device cuda --precision bf16 --steps 3 --warmup 1
+else
+    echo "skipped: no authors' checkout at $AUTHORS_REPO"
+fi
+
+stage "4. inference, ViT-L 896x448, bf16"
+run 45 $PY -m bench.bench_inference --models mvg_vit_large_patch16 --device cuda --precision bf16 \
+    --slices 64 --batch_size 16 --scale fit
+
+stage "5. torchrun + nccl, fp16 grad scaler, background checkpoints, resume"
+run 60 torchrun --nproc_per_node=1 --master_port 29533 main_pretrain.py --model mvg_vit_large_patch16 \
     "${TRAIN[@]}" --precision fp16 --samples_per_epoch 400 --stop_after_steps 20 --save_every_steps 10 \
     --output_dir "$WORK/run"
-run 120 torchrun --nproc_per_node=1 --master_port 29534 main_pretrain.py --model mvg_vit_large_patch16 \
+run 45 torchrun --nproc_per_node=1 --master_port 29534 main_pretrain.py --model mvg_vit_large_patch16 \
     "${TRAIN[@]}" --precision fp16 --samples_per_epoch 400 --stop_after_steps 30 --save_every_steps 10 \
     --output_dir "$WORK/run" --auto_resume
 ls -la "$WORK/run"
 
-stage "4. --compile, bf16, ViT-B"
-run 150 $PY main_pretrain.py --model mvg_vit_base_patch16 "${TRAIN[@]}" --precision bf16 --compile \
+stage "6. --compile, bf16, ViT-B"
+run 75 $PY main_pretrain.py --model mvg_vit_base_patch16 "${TRAIN[@]}" --precision bf16 --compile \
     --samples_per_epoch 240 --output_dir "$WORK/compiled" --save_every_steps 0
-
-stage "5. loop overhead, ViT-B 896x448 batch 8, 8 workers"
-run 150 $PY -m bench.bench_train --data "$DATA" --model mvg_vit_base_patch16 --input_size 896 448 --batch_size 8 \
-    --device cuda --precision bf16 --num_workers 8 --steps 20 --warmup 5 --repeats 2
 } 2>&1 | tee "$LOG"
 rm -rf "$WORK"
