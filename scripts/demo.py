@@ -144,10 +144,17 @@ def build_data(out, config, args):
 
 
 def write_mixture(prepared, out, datasets):
-    """Every dataset equally often. (With each label set twice as often as denoising, 1 canvas in 7,
-    the denoised slices came out worse than the noisy input: 16.9 dB against 24.0 after 800 steps.)"""
+    """Each image task as often as all label sets together, each label set equally often. Painting
+    an MRI slice is what denoising asks, and binary label sets teach the model to paint white masks;
+    at equal weights (1 canvas in 5 for denoising with four label sets) the denoised slices came out
+    at 17.41 dB against the noisy input's 24.04, and at 1 in 2 at 23.68 dB, with the label sets
+    unchanged (mean Dice 0.642 and 0.645 after 800 steps, bench/README.md)."""
     path = os.path.join(out, "mixture.json")
-    entries = [{"path": os.path.abspath(os.path.join(prepared, name)), "weight": 1} for name in datasets]
+    label_sets = sum(name not in IMAGE_TASKS for name in datasets)
+    entries = [
+        {"path": os.path.abspath(os.path.join(prepared, name)), "weight": label_sets if name in IMAGE_TASKS else 1}
+        for name in datasets
+    ]
     with open(path, "w") as handle:
         json.dump({"datasets": entries}, handle)
     return path

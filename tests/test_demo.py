@@ -211,3 +211,10 @@ def test_a_fixed_step_count_reproduces_the_model_and_the_table(tmp_path):
     ]
     assert summaries[0] == [line.replace(str(runs[1]), str(runs[0])) for line in summaries[1]]
     assert any(line.startswith("| tissue |") for line in summaries[0])
+
+
+def test_each_image_task_weighs_as_much_as_all_label_sets(tmp_path):
+    datasets = ["MNI_tissue", "MNI_brain", "MNI_hemispheres", "MNI_regions", "MNI_denoise", "MNI_inpaint"]
+    path = demo.write_mixture(str(tmp_path / "prepared"), str(tmp_path), datasets)
+    weights = {os.path.basename(d["path"]): d["weight"] for d in json.loads(Path(path).read_text())["datasets"]}
+    assert weights == {name: 4 if name in demo.IMAGE_TASKS else 1 for name in datasets}
