@@ -76,7 +76,7 @@ def load_predictor(args) -> Predictor:
     """The model the way predict.py loads it: model, canvas, depth, label encoding and slice size come from
     the checkpoint's record (args updated in place), a flag that contradicts it needs --force. The label
     encoding must be known, since drawing labels is what the app is for."""
-    args.precision = resolve_precision(args.precision, args.device)
+    args.precision = resolve_precision(args.precision, args.device, inference=True)
     model = predict.load_model_and_settings(args, get_task("segmentation"))
     return predict.build_predictor(args, model)
 

@@ -55,7 +55,8 @@ def add_runtime_flags(group):
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="autocast precision; auto: bf16 on GPUs that have it, else fp16 on CUDA, fp32 on the CPU",
+        help="autocast precision; auto: bf16 on GPUs that have it, else fp16 on CUDA; on the CPU fp32 for "
+        "training, and for inference bf16 where the CPU has bf16 instructions, else fp32 (util/runtime.py)",
     )
     group.add_argument(
         "--attention",

@@ -288,7 +288,7 @@ def build_predictor(args, datasets) -> tuple:
         args.checkpoint, flags, args.force, required=("label_encoding",) if segments else ()
     )
     model.set_attention(args.attention)
-    precision = resolve_precision(args.precision, args.device)
+    precision = resolve_precision(args.precision, args.device, inference=True)
     predictor = Predictor(
         model,
         device=args.device,

@@ -314,7 +314,7 @@ def run(args):
         if value < 1:
             raise InputError(f"{flag} {value}: expected at least 1")
     task = get_task(args.task, "--task")
-    args.precision = resolve_precision(args.precision, args.device)
+    args.precision = resolve_precision(args.precision, args.device, inference=True)
     query_kind = file_kind(args.query, "--query")
     check_output_path(args, query_kind)
     model = load_model_and_settings(args, task)

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--scale", nargs="+", default=list(SCALES), choices=SCALES)
     add_runtime_flags(p)
     args = p.parse_args(argv)
-    args.precision = resolve_precision(args.precision, args.device)
+    args.precision = resolve_precision(args.precision, args.device, inference=True)
     return args
 
 

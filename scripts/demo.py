@@ -228,7 +228,8 @@ def evaluate(checkpoint, prepared, eval_dir, datasets, fast, grids=0, protocol="
     and the rest come from the checkpoint's record."""
     argv = ["--checkpoint", checkpoint, "--data_path", prepared, "--output_dir", eval_dir, "--datasets", *datasets]
     argv += ["--device", "cpu", "--context_policy", "retrieval", "--grids", str(grids), "--batch_size", "8"]
-    argv += ["--baselines", "--protocol", protocol]
+    # fp32 whatever the CPU, so that a fixed --steps gives the same table on CPUs with and without bf16.
+    argv += ["--baselines", "--protocol", protocol, "--precision", "fp32"]
     if fast:
         argv += ["--max_cases", "1"]
     if main_eval.main(argv) != 0:

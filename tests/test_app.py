@@ -25,6 +25,7 @@ from inference import Predictor
 from models_mvg import mvg_vit_tiny_patch16
 from tasks import get_task
 from tests.helpers import SIDE, CopyContextModel, save_placed_nifti, save_png, write_dicom_series
+from util import runtime
 
 SHAPE = (20, 18, 6)  # voxels of the test volume, stored left-anterior-superior (x runs to the left)
 SPACING = (0.8, 0.9, 2.5)  # mm
@@ -306,7 +307,8 @@ def test_picture_query_with_a_real_tiny_checkpoint(tmp_path, work_dir):
     )
     args = app.get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--device", "cpu"])
     predictor = app_session.load_predictor(args)
-    assert args.label_encoding == "grey" and args.slice_size == 512 and args.precision == "fp32"
+    assert args.label_encoding == "grey" and args.slice_size == 512
+    assert args.precision == ("bf16" if runtime.cpu_has_native_bf16() else "fp32")  # auto, for inference
 
     picture = np.random.default_rng(3).integers(0, 256, size=(30, 26), dtype=np.uint8)
     path = save_png(tmp_path / "xray.png", picture)

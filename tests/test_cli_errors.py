@@ -392,3 +392,13 @@ def test_fp16_on_the_cpu_is_refused_by_name():
     with pytest.raises(UsageError, match="--precision fp16 needs a CUDA device"):
         resolve_precision("fp16", "cpu")
     assert resolve_precision("auto", "cpu") == "fp32"
+
+
+@pytest.mark.parametrize("native_bf16", (True, False))
+def test_auto_precision_on_the_cpu_infers_in_bf16_only_where_the_cpu_has_it(monkeypatch, native_bf16):
+    from util import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    assert runtime.resolve_precision("auto", "cpu", inference=True) == ("bf16" if native_bf16 else "fp32")
+    assert runtime.resolve_precision("auto", "cpu") == "fp32"  # training
+    assert runtime.resolve_precision("fp32", "cpu", inference=True) == "fp32"

@@ -12,6 +12,7 @@ import pytest
 import predict
 from inference import Predictor
 from tests.helpers import save_placed_nifti
+from util import runtime
 
 ERRORS = {
     "png sizes": (
@@ -209,8 +210,10 @@ def test_tasks_come_from_the_registry_and_precision_auto_is_resolved(predict_inp
     monkeypatch.setattr(
         predict, "Predictor", lambda *a, **settings: built.append(settings) or Predictor(*a, **settings)
     )
-    assert predict.main([*argv, "--device", "cpu"]) == 0
-    assert built[0]["precision"] == "fp32"
+    for native_bf16, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda native=native_bf16: native)
+        assert predict.main([*argv, "--device", "cpu", "--overwrite"]) == 0
+        assert built.pop()["precision"] == expected
 
 
 # ---------------------------------------------------------------------------------------------------

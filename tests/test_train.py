@@ -77,7 +77,7 @@ def test_seed_command_parses_and_every_authors_flag_is_accepted():
     assert main_pretrain.parse_args(["--auto_resume", "--compile", "--grad_checkpointing"]).auto_resume
     with pytest.raises(UsageError, match="--precision fp16 needs a CUDA device"):
         main_pretrain.parse_args(["--device", "cpu", "--precision", "fp16"])
-    # --precision auto (the default) as evaluation and prediction resolve it: fp32 on the CPU.
+    # --precision auto (the default) trains in fp32 on the CPU, whatever instructions it has.
     defaults = main_pretrain.parse_args(["--device", "cpu"])
     assert defaults.precision == "fp32" and defaults.context_from == "same_case"
 
