@@ -13,15 +13,25 @@ items, the three paths taking turns every 10 items (the order rotating):
     current, no cache   the same with a cache of 0 bytes: what a worker gets on data far larger than
                     its cache, every slice decoded
 
-and prints the median canvases/s of each, with the CPU model. Then a DataLoader with --workers
+and prints the median canvases/s of each, with the CPU model. With --authors_repo (a checkout of the
+authors' release) a fourth path takes its turns too:
+
+    authors         their MVGDataset (med_dataset.py) on the same prepared slices, reached through a
+                    folder of links in the layout it expects: every slice decoded twice per item,
+                    float32 canvases normalised and the valid map built in the worker, labels drawn
+                    as their grey levels (compare with --label_encoding grey)
+
+Then prints the median canvases/s of each path. Then a DataLoader with --workers
 processes per path (a fresh dataset each, so the current path starts with an empty cache), and
 what to_model_inputs costs per canvas on this CPU (on a GPU it runs there).
 
     python -m bench.bench_data                          # MNI152 segmentation, 896x448 canvases
     python -m bench.bench_data --data /data/prepared --workers 8 --model_samples_per_s 20
+    python -m bench.bench_data --authors_repo /tmp/authors_mvg --label_encoding grey
 """
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -59,7 +69,11 @@ def parse_args(argv=None):
         default=0.0,
         help="training samples/s of one accelerator (from bench_model.py), for comparison",
     )
-    return p.parse_args(argv)
+    p.add_argument("--authors_repo", default="", help="a checkout of the authors' release: time their dataset too")
+    args = p.parse_args(argv)
+    if args.authors_repo and not os.path.isfile(os.path.join(args.authors_repo, "med_dataset.py")):
+        raise UsageError(f"--authors_repo {args.authors_repo}: no med_dataset.py there (a checkout of their release?)")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,6 +121,51 @@ class PreviousPath(torch.utils.data.Dataset):
             "task": TASK_NAMES.index(source.task.name),
             "dataset": choice.source_id,
         }
+
+
+# The folders the authors' MVGDataset lists whatever it is asked to load: their nine segmentation
+# datasets, the inpainting one (with image/) and the modality-transfer one (with t1c/).
+AUTHORS_SEGMENTATION = ("ACDC", "LA", "LungCT", "amosct", "amosmr", "btcv", "promise", "prostate_ultrasound", "word")
+AUTHORS_OTHER_FOLDERS = ("brainLocal/image", "brainGLI/t1c")
+
+
+class AuthorsPath(torch.utils.data.Dataset):
+    """The authors' MVGDataset on one prepared segmentation dataset (image/<case>/<slice>.png and
+    label/<case>/<slice>.png, their layout too), linked in as their first dataset, the others empty.
+    Indices wrap around its slices."""
+
+    def __init__(self, repo: str, dataset_folder: str, links_folder: Path, grid: tuple[int, int]):
+        if repo not in sys.path:
+            sys.path.append(repo)  # their utils package
+        spec = importlib.util.spec_from_file_location("authors_med_dataset", os.path.join(repo, "med_dataset.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        masking = importlib.util.spec_from_file_location(
+            "authors_masking_generator", os.path.join(repo, "utils", "masking_generator.py")
+        )
+        masking_module = importlib.util.module_from_spec(masking)
+        masking.loader.exec_module(masking_module)
+        links_folder.mkdir(parents=True, exist_ok=True)
+        (links_folder / AUTHORS_SEGMENTATION[0]).symlink_to(os.path.abspath(dataset_folder))
+        for name in (*(f"{name}/image" for name in AUTHORS_SEGMENTATION[1:]), *AUTHORS_OTHER_FOLDERS):
+            (links_folder / name).mkdir(parents=True)
+        generator = masking_module.MaskingGenerator(grid, num_masking_patches=grid[0] * grid[1] // 4)
+        self.dataset = module.MVGDataset(str(links_folder), generator, half_mask_ratio=0.5)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[index % len(self.dataset)]
+
+
+def first_dataset_folder(root: str) -> str:
+    """The first prepared dataset of a root (a folder holding image/ and label/)."""
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if os.path.isdir(os.path.join(folder, "image")) and os.path.isdir(os.path.join(folder, "label")):
+            return folder
+    raise UsageError(f"{root}: no prepared segmentation dataset (image/ and label/) for the authors' dataset")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,7 +244,7 @@ def alternating_rates(paths: dict, args) -> dict:
         first = 1 + round_ * args.items
         for turn, start in enumerate(range(first, first + args.items, CHUNK)):
             count = min(CHUNK, first + args.items - start)
-            for name in names[turn % 3 :] + names[: turn % 3]:
+            for name in names[turn % len(names) :] + names[: turn % len(names)]:
                 seconds[name] += count / items_per_second(paths[name], start, count)
         for name in names:
             rates[name].append(args.items / seconds[name])
@@ -227,6 +286,10 @@ def main(argv=None):
             "current": current,
             "current, no cache": dataset(slice_cache_bytes=0),
         }
+        if args.authors_repo:
+            paths["authors"] = AuthorsPath(
+                args.authors_repo, first_dataset_folder(roots[0]), Path(tmp) / "authors", grid
+            )
         for data in paths.values():
             data[0]  # imports and first-call costs out of the timings
         rates = alternating_rates(paths, args)
@@ -250,6 +313,9 @@ def main(argv=None):
             f"  {name:<18} {median:7.1f}  ({1000 / median:.2f} ms per canvas; {median / previous:.2f}x the "
             f"previous path; rounds {', '.join(f'{r:.1f}' for r in rates[name])})"
         )
+    if "authors" in rates:
+        authors = statistics.median(rates["authors"])
+        log(f"the current path builds {statistics.median(rates['current']) / authors:.2f}x the authors' canvases/s")
     log(
         f"to_model_inputs on this CPU: {1000 * conversion:.2f} ms per canvas (normalising and the valid map, "
         "which the previous path did in the worker; on a GPU it runs there)"
