@@ -31,7 +31,6 @@ what to_model_inputs costs per canvas on this CPU (on a GPU it runs there).
 """
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.authors import authors_module
 from datasets import prepare
 from datasets.canvas import InContextDataset, to_model_inputs
 from datasets.manifest import read_png
@@ -135,16 +135,8 @@ class AuthorsPath(torch.utils.data.Dataset):
     Indices wrap around its slices."""
 
     def __init__(self, repo: str, dataset_folder: str, links_folder: Path, grid: tuple[int, int]):
-        if repo not in sys.path:
-            sys.path.append(repo)  # their utils package
-        spec = importlib.util.spec_from_file_location("authors_med_dataset", os.path.join(repo, "med_dataset.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        masking = importlib.util.spec_from_file_location(
-            "authors_masking_generator", os.path.join(repo, "utils", "masking_generator.py")
-        )
-        masking_module = importlib.util.module_from_spec(masking)
-        masking.loader.exec_module(masking_module)
+        module = authors_module(repo, "med_dataset")
+        masking_module = authors_module(repo, "utils/masking_generator")
         links_folder.mkdir(parents=True, exist_ok=True)
         (links_folder / AUTHORS_SEGMENTATION[0]).symlink_to(os.path.abspath(dataset_folder))
         for name in (*(f"{name}/image" for name in AUTHORS_SEGMENTATION[1:]), *AUTHORS_OTHER_FOLDERS):

@@ -16,7 +16,6 @@ Their model is built from its class with the settings of their ViT-L factory (wh
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -28,6 +27,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from bench.authors import authors_module
 from models_mvg import create_model
 from pretrain_setup import build_optimizer
 from util.cli import ArgumentParser, UsageError, log, run_main
@@ -53,16 +53,6 @@ def parse_args(argv=None):
         raise UsageError(f"--authors_repo {args.authors_repo}: no models_mvg.py there (a checkout of their release?)")
     args.precision = [resolve_precision(precision, args.device) for precision in args.precision]
     return args
-
-
-def authors_module(repo: str, name: str):
-    """One module of their release, loaded under another name (ours are models_mvg and util too)."""
-    if repo not in sys.path:
-        sys.path.append(repo)  # what their modules import from one another
-    spec = importlib.util.spec_from_file_location(f"authors_{name.replace('/', '_')}", os.path.join(repo, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def authors_optimizer(repo: str, model: nn.Module) -> torch.optim.Optimizer:
