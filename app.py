@@ -28,7 +28,6 @@ encoding and slice size come from the checkpoint's record; --axis, --slice_size,
 the page is in app_session.py.
 """
 
-import argparse
 import ipaddress
 import os
 import shutil
@@ -54,7 +53,7 @@ from app_session import (
 )
 from predict import add_volume_and_model_flags
 from tasks import TASK_NAMES, get_task
-from util.cli import ArgumentParser, UsageError, first_line, log, run_main, warn
+from util.cli import UsageError, docstring_parser, first_line, log, run_main, warn
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860  # gradio's own default
@@ -62,11 +61,7 @@ GRADIO_MISSING = "the app needs gradio: pip install -r requirements-app.txt"
 
 
 def get_args_parser():
-    parser = ArgumentParser(
-        description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = docstring_parser(__doc__)
     server = parser.add_argument_group("server")
     server.add_argument(
         "--host",

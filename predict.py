@@ -64,7 +64,6 @@ that range, clipped when preparing, stay clipped. A synthesis target has a scale
 query does not tell, so it is written as uint8 on the 8-bit scale of the prepared slices.
 """
 
-import argparse
 import gzip
 import os
 import sys
@@ -85,7 +84,7 @@ from predict_contexts import UNPLACED_POSITION, ContextPair, load_contexts, near
 from predict_contexts import volume_contexts as volume_contexts  # re-exported for tests/test_prepare_slicing.py
 from predict_inputs import file_kind, read_png_image, warn_non_finite
 from tasks import TASK_NAMES, Task, get_task
-from util.cli import ArgumentParser, log, run_main
+from util.cli import docstring_parser, log, run_main
 from util.files import atomic_output
 from util.runtime import resolve_precision
 
@@ -94,11 +93,7 @@ DEFAULT_SLICE_SIZE = 512  # the paper's prepared slices, for checkpoints that do
 
 
 def get_args_parser():
-    parser = ArgumentParser(
-        description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = docstring_parser(__doc__)
     inputs = parser.add_argument_group("inputs and output")
     inputs.add_argument(
         "--task",

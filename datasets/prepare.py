@@ -80,7 +80,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import numpy as np
 from tqdm import tqdm
 
-from util.cli import ArgumentParser, UsageError, log, run_main, warn
+from util.cli import UsageError, docstring_parser, log, run_main, warn
 
 from . import case_processing, intensity, output_folder, verify
 from .case_processing import PrepareConfig
@@ -441,12 +441,7 @@ def add_common_arguments(parser, task):
 
 
 def build_parser():
-    parser = ArgumentParser(
-        prog="python -m datasets.prepare",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = docstring_parser(__doc__, prog="python -m datasets.prepare")
     commands = parser.add_subparsers(dest="command", required=True, metavar="LAYOUT")
     for layout in LAYOUTS.values():
         sub = commands.add_parser(

@@ -12,14 +12,13 @@ an interrupted run). Problems are listed as warnings (the first SUMMARY_LIMIT), 
 one error line and status 2, as it does when the root itself is missing or holds no dataset folder.
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 from tqdm import tqdm
 
-from util.cli import ArgumentParser, UsageError, log, run_main, warn
+from util.cli import UsageError, docstring_parser, log, run_main, warn
 
 from .manifest import HIDDEN_PREFIX, PreparedDataset, dataset_folders, decode_png
 
@@ -128,12 +127,7 @@ def verify_root(root):
 
 
 def main(argv=None):
-    parser = ArgumentParser(
-        prog="python -m datasets.verify",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = docstring_parser(__doc__, prog="python -m datasets.verify")
     parser.add_argument("root", help="the prepared root (the --out of datasets.prepare)")
     args = parser.parse_args(argv)
     summaries, problems = verify_root(args.root)

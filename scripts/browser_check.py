@@ -19,7 +19,6 @@ Not part of the test suite (CI has no browser). It needs what the app needs (req
 which includes selenium) and Chromium with its driver: on Debian, apt-get install chromium chromium-driver.
 """
 
-import argparse
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from util.cli import ArgumentParser, UsageError, first_line, log, run_main
+from util.cli import UsageError, docstring_parser, first_line, log, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WINDOW = (1400, 1250)  # a desktop window tall enough for the slice, the table and the downloads
@@ -39,11 +38,7 @@ SCREENSHOT_COLOURS = 128  # the screenshot is quantised to this many colours to 
 
 
 def get_args_parser():
-    parser = ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = docstring_parser(__doc__)
     parser.add_argument("--demo_output", default="demo_output", help="the folder scripts/demo.sh wrote")
     parser.add_argument("--checkpoint", help="default: <demo_output>/train/checkpoint-last.pth")
     parser.add_argument("--query", help="default: the demo's held-out slab05")

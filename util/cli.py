@@ -42,6 +42,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def docstring_parser(doc: str, **kwargs) -> ArgumentParser:
+    """An entry point's parser from its module docstring: the first paragraph as the description,
+    the rest, as written, after the flags; `kwargs` go to the parser (e.g. prog)."""
+    summary, details = doc.split("\n\n", 1)
+    formatting = dict(description=summary, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return ArgumentParser(**formatting, **kwargs)
+
+
 _speaks = True  # False on ranks other than 0 of a distributed run
 
 
