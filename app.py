@@ -51,7 +51,7 @@ from app_session import (
     non_finite_note,
     render_slice,
 )
-from predict import add_volume_and_model_flags
+from predict import add_volume_and_model_flags, check_volume_and_model_flags
 from tasks import TASK_NAMES, get_task
 from util.cli import UsageError, docstring_parser, first_line, log, run_main, warn
 
@@ -96,11 +96,7 @@ def get_args_parser():
 
 
 def check_args(args):
-    if args.slice_size is not None and args.slice_size < 0:
-        raise UsageError(f"--slice_size {args.slice_size}: expected a positive size, or 0 for the slices' own")
-    for flag, value in (("--num_prompts", args.num_prompts), ("--batch_size", args.batch_size)):
-        if value < 1:
-            raise UsageError(f"{flag} {value}: expected at least 1")
+    check_volume_and_model_flags(args)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: expected 0..65535")
 

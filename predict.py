@@ -302,12 +302,17 @@ def check_output_path(args, query_kind: str):
         raise InputError(f"--output {args.output}: exists; choose another path, or add --overwrite to replace it")
 
 
-def run(args):
+def check_volume_and_model_flags(args):
+    """The values of add_volume_and_model_flags' flags that argparse's types let through."""
     if args.slice_size is not None and args.slice_size < 0:
         raise InputError(f"--slice_size {args.slice_size}: expected a positive size, or 0 for the slices' own")
     for flag, value in (("--num_prompts", args.num_prompts), ("--batch_size", args.batch_size)):
         if value < 1:
             raise InputError(f"{flag} {value}: expected at least 1")
+
+
+def run(args):
+    check_volume_and_model_flags(args)
     task = get_task(args.task, "--task")
     args.precision = resolve_precision(args.precision, args.device, inference=True)
     query_kind = file_kind(args.query, "--query")
