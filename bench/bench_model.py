@@ -59,6 +59,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per path; the median is reported")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="accelerator peak for MFU (0: by name)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward (warm-up compiles)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile one training step of the first path and print its N costliest ops "
+        "(device time on an accelerator), with the step's host and device totals (0: off)",
+    )
     p.add_argument("--json", default="", help="also write the rows to this file")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: precision,checkpointing
     p.add_argument("--memory_of", default="", help=argparse.SUPPRESS)  # internal: one path's memory
@@ -99,6 +108,8 @@ class Bench:
         torch.manual_seed(0)
         self.model = create_model(args.model, input_size=args.input_size).to(self.device)
         self.model.set_grad_checkpointing(checkpointing == "on")
+        if args.compile:
+            self.model.compile()
         n = args.batch_size
         self.imgs = torch.randn(n, 3, *args.input_size, device=self.device)
         self.tgts = torch.randn(n, 3, *args.input_size, device=self.device)
@@ -168,6 +179,8 @@ def run_one(args, precision, checkpointing):
     trainable = [a for a in args.attention if trains_on(bench.device, a)]
     train = bench.alternate(bench.train_step, trainable, args.warmup, args.steps)
     forward = bench.alternate(bench.forward, args.attention, args.warmup, args.steps)
+    if args.profile and train:
+        profile_train_step(bench, next(iter(train)), args.profile)
     with autocast(bench.device, precision):
         flops = forward_flops(bench.model, bench.imgs, bench.tgts, bench.mask)
     n = args.batch_size
@@ -184,7 +197,8 @@ def run_one(args, precision, checkpointing):
                 device=device_name(bench.device),
                 precision=precision,
                 attention=attention,
-                resolved=resolved_label(bench.device, precision, attention, math.prod(bench.model.grid_size)),
+                resolved=resolved_label(bench.device, precision, attention, math.prod(bench.model.grid_size))
+                + (" +compile" if args.compile else ""),
                 checkpointing=checkpointing,
                 train_step_s=train_s,
                 forward_s=forward_s,
@@ -197,6 +211,30 @@ def run_one(args, precision, checkpointing):
             )
         )
     return rows
+
+
+def profile_train_step(bench, attention, rows):
+    """Prints (to stderr, the JSON result stays alone on stdout) where one training step's time goes:
+    the costliest ops, and the host's wall time against the device's busy time. A device busy for much
+    less than the wall time waits on the host (kernel launches, Python), not on arithmetic."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = bench.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    synchronize(bench.device)
+    start = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        bench.train_step(attention)
+        synchronize(bench.device)
+    wall = time.perf_counter() - start
+    averages = profiler.key_averages()
+    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    print(f"profile of one training step, attention {attention}:", file=sys.stderr)
+    print(averages.table(sort_by=sort_by, row_limit=rows), file=sys.stderr)
+    if on_cuda:
+        busy = sum(event.self_device_time_total for event in averages) / 1e6
+        kernels = sum(event.count for event in averages if event.self_device_time_total > 0)
+        print(f"step wall {wall:.3f} s (profiled), device busy {busy:.3f} s, {kernels} device ops", file=sys.stderr)
 
 
 def peak_resident_bytes(args, precision, attention, checkpointing, step):
