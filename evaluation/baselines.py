@@ -1,7 +1,9 @@
 """What the model must beat, on the same queries and contexts (main_eval.py --baselines). A task's
 entry in tasks.py names its baselines; each is one function here:
 
-    copy_context  the first context label, resized to the query (label targets)
+    copy_context  the context labels, resized to the query; with several contexts each pixel takes
+                  the class most of them show, ties going to the first (most alike) context
+                  (label targets)
     intensity     each pixel takes the class whose mean intensity on training slices is nearest
                   (label targets; fitted on at most 200 training slices)
     identity      the query input itself as the prediction (image targets)
@@ -18,7 +20,17 @@ LEVELS = 2**16  # label ids the class-mean table can hold (16-bit label PNGs)
 
 
 def copy_context(queries, contexts, _):
-    return [resize_picture(pairs[0][1], q.shape, is_label=True) for q, pairs in zip(queries, contexts)]
+    return [majority_label([resize_picture(label, q.shape, is_label=True) for _, label in pairs])
+            for q, pairs in zip(queries, contexts)]  # fmt: skip
+
+
+def majority_label(labels: list[np.ndarray]) -> np.ndarray:
+    """Per pixel, the class most of the label maps show; a tie goes to the first map's class (half a
+    vote extra breaks every tie and never outweighs a whole vote)."""
+    stack = np.stack(labels)
+    classes = np.unique(stack)
+    votes = np.stack([(stack == c).sum(axis=0) + 0.5 * (stack[0] == c) for c in classes])
+    return classes[votes.argmax(axis=0)].astype(stack.dtype)
 
 
 def intensity(queries, _, class_of_grey):

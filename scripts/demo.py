@@ -68,6 +68,10 @@ IMAGE_TASKS = ("MNI_denoise", "MNI_inpaint")
 # longer instead of training less (under load, 10 minutes gave 246 steps and a model below both
 # baselines; 800 steps give the README's table).
 DEFAULT_STEPS = 800
+# Context pairs per held-out query: the most alike training slices, the model's predictions under
+# each ensembled (main_eval.py --num_prompts) and the copy baseline voting over the same labels. One
+# context misses what that one slice lacks (the cerebellum of a higher slice, say).
+CONTEXTS_PER_QUERY = 3
 
 
 def get_args_parser():
@@ -235,7 +239,8 @@ def evaluate(checkpoint, prepared, eval_dir, datasets, fast, grids=0, protocol="
     """main_eval.py's results {(dataset, protocol): summary}, baselines included; the label encoding
     and the rest come from the checkpoint's record."""
     argv = ["--checkpoint", checkpoint, "--data_path", prepared, "--output_dir", eval_dir, "--datasets", *datasets]
-    argv += ["--device", "cpu", "--context_policy", "retrieval", "--grids", str(grids), "--batch_size", "8"]
+    argv += ["--device", "cpu", "--context_policy", "retrieval", "--num_prompts", str(CONTEXTS_PER_QUERY)]
+    argv += ["--grids", str(grids), "--batch_size", "8"]
     # fp32 whatever the CPU, so that a fixed --steps gives the same table on CPUs with and without bf16.
     argv += ["--baselines", "--protocol", protocol, "--precision", "fp32"]
     if fast:
@@ -265,7 +270,8 @@ def fresh_run_dir(run_dir):
 def train_with_curve(prepared, out, config, args, steps, label_datasets, datasets):
     """Trains in stretches that end at the curve's steps (each stretch resumes exactly where the last
     stopped, so the final model is the one an uninterrupted run gives) and evaluates the label sets
-    after each; returns the checkpoint, the curve {step: results} and the seconds spent training."""
+    after each but the last, whose point the final evaluation gives (main); returns the checkpoint,
+    the curve {step: results} and the seconds spent training."""
     run_dir = os.path.join(out, "train")
     fresh_run_dir(run_dir)
     flags = training_arguments(config, args, steps, write_mixture(prepared, out, datasets), run_dir)
@@ -277,6 +283,8 @@ def train_with_curve(prepared, out, config, args, steps, label_datasets, dataset
         start = time.perf_counter()
         main_pretrain.main([*flags, "--stop_after_steps", str(step)])
         seconds += time.perf_counter() - start
+        if step == steps:
+            break
         curve_dir = os.path.join(out, "curve", f"step{step:05d}")
         curve[step] = evaluate(checkpoint, prepared, curve_dir, label_datasets, args.fast, protocol="foreground")
     return checkpoint, curve, seconds
@@ -328,10 +336,11 @@ def main(argv=None):
     start = time.perf_counter()
     eval_dir = os.path.join(args.out, "eval")
     results = evaluate(checkpoint, prepared, eval_dir, datasets, args.fast, grids=4)
+    curve[steps] = results  # the curve's last point: the same model, queries and contexts
     timings["evaluation"] = time.perf_counter() - start
     stage("4/4 context switching: every held-out query with a context from each label set")
     start = time.perf_counter()
-    switch = demo_report.context_switch(checkpoint, prepared, label_datasets, args.out, args.fast)
+    switch = demo_report.context_switch(checkpoint, prepared, label_datasets, args.out, args.fast, CONTEXTS_PER_QUERY)
     timings["context switching"] = time.perf_counter() - start
     specialists = None
     if args.specialists:

@@ -446,3 +446,19 @@ def test_a_damaged_slice_is_one_error_line_naming_it(prepared, tmp_path, monkeyp
     error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar's own line
     assert error.startswith("error: ") and f"{broken}: not a readable PNG" in error
     assert "datasets.prepare verify" in error
+
+
+def test_copy_context_votes_over_several_contexts():
+    from evaluation.baselines import copy_context
+
+    first = np.array([[1, 2], [3, 0]], dtype=np.uint8)
+    second = np.array([[1, 5], [4, 0]], dtype=np.uint8)
+    third = np.array([[2, 5], [6, 7]], dtype=np.uint8)
+    query = np.zeros((2, 2), dtype=np.uint8)
+    image = np.zeros((2, 2), dtype=np.uint8)
+    (voted,) = copy_context([query], [[(image, first), (image, second), (image, third)]], None)
+    # Two votes win; where all three differ the first (most alike) context decides.
+    np.testing.assert_array_equal(voted, [[1, 5], [3, 0]])
+    assert voted.dtype == np.uint8
+    (single,) = copy_context([query], [[(image, third)]], None)
+    np.testing.assert_array_equal(single, third)
