@@ -15,9 +15,9 @@ The class ids collide across label sets, so a query slice alone does not say wha
 lies in a pose of its own (rotation, shift, size), and every training slab comes in three poses.
 Then the project's own tools: datasets.prepare, main_pretrain.py (a small MVG, trained in stretches,
 each followed by main_eval.py for the learning curve), main_eval.py on the held-out slabs with baselines
-on the same queries and contexts:
-    copy_context  the context's label as the answer;  intensity  nearest class-mean intensity;
-    identity      the noisy or voided input as the answer.
+on the same queries and contexts (the three most alike training slices of other slabs per query):
+    copy_context  the context labels' per-pixel vote as the answer;  intensity  nearest class-mean
+    intensity;  identity  the noisy or voided input as the answer.
 Finally every held-out query is run once with a context from each label set in turn (context_switch).
 
     scripts/demo.sh                  # 800 steps: about 10 minutes of training on 2 quiet cores
