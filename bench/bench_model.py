@@ -213,7 +213,7 @@ def run_one(args, precision, checkpointing):
     return rows
 
 
-def profile_train_step(bench, attention, rows):
+def profile_train_step(bench, attention, top):
     """Prints (to stderr, the JSON result stays alone on stdout) where one training step's time goes:
     the costliest ops, and the host's wall time against the device's busy time. A device busy for much
     less than the wall time waits on the host (kernel launches, Python), not on arithmetic."""
@@ -230,7 +230,7 @@ def profile_train_step(bench, attention, rows):
     averages = profiler.key_averages()
     sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
     print(f"profile of one training step, attention {attention}:", file=sys.stderr)
-    print(averages.table(sort_by=sort_by, row_limit=rows), file=sys.stderr)
+    print(averages.table(sort_by=sort_by, row_limit=top), file=sys.stderr)
     if on_cuda:
         busy = sum(event.self_device_time_total for event in averages) / 1e6
         kernels = sum(event.count for event in averages if event.self_device_time_total > 0)
