@@ -280,7 +280,7 @@ class Predictor:
                 job_imgs, job_tgts = self._canvases(query, contexts[q], draws[q], is_label, size, start)
                 imgs += job_imgs
                 tgts += job_tgts
-            halves = self._predict(torch.stack(imgs), torch.stack(tgts))[:, :, self.half[0] :].numpy()
+            halves = self._predict(torch.stack(imgs), torch.stack(tgts)).numpy()
             for (q, (top, left)), half in zip(jobs[first : first + self.batch_size], halves):
                 sums[q][:, top : top + self.half[0], left : left + self.half[1]] += half
                 counts[q][top : top + self.half[0], left : left + self.half[1]] += 1

@@ -333,10 +333,31 @@ class MVG(nn.Module):
 
     def forward_decoder(self, features: list) -> torch.Tensor:
         x = self.decoder_embed(torch.cat(features, dim=-1))  # (N, Hp, Wp, p*p*Cd)
-        n, gh, gw, _ = x.shape
+        return self.decoder_pred(self._pixel_features(x))  # (N, 3, H, W)
+
+    def _pixel_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, rows, cols, p*p*Cd) per-token decoder features -> (N, Cd, rows*p, cols*p) pixels."""
+        n, rows, cols, _ = x.shape
         p, cd = self.patch_size, self.decoder_embed_dim
-        x = x.reshape(n, gh, gw, p, p, cd).permute(0, 5, 1, 3, 2, 4).reshape(n, cd, gh * p, gw * p)
-        return self.decoder_pred(x)  # (N, 3, H, W)
+        return x.reshape(n, rows, cols, p, p, cd).permute(0, 5, 1, 3, 2, 4).reshape(n, cd, rows * p, cols * p)
+
+    def decode_query(self, features: list, shared_prompts: int = 1) -> torch.Tensor:
+        """The query target alone, (N, 3, H/2, W), exactly as forward_decoder paints that half of
+        the canvas, for a little over half its work. The pixel head's 3x3 convolution reaches one
+        pixel across the border between the halves, so the context half's last token row is decoded
+        too and cropped off. With shared_prompts K > 1 (features ensembled by forward_encoder) the
+        query-half tokens of each group of K canvases are one and the same, and go through the
+        decoder's linear layer once per group."""
+        tokens = torch.cat(features, dim=-1)  # (N, Hp, Wp, 4D)
+        half = tokens.shape[1] // 2
+        border = self.decoder_embed(tokens[:, half - 1 : half])  # (N, 1, Wp, p*p*Cd)
+        if shared_prompts > 1 and min(self.out_indices) >= self.merge_idx:
+            query = self.decoder_embed(tokens[::shared_prompts, half:])  # (N/K, Hp/2, Wp, p*p*Cd)
+            query = query.repeat_interleave(shared_prompts, dim=0)
+        else:  # a level taken before the merge is not shared across the group
+            query = self.decoder_embed(tokens[:, half:])
+        pixels = self._pixel_features(torch.cat((border, query), dim=1))
+        return self.decoder_pred(pixels)[:, :, self.patch_size :]
 
     def pixel_mask(self, bool_masked_pos: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """Token mask (N, L) -> pixel mask (N, 1, H, W) as float."""
@@ -436,34 +457,24 @@ class MVG(nn.Module):
         return self.forward_loss(pred, tgts, mask, valid, divisor=loss_divisor), self.patchify(pred), mask
 
     @torch.no_grad()
-    def predict(
-        self,
-        imgs: torch.Tensor,
-        tgts: torch.Tensor,
-        bool_masked_pos: torch.Tensor | None = None,
-        num_prompts: int = 1,
-        ensemble: str = "features",
-    ) -> torch.Tensor:
-        """Inference: the predicted target canvas in normalised units, (N / num_prompts, 3, H, W).
+    def predict(self, imgs: torch.Tensor, tgts: torch.Tensor, num_prompts: int = 1, ensemble: str = "features"):
+        """Inference: the predicted query target in normalised units, (N / num_prompts, 3, H/2, W).
 
-        By default the whole query target (bottom half) is masked, so `tgts` only needs the context
-        target on top; the bottom half of the output is the prediction for the query image.
-        Several prompts per query (batch ordered query-major, K = num_prompts canvases per query):
-        ensemble 'features' averages the query-half features across prompts after the merge,
-        'outputs' averages the K predictions, 'both' does both. The top half of an ensembled output
-        mixes different contexts and carries no meaning.
+        The whole query target (bottom half) is masked, so `tgts` only needs the context target on
+        top. Several prompts per query (batch ordered query-major, K = num_prompts canvases per
+        query): ensemble 'features' averages the query-half features across prompts after the merge,
+        'outputs' averages the K predictions, 'both' does both.
         """
         if ensemble not in ("features", "outputs", "both"):
             raise ValueError(f"ensemble must be 'features', 'outputs' or 'both', got '{ensemble}'")
         n, _, h, w = imgs.shape
         if num_prompts < 1 or n % num_prompts:
             raise ValueError(f"a batch of {n} canvases does not split into groups of num_prompts={num_prompts}")
-        if bool_masked_pos is None:
-            grid = (h // self.patch_size, w // self.patch_size)
-            bool_masked_pos = self.ar_mask(n, grid, device=imgs.device)
-        mask = self._check_inputs(imgs, tgts, bool_masked_pos)
+        mask = self._check_inputs(
+            imgs, tgts, self.ar_mask(n, (h // self.patch_size, w // self.patch_size), imgs.device)
+        )
         share = num_prompts if ensemble in ("features", "both") else 1
-        pred = self.forward_decoder(self.forward_encoder(imgs, tgts, mask, num_prompts=share))
+        pred = self.decode_query(self.forward_encoder(imgs, tgts, mask, num_prompts=share), shared_prompts=share)
         return pred.view(n // num_prompts, num_prompts, *pred.shape[1:]).mean(dim=1)
 
 

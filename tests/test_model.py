@@ -322,6 +322,20 @@ def test_bf16_autocast_forward_backward():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("out_indices", [None, (2, 3, 5, 7)])  # levels before the merge (at 2), or none
+@pytest.mark.parametrize("num_prompts,ensemble", [(1, "features"), (3, "features"), (3, "outputs")])
+def test_predict_paints_the_query_half_as_the_whole_canvas_decoder_does(out_indices, num_prompts, ensemble):
+    torch.manual_seed(0)
+    model = with_random_rel_pos(tiny(depth=8, out_indices=out_indices)).eval()
+    imgs, tgts = random_batch(n=2 * num_prompts)
+    share = num_prompts if ensemble == "features" else 1
+    with torch.no_grad():
+        mask = model.ar_mask(len(imgs), (CANVAS[0] // 16, CANVAS[1] // 16))
+        canvas = model.forward_decoder(model.forward_encoder(imgs, tgts, mask, num_prompts=share))
+    expected = canvas[:, :, CANVAS[0] // 2 :].view(2, num_prompts, 3, CANVAS[0] // 2, CANVAS[1]).mean(1)
+    torch.testing.assert_close(model.predict(imgs, tgts, num_prompts, ensemble), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_prompt_ensembles():
     torch.manual_seed(0)
     model = with_random_rel_pos(tiny()).eval()
@@ -331,13 +345,13 @@ def test_prompt_ensembles():
     singles = model.predict(imgs, tgts)
     torch.testing.assert_close(model.predict(imgs, tgts, num_prompts=3, ensemble="outputs")[0], singles.mean(0))
     features = model.predict(imgs, tgts, num_prompts=3)
-    assert features.shape == (1, 3, *CANVAS)
-    assert not torch.allclose(features[0, :, half:], singles[0, :, half:], atol=1e-4)
+    assert features.shape == (1, 3, half, CANVAS[1])
+    assert not torch.allclose(features[0], singles[0], atol=1e-4)
     order = torch.tensor([2, 0, 1])
     torch.testing.assert_close(model.predict(imgs[order], tgts[order], num_prompts=3), features)
     # The same context given three times is the single prediction.
     same = model.predict(imgs[:1].repeat(3, 1, 1, 1), tgts[:1].repeat(3, 1, 1, 1), num_prompts=3, ensemble="both")
-    torch.testing.assert_close(same[0, :, half:], singles[0, :, half:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(same[0], singles[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="num_prompts"):
         model.predict(imgs, tgts, num_prompts=2)
     with pytest.raises(ValueError, match="ensemble"):
