@@ -390,3 +390,17 @@ def test_recipes_set_up_datasets_by_task_and_guard_the_balance(prepared, tmp_pat
     assert "recipe 'custom'" in dataset(prepared, mixture=from_file).describe()
     with pytest.raises(ValueError, match="slice_sampling"):
         dataset(prepared, mixture=Mixture(paper.entries, slice_sampling="by_luck"))
+
+
+def test_binary_draws_a_class_the_context_shows():
+    rng = np.random.default_rng(0)
+    context, query = np.array([[0, 2, 2]], np.uint8), np.array([[1, 2, 3]], np.uint8)
+    for _ in range(20):
+        drawn_context, drawn_query = render_labels([context, query], "binary", rng)
+        np.testing.assert_array_equal(drawn_query[0], [[0, 255, 0]])  # 2: the only class in both maps
+        np.testing.assert_array_equal(drawn_context[0], [[0, 255, 255]])
+    # No class in common: any class of the query, each drawn some of the time.
+    drawn = {
+        int(render_labels([context, np.array([[1, 3]], np.uint8)], "binary", rng)[1][0, 0].argmax()) for _ in range(40)
+    }
+    assert drawn == {0, 1}
