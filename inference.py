@@ -101,15 +101,6 @@ def matching_start(start: int, length: int, other_length: int, window: int) -> i
     return round(start / (length - window) * (other_length - window))
 
 
-def showing_class(pairs: list[tuple], class_id: int) -> list[tuple]:
-    """A query's context pairs for its binary pass of one class: those whose label holds the class,
-    repeated in turn to fill every slot. A context without the class is drawn all black and says
-    nothing about where the class is; averaged in, it would pull the class towards background (and
-    the model is trained on contexts that show the class it asks for, label_encoding.binary_candidates)."""
-    showing = [pair for pair in pairs if (pair[1] == class_id).any()]
-    return [showing[i % len(showing)] for i in range(len(pairs))]
-
-
 class Predictor:
     """Runs an MVG model in context on slices; see the module docstring."""
 
@@ -229,17 +220,13 @@ class Predictor:
 
     def _segment_one_class_at_a_time(self, contexts, queries, foregrounds) -> list[np.ndarray]:
         """Binary encoding: for each class, the queries whose contexts hold it are run with that
-        class drawn white, each on the contexts that show it (showing_class); each query takes its
-        brightest class, if above half."""
+        class drawn white; each query takes its brightest class, if above half."""
         brightness = [{} for _ in queries]  # per query: {class id: (rows, cols) brightness}
         for class_id in np.unique(np.concatenate(foregrounds)):
             members = [q for q, foreground in enumerate(foregrounds) if class_id in foreground]
             draw = drawing(np.array([class_id]), np.full((1, 3), 255, np.uint8))
             pictures = self._run(
-                [showing_class(contexts[q], class_id) for q in members],
-                [queries[q] for q in members],
-                [draw] * len(members),
-                is_label=True,
+                [contexts[q] for q in members], [queries[q] for q in members], [draw] * len(members), is_label=True
             )
             for q, picture in zip(members, pictures):
                 brightness[q][int(class_id)] = picture.mean(axis=0)

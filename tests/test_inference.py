@@ -153,19 +153,6 @@ def test_load_checkpoint_reads_our_and_the_authors_checkpoints(tmp_path):
         load_checkpoint(str(authors), {"depth": 4, "label_encoding": None}, required=("label_encoding",))
 
 
-def test_binary_pass_of_a_class_uses_only_the_contexts_that_show_it():
-    image = np.full(HALF, 90, np.uint8)
-    ring = np.zeros(HALF, np.int64)
-    ring[4:28, 4:28] = 1
-    with_small = ring.copy()
-    with_small[12:20, 12:20] = 2
-    # Class 2 is in one context of three: averaged with two that lack it, the copy would be a third
-    # as bright and fall below half; on the context that shows it alone, it is copied whole.
-    predictor = Predictor(CopyContextModel(), label_encoding="binary", num_prompts=3)
-    (out,) = predictor.segment([[(image, ring), (image, with_small), (image, ring)]], [image])
-    np.testing.assert_array_equal(out, with_small)
-
-
 # ---------------------------------------------------------------------------------------------------
 # each query decoded with its own context's colours
 
