@@ -153,6 +153,26 @@ def test_load_checkpoint_reads_our_and_the_authors_checkpoints(tmp_path):
         load_checkpoint(str(authors), {"depth": 4, "label_encoding": None}, required=("label_encoding",))
 
 
+def test_binary_pass_weighs_contexts_without_the_class_as_evidence_of_absence():
+    image = np.full(HALF, 90, np.uint8)
+    ring = np.zeros(HALF, np.int64)
+    ring[4:28, 4:28] = 1
+    with_small = ring.copy()
+    with_small[12:20, 12:20] = 2
+    # Class 2 in one context of three: the copy is a third as bright there, below half, so the two
+    # contexts without it outvote it; shown by two of three, it is painted.
+    predictor = Predictor(CopyContextModel(), label_encoding="binary", num_prompts=3)
+    outvoted, painted = predictor.segment(
+        [
+            [(image, ring), (image, with_small), (image, ring)],
+            [(image, with_small), (image, ring), (image, with_small)],
+        ],
+        [image, image],
+    )
+    np.testing.assert_array_equal(outvoted, ring)
+    np.testing.assert_array_equal(painted, with_small)
+
+
 # ---------------------------------------------------------------------------------------------------
 # each query decoded with its own context's colours
 
