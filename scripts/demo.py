@@ -20,7 +20,7 @@ on the same queries and contexts (the three most alike training slices of other 
     intensity;  identity  the noisy or voided input as the answer.
 Finally every held-out query is run once with a context from each label set in turn (context_switch).
 
-    scripts/demo.sh                  # 800 steps: about 10 minutes of training on 2 quiet cores
+    scripts/demo.sh                  # 800 steps: about 6 minutes of training on 2 quiet cores
     scripts/demo.sh --steps 3200     # longer training
     scripts/demo.sh --minutes 30     # as many steps as this machine manages in 30 minutes
     python -m scripts.demo --help    # the same, in an environment that is already set up
@@ -82,7 +82,7 @@ def get_args_parser():
         "--steps",
         type=int,
         default=DEFAULT_STEPS,
-        help=f"training steps (default {DEFAULT_STEPS}, about ten minutes on 2 quiet cores): the same training "
+        help=f"training steps (default {DEFAULT_STEPS}, about six minutes on 2 quiet cores): the same training "
         "whatever the machine's speed or load; float summation order still differs between CPUs",
     )
     budget.add_argument(
