@@ -55,10 +55,9 @@ def mean_dice_over_slices(predictions, truths, class_ids) -> float:
 
 def context_switch(checkpoint, prepared, label_datasets, out, fast, num_prompts=1, palettes=1):
     """Every held-out query slice predicted once per label set, each time with that set's context
-    pairs (the num_prompts most alike training slices, and under random colours `palettes` colour
-    draws, as in the evaluation). Returns {"matrix": {context set: {truth set: mean Dice over the
-    slices}}, "picture": path}: the diagonal is the task the context shows, the rest how much of
-    another task's answer the prediction holds."""
+    pairs (the num_prompts most alike training slices, as in the evaluation). Returns {"matrix":
+    {context set: {truth set: mean Dice over the slices}}, "picture": path}: the diagonal is the task
+    the context shows, the rest how much of another task's answer the prediction holds."""
     model, settings = load_checkpoint(checkpoint, {"label_encoding": None}, required=("label_encoding",))
     predictor = Predictor(model, label_encoding=settings["label_encoding"], num_prompts=num_prompts, palettes=palettes)
     sets = {name: PreparedDataset(os.path.join(prepared, name)) for name in label_datasets}
