@@ -149,16 +149,6 @@ ERRORS = {
         ],
         r"--num_prompts 2 needs",
     ),
-    "palettes below one": (
-        ["--context_image", "png", "--context_label", "png_label", "--query", "png", "--output", "out_png"]
-        + ["--palettes", "0"],
-        r"--palettes 0: expected at least 1",
-    ),
-    "palettes of fixed colours": (
-        ["--context_image", "png", "--context_label", "png_label", "--query", "png", "--output", "out_png"]
-        + ["--label_encoding", "grey", "--palettes", "2"],
-        r"--palettes 2: only random_colors draws its colours at random; the label encoding here is 'grey'",
-    ),
     "volume without modality": (
         ["--context_image", "nifti", "--context_label", "nifti_label", "--query", "nifti", "--output", "out_nifti"],
         r"--modality",
