@@ -68,7 +68,7 @@ def add_runtime_flags(group):
 
 
 def add_prompt_flags(group):
-    """--num_prompts, --ensemble, --scale, --palettes: how a query meets its context pairs at inference."""
+    """--num_prompts, --ensemble, --scale: how a query meets its context pairs at inference."""
     group.add_argument("--num_prompts", type=int, default=1, help="context pairs per query")
     group.add_argument(
         "--ensemble",
@@ -83,22 +83,3 @@ def add_prompt_flags(group):
         help="training: overlapping windows at the training crops' scale; fit: the whole "
         "slice resized to the canvas half (inference.py)",
     )
-    group.add_argument(
-        "--palettes",
-        type=int,
-        default=1,
-        help="random_colors only: run each query under this many colour draws of its context labels "
-        "and decode by the colour distance summed over them (steadier than one draw; costs as many passes)",
-    )
-
-
-def check_palettes(palettes: int, label_encoding: str) -> str | None:
-    """What is wrong with running `palettes` colour draws for a label encoding, or None."""
-    if palettes < 1:
-        return f"--palettes {palettes}: must be at least 1"
-    if palettes > 1 and label_encoding != "random_colors":
-        return (
-            f"--palettes {palettes}: only random_colors draws its colours at random; the label encoding "
-            f"here is '{label_encoding}', whose colours are fixed"
-        )
-    return None

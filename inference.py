@@ -19,12 +19,8 @@ canvas. How a slice meets the canvas half (the training crop size, 448x448 for t
 Predictions are decoded per query:
     segmentation  nearest colour among the colours that the query's OWN context labels were drawn with,
                   background (black) included, back to class ids: a query never receives a class that
-                  only another query's context shows; with random colours and palettes > 1 the query is
-                  run under that many palettes and each pixel takes the class nearest summed over them
-                  (one palette's draw is luck: a demo model scored 0.618-0.693 mean Dice under three
-                  palette seeds, 0.678 under three palettes at once); with the binary encoding one pass
-                  per class of the query's contexts, and the class whose prediction is brightest above
-                  half wins
+                  only another query's context shows; with the binary encoding one pass per class of the
+                  query's contexts, and the class whose prediction is brightest above half wins
     image tasks   the mean of the three channels, as the 8-bit grey of the prepared slices
 """
 
@@ -35,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flags import SCALES, check_palettes
+from flags import SCALES
 from label_encoding import LABEL_ENCODINGS, decode_brightest, decode_nearest, drawing, inference_palette
 from models_mvg import MODELS, MVG, create_model
 from pixels import as_grey_uint8, as_label, denormalise, resize_picture, to_normalised_tensor, training_scale_size
@@ -119,7 +115,6 @@ class Predictor:
         ensemble="features",
         seed=0,
         scale="training",
-        palettes=1,
     ):
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got '{precision}'")
@@ -127,9 +122,6 @@ class Predictor:
             raise ValueError(f"label_encoding must be one of {LABEL_ENCODINGS}, got '{label_encoding}'")
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got '{scale}'")
-        palette_problem = check_palettes(palettes, label_encoding)
-        if palette_problem:
-            raise ValueError(palette_problem)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
@@ -139,7 +131,6 @@ class Predictor:
         self.ensemble = ensemble
         self.seed = seed
         self.scale = scale
-        self.palettes = palettes
         self.half = (model.img_size[0] // 2, model.img_size[1])
 
     # ----------------------------------------------------------------------------------------------
@@ -178,18 +169,12 @@ class Predictor:
     def _segment_chunk(self, contexts, queries, foregrounds) -> list[np.ndarray]:
         if self.label_encoding == "binary":
             return self._segment_one_class_at_a_time(contexts, queries, foregrounds)
-        # Palette p of every query is drawn with seed + p: one palette reproduces the single-pass colours.
-        palettes = [
-            [inference_palette(foreground, self.label_encoding, self.seed + p) for foreground in foregrounds]
-            for p in range(self.palettes)
-        ]
-        pictures = [  # per palette: one picture per query
-            self._run(contexts, queries, [drawing(fg, c) for fg, c in zip(foregrounds, drawn)], is_label=True)
-            for drawn in palettes
-        ]
+        palettes = [inference_palette(foreground, self.label_encoding, self.seed) for foreground in foregrounds]
+        draws = [drawing(foreground, palette) for foreground, palette in zip(foregrounds, palettes)]
+        pictures = self._run(contexts, queries, draws, is_label=True)
         return [
-            decode_nearest([passes[q] for passes in pictures], foreground, [drawn[q] for drawn in palettes])
-            for q, foreground in enumerate(foregrounds)
+            decode_nearest(picture, foreground, palette)
+            for picture, foreground, palette in zip(pictures, foregrounds, palettes)
         ]
 
     def _translate_chunk(self, contexts, queries) -> list[np.ndarray]:

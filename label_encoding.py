@@ -9,8 +9,7 @@ Training draws the target label maps of a canvas in one of three encodings (rend
 Training canvases draw a sample's crops straight into 8-bit pixels (draw_labels: render_labels'
 colours, applied through one colour table). Inference draws each query's context labels with a
 palette fixed by a seed (inference_palette, drawing) and decodes a prediction by the nearest of those
-colours (decode_nearest); with random colours it may run a query under several palettes and decode
-by the colour distances summed over them.
+colours (decode_nearest).
 """
 
 from collections.abc import Callable, Sequence
@@ -114,27 +113,17 @@ def drawing(class_ids: np.ndarray, colours: np.ndarray) -> Callable[[np.ndarray]
 
 def nearest_colour(picture: np.ndarray, colours: np.ndarray) -> np.ndarray:
     """(3, rows, cols) float picture -> index of the nearest of colours (K, 3), per pixel."""
-    return colour_distances(picture, colours).argmin(axis=0)
-
-
-def colour_distances(picture: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    """(3, rows, cols) float picture -> (K, rows, cols) squared distance of each pixel to each of colours (K, 3)."""
-    flat = picture.reshape(3, -1).astype(np.float32)  # (3, pixels)
+    flat = picture.reshape(3, -1).T.astype(np.float32)  # (pixels, 3)
     palette = colours.astype(np.float32)
-    distances = (flat**2).sum(0) - 2 * palette @ flat + (palette**2).sum(1)[:, None]
-    return distances.reshape(len(palette), *picture.shape[1:])
+    distances = (flat**2).sum(1, keepdims=True) - 2 * flat @ palette.T + (palette**2).sum(1)
+    return distances.argmin(axis=1).reshape(picture.shape[1:])
 
 
-def decode_nearest(pictures: Sequence[np.ndarray], class_ids: np.ndarray, palettes: Sequence[np.ndarray]) -> np.ndarray:
-    """Predicted (3, rows, cols) pictures of one query, each drawn in its own palette of class_ids'
-    colours -> class ids: background (black) or one of class_ids, whichever lies nearest summed over
-    the pictures (the most likely class if each prediction is its class's colour plus the same
-    Gaussian noise). With one picture, its nearest colour."""
-    total = None
-    for picture, colours in zip(pictures, palettes, strict=True):
-        distances = colour_distances(picture, np.concatenate([np.zeros((1, 3), np.uint8), colours]))
-        total = distances if total is None else total + distances
-    return np.concatenate([[0], class_ids])[total.argmin(axis=0)]
+def decode_nearest(picture: np.ndarray, class_ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """A predicted (3, rows, cols) picture -> class ids: background (black) or one of class_ids, whichever
+    colour is nearest."""
+    palette = np.concatenate([np.zeros((1, 3), np.uint8), colours])
+    return np.concatenate([[0], class_ids])[nearest_colour(picture, palette)]
 
 
 def decode_brightest(brightness: dict) -> np.ndarray:

@@ -39,7 +39,7 @@ from evaluation.baselines import Baselines
 from evaluation.contexts import CONTEXT_POLICIES, ContextPicker
 from evaluation.reports import PROTOCOLS, compare_results, markdown_tables, save_grids, save_predictions, write_case_csv
 from evaluation.scoring import score_case, summarise
-from flags import add_model_flags, add_prompt_flags, add_runtime_flags, check_palettes
+from flags import add_model_flags, add_prompt_flags, add_runtime_flags
 from inference import Predictor, load_checkpoint
 from label_encoding import LABEL_ENCODINGS
 from tasks import TASK_NAMES, get_task
@@ -288,22 +288,17 @@ def build_predictor(args, datasets) -> tuple:
         args.checkpoint, flags, args.force, required=("label_encoding",) if segments else ()
     )
     model.set_attention(args.attention)
-    label_encoding = settings["label_encoding"] or LABEL_ENCODINGS[0]
-    palette_problem = check_palettes(args.palettes, label_encoding)
-    if palette_problem:
-        raise UsageError(f"{palette_problem} ({args.checkpoint})")
     precision = resolve_precision(args.precision, args.device, inference=True)
     predictor = Predictor(
         model,
         device=args.device,
         precision=precision,
         batch_size=args.batch_size,
-        label_encoding=label_encoding,
+        label_encoding=settings["label_encoding"] or LABEL_ENCODINGS[0],
         num_prompts=args.num_prompts,
         ensemble=args.ensemble,
         seed=args.seed,
         scale=args.scale,
-        palettes=args.palettes,
     )
     settings.update(
         scale=args.scale,
@@ -311,7 +306,6 @@ def build_predictor(args, datasets) -> tuple:
         context_policy=args.context_policy,
         num_prompts=args.num_prompts,
         ensemble=args.ensemble,
-        palettes=args.palettes,
         precision=precision,
         seed=args.seed,
     )
@@ -321,7 +315,7 @@ def build_predictor(args, datasets) -> tuple:
 def check_args(args):
     if not args.checkpoint or not args.data_path:
         raise UsageError("--checkpoint and --data_path are required (unless --compare)")
-    for flag in ("num_prompts", "batch_size", "palettes"):
+    for flag in ("num_prompts", "batch_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
 

@@ -77,7 +77,7 @@ from tqdm import tqdm
 from datasets import intensity, slicing
 from datasets.manifest import slice_position
 from datasets.readers import InputError
-from flags import add_model_flags, add_prompt_flags, add_runtime_flags, check_palettes
+from flags import add_model_flags, add_prompt_flags, add_runtime_flags
 from inference import Predictor, load_checkpoint
 from label_encoding import LABEL_ENCODINGS
 from predict_contexts import UNPLACED_POSITION, ContextPair, load_contexts, nearest_contexts
@@ -187,12 +187,6 @@ def load_model_and_settings(args, task: Task):
     model, settings = load_checkpoint(args.checkpoint, flags, args.force, required=required)
     model.set_attention(args.attention)
     args.label_encoding = settings["label_encoding"] or LABEL_ENCODINGS[0]
-    if task.target_is_label:
-        palette_problem = check_palettes(args.palettes, args.label_encoding)
-        if palette_problem:
-            raise InputError(f"{palette_problem} ({args.checkpoint})")
-    else:
-        args.palettes = 1  # colour draws are for label pictures; an image task has none
     args.slice_size = DEFAULT_SLICE_SIZE if settings["slice_size"] is None else settings["slice_size"]
     return model
 
@@ -207,7 +201,6 @@ def build_predictor(args, model) -> Predictor:
         num_prompts=args.num_prompts,
         ensemble=args.ensemble,
         scale=args.scale,
-        palettes=args.palettes,
     )
 
 
@@ -313,11 +306,7 @@ def check_volume_and_model_flags(args):
     """The values of add_volume_and_model_flags' flags that argparse's types let through."""
     if args.slice_size is not None and args.slice_size < 0:
         raise InputError(f"--slice_size {args.slice_size}: expected a positive size, or 0 for the slices' own")
-    for flag, value in (
-        ("--num_prompts", args.num_prompts),
-        ("--batch_size", args.batch_size),
-        ("--palettes", args.palettes),
-    ):
+    for flag, value in (("--num_prompts", args.num_prompts), ("--batch_size", args.batch_size)):
         if value < 1:
             raise InputError(f"{flag} {value}: expected at least 1")
 

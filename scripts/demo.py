@@ -72,14 +72,6 @@ DEFAULT_STEPS = 800
 # each ensembled (main_eval.py --num_prompts) and the copy baseline voting over the same labels. One
 # context misses what that one slice lacks (the cerebellum of a higher slice, say).
 CONTEXTS_PER_QUERY = 3
-# Colour draws of the context labels per query under random colours (main_eval.py --palettes). One
-# draw is luck: a demo model scored a mean Dice of 0.642, 0.693 and 0.618 under three palette seeds,
-# and 0.678 with three draws decoded together (bench/README.md). The other encodings' colours are fixed.
-RANDOM_COLOUR_PALETTES = 3
-
-
-def palettes_for(label_encoding: str) -> int:
-    return RANDOM_COLOUR_PALETTES if label_encoding == "random_colors" else 1
 
 
 def get_args_parser():
@@ -243,16 +235,15 @@ def training_arguments(config, args, steps, mixture, run_dir) -> list[str]:
     return [*flags.split(), "--mixture", mixture, "--output_dir", run_dir, *shlex.split(args.train_args)]
 
 
-def evaluate(checkpoint, prepared, eval_dir, datasets, args, grids=0, protocol="both"):
+def evaluate(checkpoint, prepared, eval_dir, datasets, fast, grids=0, protocol="both"):
     """main_eval.py's results {(dataset, protocol): summary}, baselines included; the label encoding
     and the rest come from the checkpoint's record."""
     argv = ["--checkpoint", checkpoint, "--data_path", prepared, "--output_dir", eval_dir, "--datasets", *datasets]
     argv += ["--device", "cpu", "--context_policy", "retrieval", "--num_prompts", str(CONTEXTS_PER_QUERY)]
-    argv += ["--palettes", str(palettes_for(args.label_encoding))]
     argv += ["--grids", str(grids), "--batch_size", "8"]
     # fp32 whatever the CPU, so that a fixed --steps gives the same table on CPUs with and without bf16.
     argv += ["--baselines", "--protocol", protocol, "--precision", "fp32"]
-    if args.fast:
+    if fast:
         argv += ["--max_cases", "1"]
     if main_eval.main(argv) != 0:
         raise UsageError("the evaluation failed (the reason is above)")
@@ -295,7 +286,7 @@ def train_with_curve(prepared, out, config, args, steps, label_datasets, dataset
         if step == steps:
             break
         curve_dir = os.path.join(out, "curve", f"step{step:05d}")
-        curve[step] = evaluate(checkpoint, prepared, curve_dir, label_datasets, args, protocol="foreground")
+        curve[step] = evaluate(checkpoint, prepared, curve_dir, label_datasets, args.fast, protocol="foreground")
     return checkpoint, curve, seconds
 
 
@@ -311,7 +302,7 @@ def train_specialists(prepared, out, config, args, steps, label_datasets) -> dic
         log(f"specialist for {name}: {steps} steps on {name} alone")
         main_pretrain.main([*flags, "--stop_after_steps", str(steps)])
         checkpoint = os.path.join(run_dir, "checkpoint-last.pth")
-        results = evaluate(checkpoint, prepared, os.path.join(folder, "eval"), [name], args, protocol="foreground")
+        results = evaluate(checkpoint, prepared, os.path.join(folder, "eval"), [name], args.fast, protocol="foreground")
         scores[name] = results[name, "foreground"]["dice"]
     return scores
 
@@ -344,20 +335,12 @@ def main(argv=None):
     stage("3/4 evaluation on the held-out slabs (main_eval.py, with baselines)")
     start = time.perf_counter()
     eval_dir = os.path.join(args.out, "eval")
-    results = evaluate(checkpoint, prepared, eval_dir, datasets, args, grids=4)
+    results = evaluate(checkpoint, prepared, eval_dir, datasets, args.fast, grids=4)
     curve[steps] = results  # the curve's last point: the same model, queries and contexts
     timings["evaluation"] = time.perf_counter() - start
     stage("4/4 context switching: every held-out query with a context from each label set")
     start = time.perf_counter()
-    switch = demo_report.context_switch(
-        checkpoint,
-        prepared,
-        label_datasets,
-        args.out,
-        args.fast,
-        num_prompts=CONTEXTS_PER_QUERY,
-        palettes=palettes_for(args.label_encoding),
-    )
+    switch = demo_report.context_switch(checkpoint, prepared, label_datasets, args.out, args.fast, CONTEXTS_PER_QUERY)
     timings["context switching"] = time.perf_counter() - start
     specialists = None
     if args.specialists:

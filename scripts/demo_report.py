@@ -53,13 +53,13 @@ def mean_dice_over_slices(predictions, truths, class_ids) -> float:
     return float(np.mean([mean_foreground_dice(p, t, class_ids) for p, t in zip(predictions, truths)]))
 
 
-def context_switch(checkpoint, prepared, label_datasets, out, fast, num_prompts=1, palettes=1):
+def context_switch(checkpoint, prepared, label_datasets, out, fast, num_prompts=1):
     """Every held-out query slice predicted once per label set, each time with that set's context
     pairs (the num_prompts most alike training slices, as in the evaluation). Returns {"matrix":
     {context set: {truth set: mean Dice over the slices}}, "picture": path}: the diagonal is the task
     the context shows, the rest how much of another task's answer the prediction holds."""
     model, settings = load_checkpoint(checkpoint, {"label_encoding": None}, required=("label_encoding",))
-    predictor = Predictor(model, label_encoding=settings["label_encoding"], num_prompts=num_prompts, palettes=palettes)
+    predictor = Predictor(model, label_encoding=settings["label_encoding"], num_prompts=num_prompts)
     sets = {name: PreparedDataset(os.path.join(prepared, name)) for name in label_datasets}
     queries = held_out_queries(sets[label_datasets[0]], fast)
     # The label sets share their images, so one set's query pictures serve them all.

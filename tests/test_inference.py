@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from inference import Predictor
-from label_encoding import decode_nearest, inference_palette, nearest_colour, render_labels
+from label_encoding import inference_palette, nearest_colour, render_labels
 from metrics import PSNR_CAP, capped, dice_per_class, hd95_per_class, nanmean, psnr, ssim
 from models_mvg import mvg_vit_tiny_patch16
-from pixels import MEAN_255, STD_255
 from tests.helpers import HALF, CopyContextModel, blob_labels
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,76 +171,6 @@ def test_binary_pass_weighs_contexts_without_the_class_as_evidence_of_absence():
     )
     np.testing.assert_array_equal(outvoted, ring)
     np.testing.assert_array_equal(painted, with_small)
-
-
-# ---------------------------------------------------------------------------------------------------
-# several colour draws per query (random colours)
-
-
-class PaintsOneColourModel(CopyContextModel):
-    """Paints every query pixel one fixed colour, whatever the context; keeps the context targets seen."""
-
-    def __init__(self, colour):
-        super().__init__()
-        self.colour = (torch.tensor(colour, dtype=torch.float32).view(3, 1, 1) - MEAN_255) / STD_255
-        self.contexts_seen = []
-
-    def predict(self, imgs, tgts, num_prompts=1, ensemble="features"):
-        self.contexts_seen.append(tgts[:, :, : HALF[0]].clone())
-        return self.colour.expand(len(tgts) // num_prompts, 3, *HALF).clone()
-
-
-def summed_nearest(colour, foreground, palettes):
-    """The class whose colours lie nearest `colour` summed over the palettes, background (black) included."""
-    totals = [sum(float(np.sum(np.square(colour))) for _ in palettes)]
-    totals += [
-        sum(float(np.sum(np.square(colour - p[k].astype(float)))) for p in palettes) for k in range(len(foreground))
-    ]
-    return int(np.concatenate([[0], foreground])[int(np.argmin(totals))])
-
-
-def test_palettes_decode_by_the_colour_distance_summed_over_draws():
-    foreground = np.array([1, 2, 3])
-    draws = [inference_palette(foreground, "random_colors", seed) for seed in range(3)]
-    # A colour whose nearest class under the first draw alone differs from its nearest summed over three:
-    # the answer then tells a decoder that sums the draws from one that keeps a single draw.
-    candidates = [np.array(c, float) for c in np.ndindex(9, 9, 9)]
-    colour = next(
-        30 * c
-        for c in candidates
-        if summed_nearest(30 * c, foreground, draws[:1]) != summed_nearest(30 * c, foreground, draws)
-    )
-    label = np.zeros(HALF, np.int64)
-    label[4:12, 4:12], label[16:24, 4:12], label[4:12, 16:24] = 1, 2, 3
-    image = np.full(HALF, 90, np.uint8)
-    model = PaintsOneColourModel(colour)
-    (three,) = Predictor(model, label_encoding="random_colors", palettes=3).segment([(image, label)], [image])
-    np.testing.assert_array_equal(three, summed_nearest(colour, foreground, draws))
-    # One pass per draw, each with the context labels in that draw's colours.
-    assert len(model.contexts_seen) == 3
-    for seen, drawn in zip(model.contexts_seen, draws):
-        picture = (seen[0] * STD_255 + MEAN_255).round().numpy()
-        for (row, col), colour_of_class in zip([(8, 8), (20, 8), (8, 20)], drawn):
-            np.testing.assert_array_equal(picture[:, row, col], colour_of_class)
-    (one,) = Predictor(PaintsOneColourModel(colour), label_encoding="random_colors").segment([(image, label)], [image])
-    np.testing.assert_array_equal(one, summed_nearest(colour, foreground, draws[:1]))
-
-
-def test_decoding_one_draw_is_its_nearest_colour_and_several_draws_need_random_colours():
-    picture = np.random.default_rng(1).uniform(0, 255, (3, 6, 7)).astype(np.float32)
-    foreground = np.array([2, 5])
-    colours = inference_palette(foreground, "random_colors")
-    nearest = np.array([0, 2, 5])[nearest_colour(picture, np.concatenate([np.zeros((1, 3), np.uint8), colours]))]
-    np.testing.assert_array_equal(decode_nearest([picture], foreground, [colours]), nearest)
-    for encoding in ("grey", "binary"):
-        with pytest.raises(ValueError, match="--palettes 2: only random_colors"):
-            Predictor(CopyContextModel(), label_encoding=encoding, palettes=2)
-    with pytest.raises(ValueError, match="--palettes 0: must be at least 1"):
-        Predictor(CopyContextModel(), palettes=0)
-    label = blob_labels(3)
-    image = (label * 40 + 10).astype(np.uint8)
-    (decoded,) = Predictor(CopyContextModel(), palettes=4).segment([(image, label)], [image])
-    np.testing.assert_array_equal(decoded, label)
 
 
 # ---------------------------------------------------------------------------------------------------
