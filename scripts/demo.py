@@ -198,12 +198,27 @@ def seconds_per_step(prepared, config):
     return sorted(times)[1] * 1.15  # the loop's data loading and logging on top of the bare step
 
 
+# The schedule's epochs (warm-up is half of one). main_pretrain.py runs whole epochs, so the demo's
+# steps are a whole number of them.
+EPOCHS = 10
+
+
 def training_steps(prepared, config, args) -> int:
     if args.fast:
         return 3
     if args.minutes is None:
-        return args.steps
-    return max(20, int(args.minutes * 60 / seconds_per_step(prepared, config)))
+        wanted = args.steps
+    else:
+        wanted = int(args.minutes * 60 / seconds_per_step(prepared, config))
+    steps = whole_epochs(wanted)
+    if steps != wanted:
+        log(f"{wanted} steps rounded to {steps}: a whole number of the schedule's {EPOCHS} epochs")
+    return steps
+
+
+def whole_epochs(steps: int) -> int:
+    """The nearest step count that fills EPOCHS equal epochs, at least one step each."""
+    return max(1, round(steps / EPOCHS)) * EPOCHS
 
 
 def curve_steps(steps: int, points: int) -> list[int]:
@@ -212,8 +227,8 @@ def curve_steps(steps: int, points: int) -> list[int]:
 
 
 def training_arguments(config, args, steps, mixture, run_dir) -> list[str]:
-    epochs = 1 if args.fast else 10
-    samples_per_epoch = max(1, steps // epochs) * config["batch_size"]
+    epochs = 1 if args.fast else EPOCHS
+    samples_per_epoch = steps // epochs * config["batch_size"]
     count, smallest, largest = config["mask"]
     height, width = config["input_size"]
     flags = (
@@ -309,6 +324,10 @@ def train_specialists(prepared, out, config, args, steps, label_datasets) -> dic
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: must be at least 1")
+    if args.minutes is not None and args.minutes <= 0:
+        raise UsageError(f"--minutes {args.minutes:g}: must be more than 0")
     config = dict(FAST if args.fast else FULL)
     if args.batch_size:
         config["batch_size"] = args.batch_size

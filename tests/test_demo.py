@@ -123,6 +123,26 @@ def test_curve_steps_end_at_the_last_step():
     assert demo.curve_steps(3, 2) == [2, 3] and demo.curve_steps(1, 5) == [1]
 
 
+@pytest.mark.parametrize("wanted,trained", [(800, 800), (8209, 8210), (8204, 8200), (3, 10), (0, 10)])
+def test_the_demo_trains_the_steps_it_reports(wanted, trained):
+    # main_pretrain.py runs whole epochs: the step count the demo logs and evaluates at is what it trains.
+    steps = demo.whole_epochs(wanted)
+    assert steps == trained and steps % demo.EPOCHS == 0
+    args = demo.get_args_parser().parse_args(["--steps", str(wanted)])
+    flags = demo.training_arguments(demo.FULL, args, steps, "mix.json", "run")
+    epochs = int(flags[flags.index("--epochs") + 1])
+    per_epoch = int(flags[flags.index("--samples_per_epoch") + 1]) // demo.FULL["batch_size"]
+    assert epochs * per_epoch == steps
+
+
+def test_a_step_count_below_one_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="--steps 0: must be at least 1"):
+        demo.main(["--steps", "0", "--out", str(tmp_path / "out")])
+    with pytest.raises(UsageError, match="--minutes 0: must be more than 0"):
+        demo.main(["--minutes", "0", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_fast_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
     image_tasks = ["--image_tasks", *demo.IMAGE_TASKS]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from inference import Predictor
-from label_encoding import inference_palette, nearest_colour, render_labels
+from label_encoding import inference_palette, nearest_colour, random_palette, render_labels
 from metrics import PSNR_CAP, capped, dice_per_class, hd95_per_class, nanmean, psnr, ssim
 from models_mvg import mvg_vit_tiny_patch16
 from tests.helpers import HALF, CopyContextModel, blob_labels
@@ -27,6 +27,26 @@ def test_nearest_colour_recovers_ids_exactly(encoding, num_classes):
     noisy = picture + np.random.default_rng(0).normal(0, 1.0, picture.shape)
     decoded = np.concatenate([[0], foreground])[nearest_colour(noisy, colours)]
     np.testing.assert_array_equal(decoded, ids)
+
+
+def smallest_gap(colours: np.ndarray) -> float:
+    """The smallest distance between two colours, black included."""
+    points = np.concatenate([np.zeros((1, 3)), colours.astype(float)])
+    distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    return float(distances[~np.eye(len(points), dtype=bool)].min())
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 5, 13])
+def test_inference_palettes_lie_further_apart_than_training_draws(num_classes):
+    # A prediction decodes by its nearest colour: the wider the gaps, the less a blend decodes wrong.
+    foreground = np.arange(1, num_classes + 1)
+    inference = [smallest_gap(inference_palette(foreground, "random_colors", seed)) for seed in range(20)]
+    training = [smallest_gap(random_palette(num_classes, np.random.default_rng(seed))) for seed in range(20)]
+    assert all(i >= t for i, t in zip(inference, training))  # the same first draws, and more of them
+    assert np.mean(inference) > 1.25 * np.mean(training)
+    again = inference_palette(foreground, "random_colors", 3)
+    again[:] = 0  # a caller's copy: the next query's palette is unchanged
+    assert smallest_gap(inference_palette(foreground, "random_colors", 3)) == inference[3]
 
 
 def test_training_renders_decode_with_their_own_colours():
