@@ -99,7 +99,7 @@ def binary_candidates(labels: Sequence[np.ndarray], foreground: np.ndarray) -> n
 # 8). A prediction decodes by its nearest colour, and where the model is unsure it blends colours,
 # towards black most of all: a class drawn dark, or near another class's colour, then decodes wrong.
 # The demo's random-colour model scored a mean Dice of 0.649, 0.704 and 0.648 under palette seeds 0-2
-# at 8 tries (its cerebellar territory 0.36-0.82, by the colour drawn for it), and 0.675, 0.680 and
+# at 8 tries (its cerebellar territory 0.28-0.82, by the colour drawn for it), and 0.675, 0.680 and
 # 0.675 at 256 (bench/README.md).
 INFERENCE_PALETTE_TRIES = 256
 
