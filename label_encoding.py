@@ -44,15 +44,20 @@ def random_palette(num_colors: int, rng: np.random.Generator, tries: int = 8) ->
     best, best_gap = None, -1.0
     for _ in range(tries if num_colors <= 64 else 1):
         colors = rng.integers(0, 256, size=(num_colors, 3))
-        points = np.concatenate([np.zeros((1, 3)), colors])
-        gaps = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.eye(len(points)) * 1e9
-        gap = gaps.min()
+        gap = smallest_gap(colors)
         if gap > best_gap and gap > 0:
             best, best_gap = colors, gap
     if best is None:  # only possible for thousands of classes: accept a duplicate-free draw instead
         codes = rng.choice(2**24 - 1, size=num_colors, replace=False) + 1
         best = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1)
     return best.astype(np.uint8)
+
+
+def smallest_gap(colours: np.ndarray) -> float:
+    """The smallest distance between two of colours (K, 3), black included."""
+    points = np.concatenate([np.zeros((1, 3)), colours.astype(np.float64)])
+    gaps = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.eye(len(points)) * 1e9
+    return float(gaps.min())
 
 
 def render_labels(labels: Sequence[np.ndarray], encoding: str, rng: np.random.Generator) -> list[np.ndarray]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from inference import Predictor
-from label_encoding import inference_palette, nearest_colour, random_palette, render_labels
+from label_encoding import inference_palette, nearest_colour, random_palette, render_labels, smallest_gap
 from metrics import PSNR_CAP, capped, dice_per_class, hd95_per_class, nanmean, psnr, ssim
 from models_mvg import mvg_vit_tiny_patch16
 from tests.helpers import HALF, CopyContextModel, blob_labels
@@ -27,13 +27,6 @@ def test_nearest_colour_recovers_ids_exactly(encoding, num_classes):
     noisy = picture + np.random.default_rng(0).normal(0, 1.0, picture.shape)
     decoded = np.concatenate([[0], foreground])[nearest_colour(noisy, colours)]
     np.testing.assert_array_equal(decoded, ids)
-
-
-def smallest_gap(colours: np.ndarray) -> float:
-    """The smallest distance between two colours, black included."""
-    points = np.concatenate([np.zeros((1, 3)), colours.astype(float)])
-    distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
-    return float(distances[~np.eye(len(points), dtype=bool)].min())
 
 
 @pytest.mark.parametrize("num_classes", [2, 3, 5, 13])
